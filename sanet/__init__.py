@@ -1,0 +1,31 @@
+"""sanet: Shuffle Attention (SA-Net, Zhang & Yang, ICASSP 2021) for PyTorch and timm.
+
+``import sanet`` registers the SA-ResNet family in timm's model registry.
+"""
+from .layers import (
+    ShuffleAttention,
+    channel_shuffle,
+    fit_sa_groups,
+    shuffle_attention_reference,
+    shuffle_attention_torch,
+    valid_sa_groups,
+)
+
+from .models import SA_MODELS, CheckpointMismatchError, SABasicBlock, SABottleneck, checkpoint_filter_fn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointMismatchError",
+    "SABasicBlock",
+    "SABottleneck",
+    "SA_MODELS",
+    "ShuffleAttention",
+    "checkpoint_filter_fn",
+    "__version__",
+    "channel_shuffle",
+    "fit_sa_groups",
+    "shuffle_attention_reference",
+    "shuffle_attention_torch",
+    "valid_sa_groups",
+]

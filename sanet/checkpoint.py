@@ -1,0 +1,154 @@
+"""Safe checkpoint I/O: never unpickle code, never lose the last good file.
+
+* Reading: ``torch.load(..., weights_only=True)`` for ``.pth``/``.pt``/``.tar`` files (a file
+  that needs arbitrary pickled objects is refused with :class:`UnsafeCheckpointError`, and
+  nothing in it runs); safetensors for ours.
+* Writing: to a temporary file in the same directory, fsync, then ``os.replace`` — a crash
+  or ``kill -9`` mid-write leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+from safetensors.torch import load_file as _st_load
+from safetensors.torch import save_file as _st_save
+from torch import Tensor, nn
+
+__all__ = [
+    "UnsafeCheckpointError",
+    "atomic_write",
+    "atomic_torch_save",
+    "load_checkpoint_file",
+    "load_state_dict_file",
+    "load_weights",
+    "save_safetensors",
+    "sha256_file",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The file holds pickled objects beyond plain tensors/containers; it was not executed."""
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)``, fsync, then atomically replace ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` that never leaves a half-written ``path``."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_safetensors(state_dict: Dict[str, Tensor], path: PathLike,
+                     metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a state_dict as safetensors, atomically (tensors made contiguous, unshared)."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: _st_save(tensors, tmp, metadata=metadata))
+
+
+def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
+    """Load a checkpoint without executing pickled code (safetensors or weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _st_load(str(path), device=str(map_location))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load. The file contains pickled objects other than tensors "
+            "and plain containers (possibly code); sanet loads checkpoints with "
+            "torch.load(weights_only=True) and executed nothing from it. If you trust the "
+            "file, re-save only its state_dict in a trusted environment. Details: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    except RuntimeError as exc:
+        if "zip" in str(exc).lower() or "magic" in str(exc).lower():
+            raise RuntimeError(f"{path}: not a PyTorch checkpoint ({exc})") from None
+        raise
+
+
+def load_state_dict_file(path: PathLike) -> Dict[str, Tensor]:
+    """The model weights inside a checkpoint (authors' layout, ours, or a bare state_dict)."""
+    from .models.checkpoint_filter import strip_prefix
+
+    obj = load_checkpoint_file(path)
+    if not isinstance(obj, dict):
+        raise RuntimeError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    return strip_prefix({k: v for k, v in obj.items() if isinstance(v, Tensor)})
+
+
+def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load weights from ``path`` into ``model`` strictly (clear error listing mismatches)."""
+    from .models.checkpoint_filter import check_state_dict
+
+    state_dict = load_state_dict_file(path)
+    check_state_dict(state_dict, model, source=str(path))
+    model.load_state_dict(state_dict)
+    return model
+
+
+def model_card(model_name: str, source: PathLike, out: PathLike, num_params: int) -> Dict[str, Any]:
+    """Small JSON description written next to converted weights."""
+    from . import __version__
+
+    return {
+        "model": model_name,
+        "source_file": os.path.basename(str(source)),
+        "source_sha256": sha256_file(source),
+        "weights_file": os.path.basename(str(out)),
+        "weights_sha256": sha256_file(out),
+        "num_params": num_params,
+        "format": "safetensors",
+        "sanet_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def write_json_atomic(obj: Any, path: PathLike) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)

@@ -1,0 +1,51 @@
+"""The ``sanet`` command. Each subcommand lives in its own module with two functions:
+``add_parser(subparsers)`` (arguments and help) and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+#: subcommand -> module (in this package). Order is the order of ``sanet --help``.
+COMMANDS = {
+    "models": "models_cmd",
+    "info": "info",
+    "convert": "convert",
+    "ext": "ext",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sanet",
+        description="Shuffle Attention (SA-Net, ICASSP 2021): models, weights, training, benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"sanet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(f".{module}", __name__)
+        p = mod.add_parser(sub, name)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # User errors carry a message meant for the user; don't bury it in a traceback.
+        if getattr(args, "debug", False):
+            raise
+        print(f"sanet {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,32 @@
+"""Helpers shared by subcommands: JSON output, model-name validation."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=None, sort_keys=False)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def check_model_name(name: str) -> str:
+    """A registered timm model name, or a ValueError listing the SA models."""
+    import timm
+
+    import sanet  # noqa: F401  (registers the SA models)
+
+    if name not in timm.list_models(name) and name not in timm.list_models():
+        from sanet.models import SA_MODELS
+
+        raise ValueError(f"unknown model {name!r}; SA models: {', '.join(SA_MODELS)} "
+                         "(any timm model name also works)")
+    return name

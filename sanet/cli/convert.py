@@ -1,0 +1,51 @@
+"""``sanet convert IN OUT.safetensors --model M``: authors' checkpoint -> our format."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_json_flag, check_model_name, print_json
+
+
+def add_parser(sub, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name, help="convert a checkpoint to safetensors (+ model card)",
+        description="Read a checkpoint in the authors' layout (sa_resnet50.pth.tar: 'state_dict' with "
+                    "'module.' keys) or ours, check it strictly against the model, and write "
+                    "OUT.safetensors plus OUT.json (model, source file, sha256, parameter count). "
+                    "The input is read with torch.load(weights_only=True): no pickled code runs.")
+    p.add_argument("input", type=Path, help="checkpoint file (.pth/.pth.tar/.pt/.safetensors)")
+    p.add_argument("output", type=Path, help="output .safetensors file")
+    p.add_argument("--model", required=True, help="architecture, e.g. sa_resnet50")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier size of the checkpoint (default: read from its fc layer)")
+    add_json_flag(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+
+    from sanet.checkpoint import load_state_dict_file, model_card, save_safetensors, write_json_atomic
+    from sanet.models import check_state_dict
+
+    check_model_name(args.model)
+    if args.output.suffix != ".safetensors":
+        raise ValueError(f"output must end in .safetensors, got {args.output}")
+    state_dict = load_state_dict_file(args.input)
+    num_classes = args.num_classes
+    if num_classes is None and "fc.weight" in state_dict:
+        num_classes = state_dict["fc.weight"].shape[0]
+    model = timm.create_model(args.model, device="meta", **({} if num_classes is None else {"num_classes": num_classes}))
+    check_state_dict(state_dict, model, source=str(args.input))
+    metadata = {"model": args.model, "num_classes": str(model.num_classes), "source": args.input.name}
+    save_safetensors(state_dict, args.output, metadata=metadata)
+    card = model_card(args.model, args.input, args.output, sum(p.numel() for p in model.parameters()))
+    card["num_classes"] = model.num_classes
+    card_path = args.output.with_suffix(".json")
+    write_json_atomic(card, card_path)
+    if args.json:
+        print_json(dict(card, card_file=str(card_path)))
+    else:
+        print(f"wrote {args.output} ({card['num_params']:,} parameters) and {card_path}")
+    return 0

@@ -1,0 +1,31 @@
+"""``sanet ext``: build (if needed) and report the fused CPU kernels."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_json_flag, print_json
+
+
+def add_parser(sub, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="build and check the fused C++ kernels",
+                       description="Build the fused Shuffle Attention CPU kernels (cached after the "
+                                   "first time) and report whether they load. Exit status 1 if not.")
+    add_json_flag(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from sanet.ops import cpu_ext_status
+    from sanet.ops.triton_sa import triton_available
+
+    status = dict(cpu_ext_status(), triton_cuda=triton_available())
+    if args.json:
+        print_json(status)
+    else:
+        state = "loaded" if status["loaded"] else f"unavailable ({status['error']})"
+        print(f"CPU kernels: {state}")
+        if status["path"]:
+            print(f"  built in: {status['path']}")
+        print(f"  ISA: {status['isa']}")
+        print(f"Triton CUDA kernels: {'available' if status['triton_cuda'] else 'no CUDA device'}")
+    return 0 if status["loaded"] else 1

@@ -1,0 +1,137 @@
+"""Shuffle Attention as plain PyTorch functions (no custom kernels).
+
+Two formulations of the same function (SA-NET.md sections 1 and 5):
+
+* :func:`shuffle_attention_reference` follows the authors' code step by step (group view,
+  chunk, average pool, GroupNorm, concatenation, channel shuffle). It is the oracle for tests
+  and the baseline of the benchmarks.
+* :func:`shuffle_attention_torch` uses the per-channel form: every output channel is
+  ``x * sigmoid(A * x + B)`` of one input channel, with per-(sample, channel) ``A`` and ``B``,
+  followed by the fixed shuffle permutation. It is the portable fallback of the fused
+  kernels and the path used under ``torch.jit.script`` and ``torch.fx``.
+
+Both accept (N, C, L), (N, C, H, W) and (N, C, D, H, W): spatial dims are flattened, which
+changes nothing because every statistic is over all spatial positions. Half-precision input
+is computed in fp32 (statistics and gates) and returned in the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "shuffle_attention_reference",
+    "shuffle_attention_torch",
+    "sa_coefficients",
+    "channel_shuffle",
+    "check_sa_input",
+]
+
+
+def check_sa_input(x: Tensor, channels: int) -> None:
+    """Clear errors for the two mistakes people make: wrong rank, wrong channel count."""
+    if x.dim() < 3 or x.dim() > 5:
+        raise ValueError(
+            "ShuffleAttention expects a 3-D (N, C, L), 4-D (N, C, H, W) or 5-D (N, C, D, H, W) "
+            f"tensor, got {x.dim()}-D input of shape {list(x.shape)}"
+        )
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"ShuffleAttention was built for {channels} channels but the input has "
+            f"{x.shape[1]} (shape {list(x.shape)}); channels are dim 1"
+        )
+
+
+def channel_shuffle(x: Tensor, groups: int = 2) -> Tensor:
+    """ShuffleNet channel shuffle: ``out[:, g' * groups + i] = x[:, i * C/groups + g']``."""
+    n, c = x.shape[0], x.shape[1]
+    return x.reshape(n, groups, c // groups, -1).transpose(1, 2).reshape(x.shape)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Statistics and gates of half-precision input are computed in fp32.
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        return torch.float32
+    return x.dtype
+
+
+def shuffle_attention_reference(
+    x: Tensor,
+    cweight: Tensor,
+    cbias: Tensor,
+    sweight: Tensor,
+    sbias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    groups: int,
+    eps: float = 1e-5,
+) -> Tensor:
+    """The authors' formulation of SA (SA-NET.md section 1), one step per line."""
+    out_dtype = x.dtype
+    xc = x.to(_compute_dtype(x))
+    n, c_total = xc.shape[0], xc.shape[1]
+    c = c_total // (2 * groups)
+    # 1. (N*G, C/G, M), then the two halves of each group.
+    xg = xc.reshape(n * groups, c_total // groups, -1)
+    x0, x1 = xg.chunk(2, dim=1)
+    # 2. Channel branch: global average pool, per-channel affine, sigmoid gate.
+    s = x0.mean(dim=-1, keepdim=True)
+    x0 = x0 * torch.sigmoid(cweight.reshape(1, c, 1) * s + cbias.reshape(1, c, 1))
+    # 3. Spatial branch: GroupNorm(c, c) (one channel per group), affine, sigmoid gate.
+    gn = F.group_norm(x1, c, gn_weight.to(xc.dtype), gn_bias.to(xc.dtype), eps)
+    x1 = x1 * torch.sigmoid(sweight.reshape(1, c, 1) * gn + sbias.reshape(1, c, 1))
+    # 4. Concatenate and view back; 5. channel shuffle with 2 groups.
+    y = torch.cat([x0, x1], dim=1).reshape(n, c_total, -1)
+    return channel_shuffle(y, 2).reshape(x.shape).to(out_dtype)
+
+
+def sa_coefficients(
+    mean: Tensor,
+    var: Tensor,
+    cweight: Tensor,
+    cbias: Tensor,
+    sweight: Tensor,
+    sbias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    eps: float,
+) -> Tuple[Tensor, Tensor]:
+    """Per-channel gate coefficients ``A, B`` (SA-NET.md section 5) from plane statistics.
+
+    ``mean``/``var`` have shape (N, G, 2, c) (population variance over spatial positions);
+    returns ``A, B`` of the same shape so that the gate is ``sigmoid(A * x + B)``.
+    """
+    cw, cb = cweight.reshape(-1), cbias.reshape(-1)
+    sw, sb = sweight.reshape(-1), sbias.reshape(-1)
+    m0, m1 = mean[:, :, 0], mean[:, :, 1]
+    rstd = torch.rsqrt(var[:, :, 1] + eps)
+    a_spatial = sw * gn_weight * rstd
+    b_spatial = sw * (gn_bias - gn_weight * m1 * rstd) + sb
+    a = torch.stack([torch.zeros_like(m0), a_spatial], dim=2)
+    b = torch.stack([cw * m0 + cb, b_spatial], dim=2)
+    return a, b
+
+
+def shuffle_attention_torch(
+    x: Tensor,
+    cweight: Tensor,
+    cbias: Tensor,
+    sweight: Tensor,
+    sbias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    groups: int,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Per-channel form of SA in eager PyTorch ops (same function as the reference)."""
+    n, c_total = x.shape[0], x.shape[1]
+    c = c_total // (2 * groups)
+    xc = x.to(_compute_dtype(x)).reshape(n, groups, 2, c, -1)
+    var, mean = torch.var_mean(xc, dim=-1, correction=0)
+    a, b = sa_coefficients(mean, var, cweight, cbias, sweight, sbias, gn_weight, gn_bias, eps)
+    y = xc * torch.sigmoid(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), xc))
+    # (N, G, 2, c, M) -> channel order g*C/G + branch*c + j, then the 2-group shuffle.
+    return channel_shuffle(y.reshape(n, c_total, -1), 2).reshape(x.shape).to(x.dtype)

@@ -1,0 +1,121 @@
+"""The Shuffle Attention layer (Zhang & Yang, SA-Net, ICASSP 2021, arXiv:2102.00240)."""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from .groups import check_sa_groups, fit_sa_groups
+from .sa_functional import check_sa_input, shuffle_attention_reference, shuffle_attention_torch
+
+__all__ = ["ShuffleAttention", "SA_IMPLS"]
+
+# Recorded as a graph node by torch.fx instead of being traced (it branches on shapes).
+torch.fx.wrap("check_sa_input")
+
+#: ``impl`` choices: "auto" picks the fused kernel where one exists for the input (CPU
+#: fp32/fp64 via the C++ extension, CUDA via Triton) and the per-channel PyTorch form elsewhere.
+SA_IMPLS = ("auto", "fused", "torch", "reference")
+
+
+class ShuffleAttention(nn.Module):
+    """Shuffle Attention (SA-NET.md section 1).
+
+    Splits the C channels into ``groups`` groups, each into a channel-attention half (global
+    average pool -> per-channel affine -> sigmoid gate) and a spatial-attention half
+    (GroupNorm(c, c) -> per-channel affine -> sigmoid gate), concatenates, and shuffles the
+    channels with 2 groups. Gate parameters (length ``c = C / (2G)``) are shared by all
+    groups; one layer has ``3C/G`` parameters and every gate starts at ``sigmoid(1)``.
+
+    Parameter names and shapes are the authors' (``cweight, cbias, sweight, sbias`` of shape
+    (1, c, 1, 1), ``gn.weight, gn.bias`` of shape (c,)), so their checkpoints load unchanged.
+    Accepts (N, C, L), (N, C, H, W) and (N, C, D, H, W) inputs.
+
+    Args:
+        channels: input (= output) channels C; must be divisible by ``2 * groups``.
+        groups: G, number of groups (paper default 64). See :func:`sanet.fit_sa_groups`
+            for narrow layers.
+        impl: "auto" (default: fused kernel when available, else "torch"), "fused" (fused
+            kernel, error if unavailable for the input), "torch" (per-channel form in
+            PyTorch ops), "reference" (the authors' formulation).
+        eps: GroupNorm epsilon (1e-5 as in the authors' ``nn.GroupNorm``).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        groups: int = 64,
+        *,
+        impl: str = "auto",
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_sa_groups(channels, groups)
+        if impl not in SA_IMPLS:
+            raise ValueError(f"ShuffleAttention: impl must be one of {SA_IMPLS}, got {impl!r}")
+        dd = {"device": device, "dtype": dtype}
+        self.channels = channels
+        self.groups = groups
+        self.impl = impl
+        c = channels // (2 * groups)
+        self.cweight = nn.Parameter(torch.zeros(1, c, 1, 1, **dd))
+        self.cbias = nn.Parameter(torch.ones(1, c, 1, 1, **dd))
+        self.sweight = nn.Parameter(torch.zeros(1, c, 1, 1, **dd))
+        self.sbias = nn.Parameter(torch.ones(1, c, 1, 1, **dd))
+        self.gn = nn.GroupNorm(c, c, eps=eps, **dd)
+
+    @classmethod
+    def fitted(cls, channels: int, groups: int = 64, **kwargs) -> "ShuffleAttention":
+        """SA with the largest valid G not above ``groups`` (for narrow layers)."""
+        return cls(channels, fit_sa_groups(channels, groups), **kwargs)
+
+    def reset_parameters(self) -> None:
+        """Initial values of the authors' code: every gate is ``sigmoid(1)``."""
+        with torch.no_grad():
+            self.cweight.zero_()
+            self.cbias.fill_(1.0)
+            self.sweight.zero_()
+            self.sbias.fill_(1.0)
+        self.gn.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, groups={self.groups}, impl={self.impl!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_sa_input(x, self.channels)
+        if torch.jit.is_scripting():
+            # TorchScript can't call the custom kernels; both paths are exact.
+            if self.impl == "reference":
+                return shuffle_attention_reference(
+                    x, self.cweight, self.cbias, self.sweight, self.sbias,
+                    self.gn.weight, self.gn.bias, self.groups, self.gn.eps)
+            return shuffle_attention_torch(
+                x, self.cweight, self.cbias, self.sweight, self.sbias,
+                self.gn.weight, self.gn.bias, self.groups, self.gn.eps)
+        return self._forward_dispatch(x)
+
+    @torch.jit.unused
+    def _forward_dispatch(self, x: Tensor) -> Tensor:
+        from sanet.ops import fused_sa_supported, shuffle_attention_fused
+
+        impl = self.impl
+        if impl in ("auto", "fused") and torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            impl = "torch"  # fx records PyTorch ops; the fused op is opaque to it
+        if impl == "auto":
+            impl = "fused" if fused_sa_supported(x) else "torch"
+        elif impl == "fused" and not fused_sa_supported(x):
+            raise RuntimeError(
+                f"ShuffleAttention(impl='fused'): no fused kernel for {x.device.type} "
+                f"{x.dtype} input (CPU needs the C++ extension and fp32/fp64, CUDA needs "
+                "Triton); use impl='auto' to fall back to PyTorch ops"
+            )
+        fn = _IMPL_FNS[impl] if impl != "fused" else shuffle_attention_fused
+        return fn(
+            x, self.cweight, self.cbias, self.sweight, self.sbias,
+            self.gn.weight, self.gn.bias, self.groups, self.gn.eps,
+        )
+
+
+_IMPL_FNS = {"reference": shuffle_attention_reference, "torch": shuffle_attention_torch}

@@ -1,0 +1,173 @@
+"""SA-ResNet / SA-ResNeXt in timm's registry (SA-NET.md section 2).
+
+Built from timm's own ``ResNet`` (torchvision-style v1.5: stride on the 3x3 conv) with
+Shuffle Attention after the last BatchNorm of every block. Variants are data
+(``model_args`` below); ``sa_groups`` and ``sa_impl`` are extra ``create_model`` kwargs.
+
+Choices where the authors are silent:
+
+* ResNet-18/34 (BasicBlock, SA after ``bn2``; not released by the authors): G is the
+  largest valid group count not above 64, i.e. 32 in the 64-channel stage and 64 elsewhere,
+  so every stage keeps the bottleneck models' G = 64 wherever 64 fits.
+* ``zero_init_last`` defaults to False as in the authors' ``ResNet(zero_init_residual=False)``
+  (timm's default is True); pass ``zero_init_last=True`` to change it.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Dict
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models.resnet import ResNet
+
+from ..layers import ShuffleAttention
+from .blocks import SABasicBlock, SABottleneck
+from .checkpoint_filter import checkpoint_filter_fn
+
+__all__ = ["SA_MODELS", "AUTHORS_URL", "weights_help"]
+
+AUTHORS_URL = "https://github.com/wofmanaf/SA-Net"
+
+# Published weights (authors' README: Baidu Drive links with access codes).
+_AUTHORS_WEIGHTS = {
+    "sa_resnet50": "sa_resnet50.pth.tar (top-1 77.88, Baidu Drive, code 474p)",
+    "sa_resnet101": "sa_resnet101.pth.tar (top-1 78.95, Baidu Drive, code 6nxm)",
+}
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    # Authors' evaluation: Resize(256) + CenterCrop(224), bilinear, ImageNet mean/std.
+    return {
+        "url": "",
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1", "classifier": "fc",
+        "paper_ids": "arXiv:2102.00240",
+        "paper_name": "SA-Net: Shuffle Attention for Deep Convolutional Neural Networks",
+        "origin_url": AUTHORS_URL,
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "sa_resnet18": _cfg(),
+    "sa_resnet34": _cfg(),
+    "sa_resnet50.authors_in1k": _cfg(license="unknown"),
+    "sa_resnet101.authors_in1k": _cfg(license="unknown"),
+    "sa_resnet152": _cfg(),
+    "sa_resnext50_32x4d": _cfg(),
+    "sa_resnext101_32x8d": _cfg(),
+    "sa_resnet_test": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+})
+
+
+def weights_help(variant: str) -> str:
+    """Where a variant's weights come from and how to load them."""
+    if variant in _AUTHORS_WEIGHTS:
+        return (
+            f"{variant}: sanet downloads nothing. The authors' ImageNet weights, "
+            f"{_AUTHORS_WEIGHTS[variant]}, are linked from {AUTHORS_URL} (README). Load the file "
+            f"with timm.create_model('{variant}', pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file='/path/to/{variant}.pth.tar')), "
+            f"or convert it once: sanet convert {variant}.pth.tar {variant}.safetensors "
+            f"--model {variant}"
+        )
+    return (
+        f"{variant}: no pretrained weights exist (the authors released sa_resnet50 and "
+        f"sa_resnet101 only). Train it with `sanet train`, or pass your own file with "
+        f"pretrained_cfg_overlay=dict(file=...)."
+    )
+
+
+def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: bool = False,
+                      **kwargs) -> ResNet:
+    groups = kwargs.pop("sa_groups", 64)
+    impl = kwargs.pop("sa_impl", "auto")
+    attn = partial(ShuffleAttention.fitted if fit_groups else ShuffleAttention, groups=groups, impl=impl)
+    block_args = dict(kwargs.pop("block_args", None) or {}, attn_layer=attn)
+    kwargs.setdefault("zero_init_last", False)
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
+            raise RuntimeError(weights_help(variant))
+    return build_model_with_cfg(
+        ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        block_args=block_args, **kwargs)
+
+
+def _bottleneck(layers, **extra) -> Dict[str, Any]:
+    return dict(block=SABottleneck, layers=layers, **extra)
+
+
+def _basic(layers) -> Dict[str, Any]:
+    return dict(block=SABasicBlock, layers=layers, fit_groups=True)
+
+
+#: Architecture of every registered SA model (used by ``sanet models`` and the tests).
+SA_MODELS: Dict[str, Dict[str, Any]] = {
+    "sa_resnet18": _basic((2, 2, 2, 2)),
+    "sa_resnet34": _basic((3, 4, 6, 3)),
+    "sa_resnet50": _bottleneck((3, 4, 6, 3)),
+    "sa_resnet101": _bottleneck((3, 4, 23, 3)),
+    "sa_resnet152": _bottleneck((3, 8, 36, 3)),
+    "sa_resnext50_32x4d": _bottleneck((3, 4, 6, 3), cardinality=32, base_width=4),
+    "sa_resnext101_32x8d": _bottleneck((3, 4, 23, 3), cardinality=32, base_width=8),
+    # Tiny model for tests and demos: 4 single-block stages, 32-256 channels, G fitted <= 64.
+    "sa_resnet_test": _bottleneck((1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=16,
+                                  fit_groups=True),
+}
+
+
+def _build(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> ResNet:
+    return _create_sa_resnet(name, pretrained, **dict(SA_MODELS[name], **kwargs))
+
+
+@register_model
+def sa_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
+    """SA-ResNet-18 (BasicBlock; SA after bn2, G = 32/64/64/64)."""
+    return _build("sa_resnet18", pretrained, kwargs)
+
+
+@register_model
+def sa_resnet34(pretrained: bool = False, **kwargs) -> ResNet:
+    """SA-ResNet-34 (BasicBlock; SA after bn2, G = 32/64/64/64)."""
+    return _build("sa_resnet34", pretrained, kwargs)
+
+
+@register_model
+def sa_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    """SA-ResNet-50 (Zhang & Yang 2021), 25,557,740 parameters."""
+    return _build("sa_resnet50", pretrained, kwargs)
+
+
+@register_model
+def sa_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
+    """SA-ResNet-101 (Zhang & Yang 2021), 44,550,684 parameters."""
+    return _build("sa_resnet101", pretrained, kwargs)
+
+
+@register_model
+def sa_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
+    """SA-ResNet-152, 60,195,052 parameters (no released weights)."""
+    return _build("sa_resnet152", pretrained, kwargs)
+
+
+@register_model
+def sa_resnext50_32x4d(pretrained: bool = False, **kwargs) -> ResNet:
+    """SA-ResNeXt-50 32x4d (no released weights)."""
+    return _build("sa_resnext50_32x4d", pretrained, kwargs)
+
+
+@register_model
+def sa_resnext101_32x8d(pretrained: bool = False, **kwargs) -> ResNet:
+    """SA-ResNeXt-101 32x8d (no released weights)."""
+    return _build("sa_resnext101_32x8d", pretrained, kwargs)
+
+
+@register_model
+def sa_resnet_test(pretrained: bool = False, **kwargs) -> ResNet:
+    """Tiny SA-ResNet for tests and demos (one bottleneck per stage)."""
+    return _build("sa_resnet_test", pretrained, kwargs)

@@ -1,0 +1,96 @@
+"""Build (once, cached) and load the fused CPU kernels in ``csrc/shuffle_attention.cpp``.
+
+The extension is compiled on first use with :func:`torch.utils.cpp_extension.load` (needs a
+C++ compiler; ~40 s on 2 cores) into ``$SANET_EXT_DIR`` or ``~/.cache/sanet/ext``, keyed by
+the source, the torch version and the CPU's vector ISA, so an upgrade or another machine
+rebuilds instead of loading a stale binary. Without a compiler, SA falls back to PyTorch ops
+with a one-time warning.
+
+Environment:
+    SANET_DISABLE_EXT=1  never build or load the extension (pure-PyTorch fallback).
+    SANET_REQUIRE_EXT=1  raise instead of falling back when the build fails (CI uses this).
+    SANET_EXT_DIR        cache directory for the compiled extension.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import List, Optional
+
+import torch
+
+__all__ = ["load_cpu_ext", "cpu_ext_status"]
+
+_SRC = Path(__file__).parent / "csrc" / "shuffle_attention.cpp"
+
+# ATen's Vectorized<T> picks its width from these macros; they must match compiler flags.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+_status: dict = {"loaded": False, "error": None, "path": None}
+
+
+def _isa() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        return "DEFAULT"
+
+
+def _flags() -> List[str]:
+    return ["-O3"] + _ISA_FLAGS.get(_isa(), [])
+
+
+def _build_dir(name: str) -> Path:
+    root = os.environ.get("SANET_EXT_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "sanet", "ext")
+    path = Path(root) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def load_cpu_ext() -> Optional[ModuleType]:
+    """The compiled extension module, or None if it is disabled or can't be built."""
+    if os.environ.get("SANET_DISABLE_EXT", "") not in ("", "0"):
+        _status["error"] = "disabled by SANET_DISABLE_EXT"
+        return None
+    key = hashlib.sha256(
+        _SRC.read_bytes() + f"{torch.__version__}|{_isa()}|{_flags()}".encode()).hexdigest()[:12]
+    name = f"sanet_sa_cpu_{key}"
+    try:
+        # cpp_extension logs a CUDA_HOME notice on CPU machines that is irrelevant here.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        from torch.utils.cpp_extension import load
+
+        build_dir = _build_dir(name)
+        if not any(build_dir.glob("*.so")):
+            print("sanet: compiling the fused Shuffle Attention CPU kernels (once, about a "
+                  f"minute) into {build_dir}", file=sys.stderr, flush=True)
+        module = load(name=name, sources=[str(_SRC)], extra_cflags=_flags(),
+                      build_directory=str(build_dir), verbose=False)
+    except Exception as exc:  # no compiler, headers missing, ...
+        _status["error"] = f"{type(exc).__name__}: {exc}"
+        if os.environ.get("SANET_REQUIRE_EXT", "") not in ("", "0"):
+            raise RuntimeError(f"sanet: building the CPU extension failed: {exc}") from exc
+        warnings.warn(
+            "sanet: the fused CPU kernels could not be built, Shuffle Attention falls back to "
+            f"PyTorch ops (correct, slower). Reason: {_status['error'][:500]}", RuntimeWarning)
+        return None
+    _status.update(loaded=True, error=None, path=str(build_dir))
+    return module
+
+
+def cpu_ext_status() -> dict:
+    """Whether the extension is loaded, where it lives, and why not if it isn't."""
+    load_cpu_ext()
+    return dict(_status, isa=_isa(), flags=_flags())

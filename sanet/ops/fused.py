@@ -1,0 +1,126 @@
+"""Fused Shuffle Attention, alone or as the tail of a residual block (BN -> SA -> add -> ReLU)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .cpu_ext import load_cpu_ext
+from .sa_op import sa_forward
+
+__all__ = [
+    "shuffle_attention_fused",
+    "fused_sa_supported",
+    "bn_shuffle_attention",
+    "fused_bn_sa_supported",
+]
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_ok() -> bool:
+    from .triton_sa import triton_available
+
+    return triton_available()
+
+
+def fused_sa_supported(x: Tensor) -> bool:
+    """Whether a fused kernel exists for ``x``'s device and dtype (and can be loaded)."""
+    if x.device.type == "cpu":
+        return x.dtype in _CPU_DTYPES and load_cpu_ext() is not None
+    if x.device.type == "cuda":
+        return x.dtype in _CUDA_DTYPES and _triton_ok()
+    return False
+
+
+def _pack_params(cweight, cbias, sweight, sbias, gn_weight, gn_bias) -> Tensor:
+    # One (6, c) float64 array; autograd splits its gradient back onto the six parameters.
+    return torch.stack([
+        cweight.reshape(-1), cbias.reshape(-1), sweight.reshape(-1), sbias.reshape(-1),
+        gn_weight.reshape(-1), gn_bias.reshape(-1)]).to(torch.float64)
+
+
+def _as_planes(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1).contiguous()
+
+
+def _restore(out: Tensor, like: Tensor) -> Tensor:
+    out = out.view(like.shape)
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def shuffle_attention_fused(
+    x: Tensor,
+    cweight: Tensor,
+    cbias: Tensor,
+    sweight: Tensor,
+    sbias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    groups: int,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Shuffle Attention with the fused kernels (same function as the reference)."""
+    params = _pack_params(cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+    out = sa_forward(_as_planes(x), None, params, groups, eps, None, None, None, None, False,
+                     0.0, False)[0]
+    return _restore(out, x)
+
+
+def fused_bn_sa_supported(x: Tensor, bn: nn.Module, sa: nn.Module) -> bool:
+    """BN+SA(+add+ReLU) fusion needs a plain BatchNorm2d and the CPU kernel for ``x``."""
+    return (
+        type(bn) is nn.BatchNorm2d
+        and getattr(sa, "impl", None) in ("auto", "fused")
+        and x.device.type == "cpu"
+        and fused_sa_supported(x)
+    )
+
+
+def bn_shuffle_attention(
+    x: Tensor,
+    bn: nn.BatchNorm2d,
+    sa: nn.Module,
+    shortcut: Optional[Tensor] = None,
+    relu: bool = False,
+) -> Tensor:
+    """``relu(sa(bn(x)) + shortcut)`` in one pass (shortcut and ReLU optional).
+
+    BatchNorm behaves exactly as ``bn(x)`` would: batch statistics in training (running
+    statistics updated once, with the module's momentum), running statistics in eval.
+    Backward recomputes ``bn(x)`` from ``x`` instead of keeping it.
+    """
+    n = x.shape[0]
+    m = x.numel() // max(1, n * x.shape[1])
+    use_batch_stats = bn.training or bn.running_mean is None
+    if use_batch_stats and n * m <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    c = x.shape[1]
+    weight = bn.weight if bn.weight is not None else x.new_ones(c)
+    bias = bn.bias if bn.bias is not None else x.new_zeros(c)
+    mean = invstd = None
+    if not use_batch_stats:
+        mean = bn.running_mean.to(torch.float64)
+        invstd = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)
+    params = _pack_params(sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias)
+    out, _, _, bmean, bvar = sa_forward(
+        _as_planes(x), None if shortcut is None else _as_planes(shortcut), params, sa.groups,
+        sa.gn.eps, weight.to(torch.float64), bias.to(torch.float64), mean, invstd,
+        use_batch_stats, bn.eps, relu)
+    if bn.training and bn.track_running_stats:
+        _update_running_stats(bn, bmean, bvar, n * m)
+    return _restore(out, x)
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, bmean: Tensor, bvar: Tensor, count: int) -> None:
+    # Same rule as nn.BatchNorm: unbiased batch variance, momentum or cumulative average.
+    bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.lerp_(bmean.to(bn.running_mean.dtype), factor)
+    bn.running_var.lerp_((bvar * (count / (count - 1))).to(bn.running_var.dtype), factor)
