@@ -58,6 +58,10 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+# torch.fx can't trace the dtype branch above; record the call as one graph node instead.
+torch.fx.wrap("_compute_dtype")
+
+
 def shuffle_attention_reference(
     x: Tensor,
     cweight: Tensor,
