@@ -1,0 +1,60 @@
+"""Shared test helpers: seeding, random SA parameters, error norms, fused-kernel availability."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+
+SA_PARAM_NAMES = ("cweight", "cbias", "sweight", "sbias", "gn.weight", "gn.bias")
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """Norm-wise relative error ``||actual - expected|| / ||expected||`` (in float64)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+    denom = e.norm().item()
+    return (a - e).norm().item() / (denom if denom > 0 else 1.0)
+
+
+@torch.no_grad()
+def randomize_sa_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every SA parameter (and GroupNorm affine) a random, non-initial value."""
+    for name, p in module.named_parameters():
+        p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return module
+
+
+def fused_kernel_available() -> bool:
+    from sanet.ops import fused_sa_supported
+
+    return fused_sa_supported(torch.zeros(1, 2, 1))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # TorchScript is deprecated in torch 2.x but still part of the contract we test.
+    config.addinivalue_line("filterwarnings", r"ignore:`torch.jit.script` is deprecated:FutureWarning")
+    config.addinivalue_line("filterwarnings", r"ignore:`torch.jit.script_method` is deprecated:FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> Iterator[None]:
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def fused_available() -> bool:
+    return fused_kernel_available()
+
+
+def require_fused(impl: str) -> None:
+    """Skip a test of impl 'fused' where the C++ kernel can't be loaded (never under make test:
+    there SANET_REQUIRE_EXT=1 turns a failed build into an error)."""
+    if impl == "fused" and not fused_kernel_available():
+        if os.environ.get("SANET_REQUIRE_EXT", "") not in ("", "0"):
+            pytest.fail("SANET_REQUIRE_EXT=1 but the fused CPU kernel is unavailable")
+        pytest.skip("fused CPU kernel unavailable (see `sanet ext`)")

@@ -1,0 +1,70 @@
+"""Group-count helpers: valid_sa_groups, fit_sa_groups, ShuffleAttention.fitted."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sanet import ShuffleAttention, fit_sa_groups, valid_sa_groups
+
+
+def brute_force_valid(channels: int) -> list:
+    return [g for g in range(1, abs(channels) + 1) if channels > 0 and channels % (2 * g) == 0]
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 8, 12, 64, 96, 100, 256, 2048])
+def test_valid_sa_groups_is_exactly_the_divisors(channels):
+    assert valid_sa_groups(channels) == brute_force_valid(channels)
+
+
+@pytest.mark.parametrize("channels", [0, -8, 7, 63])
+def test_valid_sa_groups_empty_for_odd_or_non_positive(channels):
+    assert valid_sa_groups(channels) == []
+
+
+@pytest.mark.parametrize("channels,requested,expected", [
+    (64, 64, 32),     # the 64-channel stage of SA-ResNet-18/34
+    (128, 64, 64),
+    (256, 64, 64),
+    (96, 64, 48),
+    (96, 40, 24),
+    (24, 64, 12),
+    (200, 64, 50),
+    (32, 16, 16),
+    (2, 64, 1),
+    (30, 64, 15),
+])
+def test_fit_sa_groups_largest_valid_not_above(channels, requested, expected):
+    got = fit_sa_groups(channels, requested)
+    assert got == expected
+    assert channels % (2 * got) == 0 and got <= requested
+    assert not any(g > got for g in brute_force_valid(channels) if g <= requested)
+
+
+def test_fit_sa_groups_default_is_64():
+    assert fit_sa_groups(2048) == 64 and fit_sa_groups(64) == 32
+
+
+@pytest.mark.parametrize("channels,requested", [(7, 64), (0, 64), (64, 0)])
+def test_fit_sa_groups_error(channels, requested):
+    with pytest.raises(ValueError, match=f"no valid group count <= {requested} for {channels} channels"):
+        fit_sa_groups(channels, requested)
+
+
+@pytest.mark.parametrize("channels,requested,expected", [(64, 64, 32), (512, 64, 64), (96, 64, 48)])
+def test_fitted_constructor(channels, requested, expected):
+    m = ShuffleAttention.fitted(channels, requested, impl="torch")
+    assert isinstance(m, ShuffleAttention)
+    assert m.groups == expected and m.channels == channels and m.impl == "torch"
+    assert m.cweight.shape == (1, channels // (2 * expected), 1, 1)
+
+
+def test_every_valid_group_count_constructs_and_others_fail():
+    channels = 48
+    valid = set(valid_sa_groups(channels))
+    for g in range(1, channels + 1):
+        if g in valid:
+            assert ShuffleAttention(channels, g).groups == g
+        else:
+            with pytest.raises(ValueError, match=re.escape(f"valid groups for 48 channels: {sorted(valid)}")):
+                ShuffleAttention(channels, g)
