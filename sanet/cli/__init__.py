@@ -15,6 +15,7 @@ COMMANDS = {
     "models": "models_cmd",
     "info": "info",
     "convert": "convert",
+    "bench": "bench",
     "ext": "ext",
 }
 

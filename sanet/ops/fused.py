@@ -20,6 +20,13 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Evaluated once at trace time under torch.compile (building/loading can't be traced).
+@torch.compiler.assume_constant_result
+def _cpu_ext_ok() -> bool:
+    return load_cpu_ext() is not None
+
+
+@torch.compiler.assume_constant_result
 def _triton_ok() -> bool:
     from .triton_sa import triton_available
 
@@ -29,7 +36,7 @@ def _triton_ok() -> bool:
 def fused_sa_supported(x: Tensor) -> bool:
     """Whether a fused kernel exists for ``x``'s device and dtype (and can be loaded)."""
     if x.device.type == "cpu":
-        return x.dtype in _CPU_DTYPES and load_cpu_ext() is not None
+        return x.dtype in _CPU_DTYPES and _cpu_ext_ok()
     if x.device.type == "cuda":
         return x.dtype in _CUDA_DTYPES and _triton_ok()
     return False

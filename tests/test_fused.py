@@ -1,0 +1,368 @@
+"""Fused kernels against the paper-literal formulation (issue: SA at the cost of a copy).
+
+Every comparison runs on fresh random inputs and random (trained-looking) parameters, and
+checks the output and every gradient: input, the six SA parameters and, where BatchNorm is
+fused, its parameters and running statistics.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import sanet
+from sanet.analysis.memory import saved_tensor_bytes
+from sanet.layers import shuffle_attention_reference
+from sanet.ops import bn_shuffle_attention, fused_sa_supported, load_cpu_ext
+from sanet.ops.sa_op import sa_forward
+
+if load_cpu_ext() is None:
+    if os.environ.get("SANET_REQUIRE_EXT"):
+        raise RuntimeError("SANET_REQUIRE_EXT is set but the CPU extension did not build")
+    pytest.skip("fused CPU extension unavailable (no compiler?)", allow_module_level=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error of a against b."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def randomize(module: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def sa_params(sa):
+    return [sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias]
+
+
+def grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+CASES = [
+    # shape, groups, layout
+    ((2, 64, 7, 9), 8, "contiguous"),
+    ((1, 128, 5, 5), 64, "contiguous"),
+    ((3, 32, 4, 6), 1, "contiguous"),
+    ((2, 64, 7, 9), 8, "channels_last"),
+    ((2, 64, 7, 9), 8, "non_contiguous"),
+    ((2, 16, 11), 4, "contiguous"),        # 1-D
+    ((2, 32, 3, 5, 4), 8, "contiguous"),   # 3-D
+    ((2, 256, 28, 28), 64, "contiguous"),  # planes larger than a vector tail, many groups
+]
+
+
+def make_input(shape, layout, gen):
+    if layout == "non_contiguous":
+        big = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], generator=gen)
+        return big[..., ::2]
+    x = torch.randn(shape, generator=gen)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+@pytest.mark.parametrize("shape,groups,layout", CASES)
+def test_fused_matches_reference_fp32(shape, groups, layout):
+    gen = torch.Generator().manual_seed(hash((shape, groups, layout)) % 2**31)
+    sa = sanet.ShuffleAttention(shape[1], groups, impl="fused")
+    randomize(sa, gen)
+    x = make_input(shape, layout, gen).requires_grad_(True)
+    assert fused_sa_supported(x)
+    y = sa(x)
+    y_ref = shuffle_attention_reference(x, *sa_params(sa), groups, sa.gn.eps)
+    g = torch.randn(y_ref.shape, generator=gen)
+    inputs = [x] + sa_params(sa)
+    for a, b in zip(grads(y, inputs, g), grads(y_ref, inputs, g)):
+        assert a.shape == b.shape
+        assert rel(a, b) <= 1e-5
+    assert rel(y, y_ref) <= 1e-5
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def _op(x, params, groups, *, shortcut=None, w=None, b=None, train=False, relu=False, mean=None, invstd=None):
+    n, c = x.shape[:2]
+    return sa_forward(x.reshape(n, c, -1), shortcut, params, groups, 1e-5, w, b, mean, invstd,
+                      train, 1e-5, relu)[0]
+
+
+@pytest.mark.parametrize("mode", ["sa", "bn_train", "bn_eval", "bn_train_add_relu", "bn_eval_add_relu"])
+def test_fused_op_gradcheck_fp64(mode):
+    gen = torch.Generator().manual_seed(1)
+    G, C = 2, 8
+    x = torch.randn(2, C, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    params = torch.randn(6, C // (2 * G), generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, generator=gen, dtype=torch.float64, requires_grad=True)
+    sc = torch.randn(2, C, 15, generator=gen, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(C, generator=gen, dtype=torch.float64)
+    invstd = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+    if mode == "sa":
+        fn, inputs = (lambda x, p: _op(x, p, G)), (x, params)
+    else:
+        train, relu = mode.startswith("bn_train"), mode.endswith("relu")
+        stats = {} if train else {"mean": mean, "invstd": invstd}
+
+        def fn(x, p, w, b, sc):
+            return _op(x, p, G, shortcut=sc if relu else None, w=w, b=b, train=train, relu=relu, **stats)
+
+        inputs = (x, params, w, b, sc)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _bn_sa_pair(C, G, gen, dtype, momentum=0.1, affine=True):
+    bn = nn.BatchNorm2d(C, momentum=momentum, affine=affine).to(dtype)
+    sa = sanet.ShuffleAttention(C, G).to(dtype)
+    randomize(sa, gen)
+    randomize(bn, gen)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(C, generator=gen))
+        bn.running_var.copy_(torch.rand(C, generator=gen) + 0.5)
+    ref_sa = copy.deepcopy(sa)
+    ref_sa.impl = "reference"
+    return bn, sa, copy.deepcopy(bn), ref_sa
+
+
+def _run_bn_sa(bn, sa, ref_bn, ref_sa, x, sc, relu, gen):
+    xf = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    scf = sc.clone().requires_grad_(True) if relu else None
+    scr = sc.clone().requires_grad_(True) if relu else None
+    y = bn_shuffle_attention(xf, bn, sa, scf, relu=relu)
+    y_ref = ref_sa(ref_bn(xr))
+    if relu:
+        y_ref = torch.relu(y_ref + scr)
+    g = torch.randn(y.shape, generator=gen, dtype=x.dtype)
+    fused_in = [xf] + ([scf] if relu else []) + list(sa.parameters()) + list(bn.parameters())
+    ref_in = [xr] + ([scr] if relu else []) + list(ref_sa.parameters()) + list(ref_bn.parameters())
+    return (y, grads(y, fused_in, g)), (y_ref, grads(y_ref, ref_in, g))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("momentum,affine", [(0.1, True), (None, True), (0.1, False)])
+def test_bn_sa_fusion_fp64_exact(train, relu, momentum, affine):
+    gen = torch.Generator().manual_seed(2)
+    C, G = 64, 8
+    bn, sa, ref_bn, ref_sa = _bn_sa_pair(C, G, gen, torch.float64, momentum, affine)
+    bn.train(train)
+    ref_bn.train(train)
+    x = torch.randn(3, C, 6, 7, generator=gen, dtype=torch.float64) * 2 + 0.5
+    sc = torch.randn(3, C, 6, 7, generator=gen, dtype=torch.float64)
+    for step in range(2):  # twice: running statistics must update exactly once per call
+        (y, g), (y_ref, g_ref) = _run_bn_sa(bn, sa, ref_bn, ref_sa, x, sc, relu, gen)
+        assert rel(y, y_ref) < 1e-12
+        for a, b in zip(g, g_ref):
+            assert rel(a, b) < 1e-10
+        assert torch.allclose(bn.running_mean, ref_bn.running_mean, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(bn.running_var, ref_bn.running_var, rtol=1e-12, atol=1e-14)
+        assert bn.num_batches_tracked.item() == ref_bn.num_batches_tracked.item() == (step + 1 if train else 0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_sa_fusion_fp32_within_reference_precision(train, relu):
+    """In fp32 both implementations round; judge each against an fp64 oracle.
+
+    BatchNorm's parameter gradients are sums of many terms of both signs, so even the
+    reference is off by up to ~1e-4 relative in fp32; the fused result must be within
+    1e-5, or no worse than twice the reference's own error.
+    """
+    gen = torch.Generator().manual_seed(3)
+    C, G = 128, 8
+    bn64, sa64, ref_bn64, ref_sa64 = _bn_sa_pair(C, G, gen, torch.float64)
+    bn32, sa32 = copy.deepcopy(bn64).float(), copy.deepcopy(sa64).float()
+    ref_bn32, ref_sa32 = copy.deepcopy(ref_bn64).float(), copy.deepcopy(ref_sa64).float()
+    for m in (bn64, ref_bn64, bn32, ref_bn32):
+        m.train(train)
+    x = torch.randn(4, C, 9, 11, generator=gen)
+    sc = torch.randn(4, C, 9, 11, generator=gen)
+    (_, _), (y64, g64) = _run_bn_sa(bn64, sa64, ref_bn64, ref_sa64, x.double(), sc.double(), relu,
+                                    torch.Generator().manual_seed(4))
+    (y, g), (y_ref, g_ref) = _run_bn_sa(bn32, sa32, ref_bn32, ref_sa32, x, sc, relu,
+                                        torch.Generator().manual_seed(4))
+    assert rel(y, y64) <= 1e-5
+    for fused, ref32, oracle in zip(g, g_ref, g64):
+        if relu and fused.shape == x.shape:
+            # a ReLU whose input is within rounding of 0 may flip; compare where it can't
+            keep = (y64.abs() > 1e-4).expand_as(oracle) if fused.shape == y64.shape else None
+            fused, ref32, oracle = fused[keep], ref32[keep], oracle[keep]
+        assert rel(fused, oracle) <= max(1e-5, 2 * rel(ref32, oracle))
+    assert rel(bn32.running_var, ref_bn64.running_var) <= 1e-6
+
+
+def _plain_twin(name: str) -> nn.Module:
+    """The same network without SA (timm ResNet, same arguments, no attention layer)."""
+    from timm.models.resnet import Bottleneck, ResNet
+
+    args = dict(sanet.SA_MODELS[name])
+    args.pop("fit_groups", None)
+    args["block"] = Bottleneck
+    return ResNet(**args)
+
+
+def test_block_fusion_matches_unfused_model_fp64():
+    """A whole SA network: fused tails vs the same weights run op by op (reference SA)."""
+    torch.manual_seed(0)
+    fused = timm.create_model("sa_resnet_test", num_classes=10).double()
+    gen = torch.Generator().manual_seed(5)
+    for m in fused.modules():
+        if isinstance(m, sanet.ShuffleAttention):
+            randomize(m, gen)
+    unfused = copy.deepcopy(fused)
+    for m in unfused.modules():
+        if isinstance(m, sanet.ShuffleAttention):
+            m.impl = "reference"  # reference SA never fuses with BatchNorm
+    x = torch.randn(3, 3, 48, 48, dtype=torch.float64, generator=gen)
+    for train in (True, False):
+        fused.train(train)
+        unfused.train(train)
+        y, y_ref = fused(x), unfused(x)
+        assert rel(y, y_ref) < 1e-10
+        g = torch.randn(y.shape, dtype=y.dtype, generator=gen)
+        names = [n for n, _ in fused.named_parameters()]
+        pairs = zip(names, grads(y, list(fused.parameters()), g), grads(y_ref, list(unfused.parameters()), g))
+        for name, a, b in pairs:
+            assert rel(a, b) < 1e-9, name
+    for (name, a), b in zip(fused.named_buffers(), unfused.buffers()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name
+    assert fused.layer1[0].bn3.num_batches_tracked.item() == 1
+
+
+def test_fused_layer_keeps_only_its_input():
+    x = torch.randn(4, 256, 14, 14, requires_grad=True)
+    fused = saved_tensor_bytes(lambda: sanet.ShuffleAttention(256, 64, impl="fused")(x))
+    ref = saved_tensor_bytes(lambda: sanet.ShuffleAttention(256, 64, impl="reference")(x))
+    x_bytes = x.numel() * x.element_size()
+    # x, per-(n, c) statistics and the six parameters packed as one small array
+    assert fused["bytes"] <= x_bytes + 4 * 256 * 8 * 2 + 4096
+    assert ref["bytes"] >= 2 * x_bytes
+
+
+def test_model_saved_bytes_close_to_plain_resnet():
+    """SA-ResNet with fused tails keeps at most 5% more for backward than the plain net."""
+    x = torch.randn(4, 3, 64, 64)
+    sa_model = timm.create_model("sa_resnet_test").train()
+    plain = _plain_twin("sa_resnet_test").train()
+    reference = timm.create_model("sa_resnet_test", sa_impl="reference").train()
+    sa_bytes = saved_tensor_bytes(lambda: sa_model(x).sum())["bytes"]
+    plain_bytes = saved_tensor_bytes(lambda: plain(x).sum())["bytes"]
+    ref_bytes = saved_tensor_bytes(lambda: reference(x).sum())["bytes"]
+    assert sa_bytes <= 1.05 * plain_bytes
+    assert ref_bytes > 1.05 * plain_bytes  # the authors' formulation would fail the bound
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(6)
+    model = timm.create_model("sa_resnet_test", num_classes=5).train()
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    state = copy.deepcopy(model.state_dict())
+    outs = []
+    for _ in range(2):
+        model.load_state_dict(state)
+        model.zero_grad()
+        y = model(x)
+        y.sum().backward()
+        outs.append([y.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_half_precision_falls_back_on_cpu():
+    sa = sanet.ShuffleAttention(64, 8)
+    x = torch.randn(2, 64, 5, 5)
+    assert not fused_sa_supported(x.bfloat16())
+    y = sa(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert rel(y.float(), sa(x)) < 1e-2
+    with pytest.raises(RuntimeError, match="no fused kernel"):
+        sanet.ShuffleAttention(64, 8, impl="fused")(x.bfloat16())
+
+
+def test_drop_path_falls_back_in_training_only():
+    model = timm.create_model("sa_resnet_test", drop_path_rate=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, sanet.ShuffleAttention):
+            m.impl = "reference"
+    assert rel(model(x), ref(x)) < 1e-5
+
+
+def test_compile_fullgraph_matches_eager():
+    gen = torch.Generator().manual_seed(7)
+    sa = sanet.ShuffleAttention(32, 4)
+    randomize(sa, gen)
+    x = torch.randn(2, 32, 5, 6, generator=gen, requires_grad=True)
+    g = torch.randn(2, 32, 5, 6, generator=gen)
+    compiled = torch.compile(sa, fullgraph=True, backend="aot_eager")
+    inputs = [x] + sa_params(sa)
+    y, yc = sa(x), compiled(x)
+    assert torch.equal(y, yc)
+    for a, b in zip(grads(y, inputs, g), grads(yc, inputs, g)):
+        assert torch.equal(a, b)
+
+
+def test_fx_feature_extraction_of_fused_model():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = timm.create_model("sa_resnet_test").eval()
+    extractor = create_feature_extractor(model, {"layer2": "c3", "layer4": "c5"})
+    x = torch.randn(1, 3, 64, 64)
+    feats = extractor(x)
+    assert feats["c5"].shape == (1, 256, 2, 2)
+    assert rel(model.forward_head(feats["c5"]), model(x)) < 1e-5
+
+
+TRITON_SCRIPT = textwrap.dedent("""
+    import os, torch
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    from sanet.layers import shuffle_attention_reference
+    from sanet.ops.fused import _pack_params
+    from sanet.ops.sa_op import sa_param_grads
+    from sanet.ops.triton_sa import triton_sa_backward, triton_sa_forward
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    torch.manual_seed(0)
+    for shape, G in [((2, 32, 5, 7), 8), ((1, 16, 9), 1), ((2, 16, 3, 4, 5), 4), ((1, 128, 33, 33), 64)]:
+        C, c = shape[1], shape[1] // (2 * G)
+        ps = [torch.randn(1, c, 1, 1, requires_grad=True) for _ in range(4)]
+        ps += [torch.randn(c, requires_grad=True) for _ in range(2)]
+        x = torch.randn(shape, requires_grad=True)
+        y = shuffle_attention_reference(x, *ps, G)
+        g = torch.randn_like(y)
+        gx_ref, *gp_ref = torch.autograd.grad(y, [x] + ps, g)
+        x3 = x.detach().reshape(shape[0], C, -1).contiguous()
+        params = _pack_params(*ps).detach()
+        out, pm, pv = triton_sa_forward(x3, params, G, 1e-5)
+        gx, s1, s2 = triton_sa_backward(g.reshape(x3.shape).contiguous(), x3, pm, pv, params, G, 1e-5)
+        gp = sa_param_grads(s1, s2, params, G)
+        assert rel(out.view(shape), y) <= 1e-5, shape
+        assert rel(gx.view(shape), gx_ref) <= 1e-5, shape
+        for i in range(6):
+            assert rel(gp[i], gp_ref[i].reshape(-1)) <= 1e-5, (shape, i)
+    print("triton ok")
+""")
+
+
+def test_triton_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "triton ok" in proc.stdout
