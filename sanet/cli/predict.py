@@ -1,0 +1,51 @@
+"""``sanet predict --model M (--checkpoint C | --pretrained-file F) IMAGE...``: top-k classes."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_json_flag, check_model_name, print_json
+
+
+def add_parser(sub, name: str) -> argparse.ArgumentParser:
+    from .evaluate import add_model_source
+
+    p = sub.add_parser(
+        name, help="top-k classes of images",
+        description="Classify images: the top-k classes with softmax probabilities. Labels are the "
+                    "checkpoint's class names, ImageNet's class names for 1000-class weights, "
+                    "else 'class <index>'.",
+        epilog="example: sanet predict --checkpoint runs/digits/best.pt img1.png img2.png --json")
+    add_model_source(p)
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
+    p.add_argument("--topk", "-k", type=int, default=5, help="classes to show per image (5)")
+    add_json_flag(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sanet.engine.distributed import resolve_device
+    from sanet.engine.modeling import load_for_inference
+    from sanet.engine.predict import eval_transform, read_images, topk_predictions
+
+    if args.model:
+        check_model_name(args.model)
+    if args.topk < 1:
+        raise ValueError(f"--topk must be at least 1, got {args.topk}")
+    loaded = load_for_inference(args.model, args.checkpoint, args.pretrained_file, use_ema=args.ema)
+    transform = eval_transform(loaded.model, loaded.data_args, args.img_size, args.crop_pct)
+    batch = read_images(args.images, transform)
+    device = resolve_device(args.device)
+    with torch.inference_mode():
+        results = topk_predictions(loaded.model.to(device), batch.to(device), args.topk, loaded.class_names)
+    if args.json:
+        print_json({"model": loaded.name, "weights": str(args.checkpoint or args.pretrained_file),
+                    "predictions": [{"image": str(path), "top": top} for path, top in zip(args.images, results)]})
+        return 0
+    for path, top in zip(args.images, results):
+        print(path)
+        for entry in top:
+            print(f"  {100 * entry['prob']:6.2f}%  {entry['label']}")
+    return 0

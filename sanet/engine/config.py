@@ -1,0 +1,164 @@
+"""``sanet train`` arguments: defaults are the authors' ImageNet recipe (SA-NET.md section 3).
+
+The parsed arguments are stored in every checkpoint as plain data (:func:`plain_args`), so a
+checkpoint loads with ``weights_only=True`` and tells how it was made.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict
+
+__all__ = ["add_train_args", "plain_args", "to_plain", "validate_train_args", "RECIPE_KEYS", "AMP_CHOICES",
+           "SCHED_CHOICES"]
+
+AMP_CHOICES = ("none", "bf16", "fp16")
+SCHED_CHOICES = ("step", "cosine")
+
+#: Arguments that change the result of training; a resume warns when they differ.
+RECIPE_KEYS = ("model", "img_size", "batch_size", "lr", "lr_base", "opt", "momentum", "weight_decay",
+               "sched", "decay_epochs", "decay_rate", "warmup_epochs", "accum_steps", "smoothing",
+               "mixup", "cutmix", "seed", "amp", "no_wd_norm", "model_ema", "drop_path")
+
+
+def _kwargs_action():
+    from timm.utils import ParseKwargs
+
+    return ParseKwargs
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """All ``sanet train`` options, grouped for ``--help``."""
+    req = p.add_argument_group("what to train")
+    req.add_argument("--model", required=True, help="model name, e.g. sa_resnet50 (see `sanet models`)")
+    req.add_argument("--data", required=True, type=Path,
+                     help="folder with train/ and val/ in ImageFolder layout (DATA/train/<class>/<img>)")
+    req.add_argument("--output", required=True, type=Path,
+                     help="run folder: last.pt, best.pt, log.csv, tb/ (TensorBoard), curves.png")
+    req.add_argument("--pretrained-file", type=Path, default=None,
+                     help="start from these weights (authors' .pth.tar, safetensors, or a sanet "
+                          "checkpoint); the classifier is re-initialised if the class count differs")
+    req.add_argument("--model-kwargs", nargs="*", default={}, action=_kwargs_action(), metavar="K=V",
+                     help="extra timm.create_model arguments, e.g. sa_groups=32 norm_layer=groupnorm1")
+    req.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (default 0)")
+
+    sched = p.add_argument_group("schedule and optimizer (defaults: the authors' recipe)")
+    sched.add_argument("--epochs", type=int, default=90, help="epochs (default 90)")
+    sched.add_argument("--batch-size", "-b", type=int, default=256,
+                       help="images per process per step (default 256); the global batch is "
+                            "batch-size x processes x accum-steps")
+    sched.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default: --lr-base scaled to the global batch)")
+    sched.add_argument("--lr-base", type=float, default=0.1, help="lr per --lr-base-size images (0.1)")
+    sched.add_argument("--lr-base-size", type=int, default=256, help="batch size of --lr-base (256)")
+    sched.add_argument("--opt", default="momentum",
+                       help="timm optimizer name (default 'momentum': torch SGD with classical "
+                            "momentum, as the authors; timm's 'sgd' is Nesterov; 'adamw', 'lamb', ...)")
+    sched.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    sched.add_argument("--weight-decay", "--wd", type=float, default=1e-4, help="weight decay (1e-4)")
+    sched.add_argument("--no-wd-norm", action="store_true",
+                       help="no weight decay on norm layers, biases and SA gate parameters "
+                            "(the authors decay all parameters)")
+    sched.add_argument("--sched", choices=SCHED_CHOICES, default="step",
+                       help="lr schedule: step (x decay-rate every decay-epochs; default) or cosine")
+    sched.add_argument("--decay-epochs", type=float, default=30, help="step schedule period (30)")
+    sched.add_argument("--decay-rate", type=float, default=0.1, help="step schedule factor (0.1)")
+    sched.add_argument("--warmup-epochs", type=float, default=0, help="linear warmup epochs (0)")
+    sched.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at the start of warmup")
+    sched.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule floor (0)")
+    sched.add_argument("--accum-steps", type=int, default=1,
+                       help="gradient accumulation: micro-batches per optimizer step (1)")
+    sched.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
+    sched.add_argument("--smoothing", type=float, default=0.0, help="label smoothing (0)")
+    sched.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    sched.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    sched.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup/cutmix per batch")
+    sched.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                       help="probability of cutmix instead of mixup when both are on")
+    sched.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
+    sched.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay (0.9998)")
+
+    data = p.add_argument_group("data and augmentation")
+    data.add_argument("--img-size", type=int, default=None,
+                      help="train/eval crop size (default: the model's, 224 for SA-ResNets)")
+    data.add_argument("--crop-pct", type=float, default=None,
+                      help="eval center-crop fraction (default: the model's, 0.875: resize 256, crop 224)")
+    data.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's)")
+    data.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                      help="RandomResizedCrop area range (0.08 1.0)")
+    data.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
+                      help="RandomResizedCrop aspect range (0.75 1.333)")
+    data.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (0.5)")
+    data.add_argument("--color-jitter", type=float, default=0.0, help="color jitter strength (0: off)")
+    data.add_argument("--aa", default=None, help="timm AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5")
+    data.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (0)")
+    data.add_argument("--workers", "-j", type=int, default=4, help="data loading processes per rank (4)")
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="skip and count unreadable images instead of stopping with an error")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic algorithms; on CPU a resumed run then ends with bit-identical weights")
+    run.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh even if OUTPUT already holds a run (otherwise an error)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (auto)")
+    run.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision (none)")
+    run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def to_plain(value: Any) -> Any:
+    """Lists, dicts, str, int, float, bool, None and tensors only: what ``weights_only=True``
+    loads. Everything else (Paths, str subclasses such as TorchVersion, ...) becomes str."""
+    import torch
+
+    if isinstance(value, torch.Tensor) or value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The arguments as plain data (no Paths or tuples): safe under ``weights_only=True``."""
+    return {k: to_plain(v) for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}
+
+
+#: (argument, test, what is valid): checked in order by :func:`validate_train_args`.
+_CHECKS = (
+    ("epochs", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("accum_steps", lambda v: v >= 1, "at least 1"),
+    ("workers", lambda v: v >= 0, "0 or more"),
+    ("img_size", lambda v: v is None or v >= 8, "at least 8 pixels"),
+    ("lr", lambda v: v is None or v > 0, "positive"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("hflip", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("model_ema_decay", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("scale", lambda v: 0 < v[0] <= v[1] <= 1, "0 < MIN <= MAX <= 1"),
+)
+
+
+def validate_train_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first invalid option and what is valid."""
+    for name, ok, valid in _CHECKS:
+        value = getattr(args, name)
+        if not ok(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {valid}, got {value}")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise ValueError(f"--mixup/--cutmix pair images within a batch: --batch-size must be even, "
+                         f"got {args.batch_size}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass one")
+    from timm.optim import list_optimizers
+
+    if args.opt.lower() not in list_optimizers():
+        raise ValueError(f"unknown --opt {args.opt!r}; timm optimizers: {', '.join(list_optimizers())}")

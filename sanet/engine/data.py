@@ -1,0 +1,166 @@
+"""ImageFolder datasets, timm transforms and (distributed) loaders, with clear errors.
+
+Data order is a function of ``(seed, epoch)`` only: the train sampler is always torchvision's
+``DistributedSampler`` (one replica when not distributed) and the loader's generator, which
+seeds the worker processes, is reseeded every epoch. That is what makes an epoch-boundary
+resume reproduce an uninterrupted run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import default_collate
+from torchvision.datasets import ImageFolder
+
+from .distributed import DistContext
+
+__all__ = [
+    "SafeImageFolder",
+    "UnreadableImageError",
+    "open_image_folder",
+    "open_train_val",
+    "check_same_classes",
+    "build_transform",
+    "build_train_loader",
+    "build_eval_loader",
+    "clean_worker_error",
+]
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file could not be decoded."""
+
+
+def clean_worker_error(exc: BaseException) -> str:
+    """The message of an error re-raised by a DataLoader worker, without the worker traceback."""
+    msg = str(exc)
+    if "Original Traceback" not in msg:
+        return msg
+    last = [line for line in msg.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+class SafeImageFolder(ImageFolder):
+    """``ImageFolder`` whose decode errors name the file, or are skipped and counted.
+
+    Hand-written because ImageFolder raises PIL's bare error (no path) from deep inside a
+    worker. With ``skip_bad=True`` a bad sample comes back as ``None`` and
+    :func:`collate_skip` drops it from the batch and counts it.
+    """
+
+    def __init__(self, root: str, transform=None, skip_bad: bool = False) -> None:
+        super().__init__(root, transform=transform)
+        self.skip_bad = skip_bad
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except Exception as exc:  # PIL raises several types (OSError, UnidentifiedImageError, ...)
+            if self.skip_bad:
+                return None
+            raise UnreadableImageError(
+                f"cannot read image {path}: {type(exc).__name__}: {exc} "
+                "(pass --skip-bad-images to skip and count unreadable files)") from None
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample, target
+
+
+def collate_skip(batch: List[Optional[Tuple[Any, int]]]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Default collate over the readable samples; also returns how many were skipped."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, targets = default_collate(good)
+    return images, targets, skipped
+
+
+def open_image_folder(root: Path, what: str, skip_bad: bool = False, transform=None) -> SafeImageFolder:
+    """One ImageFolder (``root/<class>/<image>``) or an error saying what is wrong with it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what} folder not found: {root} (expected ImageFolder layout "
+                                f"{root}/<class name>/<image file>)")
+    try:
+        return SafeImageFolder(str(root), transform=transform, skip_bad=skip_bad)
+    except FileNotFoundError as exc:
+        # torchvision's messages: no class folders, or class folders without images
+        raise FileNotFoundError(f"{what} folder {root} is empty or holds no images: {exc} "
+                                f"(expected {root}/<class name>/<image file>)") from None
+
+
+def check_same_classes(train: Sequence[str], val: Sequence[str]) -> None:
+    """Train and val must have the same class folders (labels are indices into them)."""
+    if list(train) == list(val):
+        return
+    only_train = sorted(set(train) - set(val))
+    only_val = sorted(set(val) - set(train))
+    raise ValueError(
+        "train/ and val/ have different classes (labels are class-folder indices, so they must "
+        f"match): only in train: {only_train[:10] or 'none'}; only in val: {only_val[:10] or 'none'} "
+        f"({len(train)} vs {len(val)} classes)")
+
+
+def open_train_val(data: Path, skip_bad: bool = False) -> Tuple[SafeImageFolder, SafeImageFolder]:
+    """``data/train`` and ``data/val`` as ImageFolders with matching classes."""
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data folder not found: {data} (expected {data}/train and "
+                                f"{data}/val in ImageFolder layout)")
+    train = open_image_folder(data / "train", "training", skip_bad)
+    val = open_image_folder(data / "val", "validation", skip_bad)
+    check_same_classes(train.classes, val.classes)
+    return train, val
+
+
+def build_transform(data_config: Dict[str, Any], is_training: bool, aug: Optional[Dict[str, Any]] = None):
+    """timm's train (RandomResizedCrop + flip + ...) or eval (resize + center crop) transform."""
+    from timm.data import create_transform
+
+    return create_transform(**data_config, is_training=is_training, **(aug or {}))
+
+
+def _train_sampler(dataset, ctx: DistContext, seed: int) -> DistributedSampler:
+    # One replica when not distributed: same seeded, epoch-dependent permutation either way.
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                              shuffle=True, seed=seed, drop_last=False)
+
+
+def build_train_loader(dataset, batch_size: int, workers: int, ctx: DistContext,
+                       seed: int) -> DataLoader:
+    """Shuffled, sharded train loader dropping the last partial batch (BatchNorm needs > 1)."""
+    per_rank = -(-len(dataset) // ctx.world_size)
+    if per_rank < batch_size:
+        total = batch_size * ctx.world_size
+        raise ValueError(
+            f"batch size {batch_size} per process x {ctx.world_size} process(es) = {total} "
+            f"exceeds the {len(dataset)} training images ({per_rank} per process): no full "
+            f"batch. Use --batch-size {max(1, per_rank)} or less, or add images")
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=_train_sampler(dataset, ctx, seed),
+        num_workers=workers, drop_last=True, collate_fn=collate_skip,
+        pin_memory=ctx.device.type == "cuda", generator=torch.Generator(),
+        persistent_workers=False)
+
+
+def reseed_loader(loader: DataLoader, epoch: int, seed: int) -> None:
+    """Make this epoch's order and augmentation a function of (seed, epoch)."""
+    loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 1_000_003 + epoch)
+
+
+def build_eval_loader(dataset, batch_size: int, workers: int, ctx: DistContext) -> DataLoader:
+    """In-order loader; under DDP each rank takes every world_size-th image.
+
+    Not DistributedSampler: it pads the dataset with repeated images so every rank gets the
+    same count, which would count those images twice in the metrics.
+    """
+    indices = list(range(ctx.rank, len(dataset), ctx.world_size))
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
+                      collate_fn=collate_skip, pin_memory=ctx.device.type == "cuda")

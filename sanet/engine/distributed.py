@@ -1,0 +1,79 @@
+"""Process-group setup for ``torchrun`` (DDP) and the single-process case.
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` (or
+a rendezvous endpoint for multi-node runs); we read them through ``init_process_group``'s
+``env://`` default. NCCL on GPUs, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "init_distributed", "cleanup_distributed", "all_reduce_sum", "resolve_device"]
+
+#: ``--device`` choice -> how to decide whether to use CUDA.
+_DEVICE_CHOICES = {
+    "auto": lambda: torch.cuda.is_available(),
+    "cuda": lambda: True,
+    "cpu": lambda: False,
+}
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    """``--device`` (auto/cpu/cuda) -> a torch device (``cuda:LOCAL_RANK`` on GPU)."""
+    if choice not in _DEVICE_CHOICES:
+        raise ValueError(f"--device must be one of {', '.join(_DEVICE_CHOICES)}, got {choice!r}")
+    if not _DEVICE_CHOICES[choice]():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device_choice: str = "auto") -> DistContext:
+    """Join the ``torchrun`` job if there is one, else return a single-process context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_choice, local_rank)
+    if world_size <= 1:
+        return DistContext(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: Optional[DistContext] = None) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks (in place); a no-op for a single process."""
+    if dist.is_available() and dist.is_initialized() and (ctx is None or ctx.distributed):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

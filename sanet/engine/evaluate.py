@@ -1,0 +1,72 @@
+"""Top-1/top-5/loss over a loader, summed over DDP ranks."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .distributed import DistContext, all_reduce_sum
+
+__all__ = ["evaluate", "autocast_for"]
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(device: torch.device, amp: Optional[str]):
+    """``torch.autocast`` for ``--amp bf16|fp16``, or a no-op context."""
+    if not amp or amp == "none":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, ctx: DistContext, *, amp: Optional[str] = None,
+             channels_last: bool = False, target_map: Optional[torch.Tensor] = None,
+             progress: bool = False, desc: str = "eval") -> Dict[str, float]:
+    """``top1``/``top5`` (percent), mean ``loss``, ``images``, ``skipped``, ``images_per_s``.
+
+    Sums are reduced over ranks, so each image counts once (the eval loader shards without
+    padding). ``target_map`` maps dataset class indices to model outputs.
+    """
+    from timm.utils import accuracy
+
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # correct1, correct5, loss, n, skipped
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
+    for images, targets, skipped in bar:
+        sums[4] += skipped
+        if targets.numel() == 0:
+            continue
+        images = images.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        if target_map is not None:
+            targets = target_map.to(ctx.device)[targets]
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_for(ctx.device, amp):
+            logits = model(images)
+        logits = logits.float()
+        n = targets.numel()
+        top1, top5 = accuracy(logits, targets, topk=(1, 5))
+        sums[0] += top1.item() * n / 100.0
+        sums[1] += top5.item() * n / 100.0
+        sums[2] += F.cross_entropy(logits, targets, reduction="sum").item()
+        sums[3] += n
+    all_reduce_sum(sums, ctx)
+    seconds = time.perf_counter() - start
+    n = max(sums[3].item(), 1.0)
+    return {
+        "top1": 100.0 * sums[0].item() / n,
+        "top5": 100.0 * sums[1].item() / n,
+        "loss": sums[2].item() / n,
+        "images": int(sums[3].item()),
+        "skipped": int(sums[4].item()),
+        "seconds": seconds,
+        "images_per_s": sums[3].item() / seconds if seconds > 0 else 0.0,
+    }

@@ -1,0 +1,85 @@
+"""Run logs on rank 0: the CSV log, TensorBoard events and the training-curves PNG.
+
+The history (one dict per epoch) also lives in the checkpoint, so after a resume the CSV is
+rewritten from it and never holds epochs that no checkpoint covers.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+__all__ = ["RunLogger", "write_csv", "plot_curves"]
+
+
+def write_csv(history: List[Dict[str, Any]], path: Path) -> None:
+    """The whole history as CSV (rewritten each epoch: small, and always consistent)."""
+    from sanet.checkpoint import atomic_write
+
+    fields: List[str] = []
+    for row in history:
+        fields += [k for k in row if k not in fields]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(history)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(buf.getvalue())
+
+    atomic_write(path, write)
+
+
+class RunLogger:
+    """CSV + TensorBoard for one run (construct on rank 0 only)."""
+
+    def __init__(self, out: Path, start_epoch: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out = out
+        # purge_step drops events a killed run wrote for epochs that are being redone
+        self.tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=start_epoch + 1)
+
+    def log_epoch(self, history: List[Dict[str, Any]]) -> None:
+        row = history[-1]
+        step = int(row["epoch"])
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                group = "train" if key.startswith(("train_", "lr")) else "val"
+                self.tb.add_scalar(f"{group}/{key}", value, step)
+        self.tb.flush()
+        write_csv(history, self.out / "log.csv")
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def plot_curves(history: List[Dict[str, Any]], path: Path, title: Optional[str] = None) -> Path:
+    """Loss and accuracy per epoch as a PNG (matplotlib, Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    series = {ax_loss: ("train_loss", "val_loss", "val_loss_ema"),
+              ax_acc: ("val_top1", "val_top5", "val_top1_ema")}
+    for ax, keys in series.items():
+        for key in keys:
+            values = [row.get(key) for row in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", markersize=3, label=key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_loss.set_ylabel("loss")
+    ax_acc.set_ylabel("accuracy (%)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

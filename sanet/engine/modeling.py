@@ -1,0 +1,138 @@
+"""Create models for training and inference; read weights and class names safely.
+
+Every file is read with :func:`sanet.checkpoint.load_checkpoint_file` (``weights_only=True``)
+and checked strictly against the model, so a checkpoint of another architecture is a clear
+error, never a silent partial load.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["create_train_model", "unwrap_model", "LoadedModel", "load_for_inference",
+           "check_checkpoint_model", "imagenet_class_names"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _classifier_size(state_dict: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
+    import timm
+
+    clf = timm.models.get_pretrained_cfg(model_name)
+    name = (clf.classifier if clf is not None else None) or "fc"
+    weight = state_dict.get(f"{name}.weight")
+    return None if weight is None else int(weight.shape[0])
+
+
+def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional[Path] = None,
+                       drop_path: float = 0.0, model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """``timm.create_model`` for training, optionally starting from a weights file.
+
+    ``pretrained_file`` goes through timm's pretrained loading (``pretrained_cfg_overlay``), so
+    timm drops the classifier when the class count differs and the SA checkpoint filter checks
+    every other key strictly.
+    """
+    import timm
+
+    import sanet  # noqa: F401  (registers the SA models)
+
+    kwargs: Dict[str, Any] = dict(model_kwargs or {}, num_classes=num_classes)
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
+    if pretrained_file is None:
+        return timm.create_model(name, **kwargs)
+    from sanet.checkpoint import load_state_dict_file
+
+    state_dict = load_state_dict_file(pretrained_file)
+    overlay: Dict[str, Any] = dict(state_dict=state_dict)
+    file_classes = _classifier_size(state_dict, name)
+    if file_classes is not None:
+        overlay["num_classes"] = file_classes  # timm keeps the classifier only if this matches
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def check_checkpoint_model(ckpt: Dict[str, Any], model_name: Optional[str], source: str) -> str:
+    """The architecture a training checkpoint was made with (must equal ``model_name`` if given)."""
+    saved = (ckpt.get("args") or {}).get("model") if isinstance(ckpt.get("args"), dict) else None
+    if saved is None:
+        saved = ckpt.get("arch")
+    if model_name and saved and saved != model_name:
+        raise ValueError(f"{source} is a checkpoint of {saved}, not {model_name} "
+                         f"(pass --model {saved}, or the checkpoint of a {model_name} run)")
+    if not (model_name or saved):
+        raise ValueError(f"{source} does not name its architecture; pass --model")
+    return model_name or saved
+
+
+def imagenet_class_names() -> List[str]:
+    """The 1000 ImageNet-1k class descriptions, from the list bundled with timm."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what is known about its inputs and labels."""
+
+    model: nn.Module
+    name: str
+    class_names: Optional[List[str]]
+    data_args: Dict[str, Any] = field(default_factory=dict)  # img_size/crop_pct/... of training
+
+
+def load_for_inference(model_name: Optional[str], checkpoint: Optional[Path] = None,
+                       pretrained_file: Optional[Path] = None, use_ema: bool = False) -> LoadedModel:
+    """Model + class names from a ``sanet train`` checkpoint or any weights file."""
+    import timm
+
+    import sanet  # noqa: F401
+    from sanet.checkpoint import load_checkpoint_file, load_state_dict_file
+    from sanet.models import check_state_dict, strip_prefix
+
+    if (checkpoint is None) == (pretrained_file is None):
+        raise ValueError("pass exactly one of --checkpoint (a sanet train checkpoint) or "
+                         "--pretrained-file (any weights file)")
+    if checkpoint is not None:
+        ckpt = load_checkpoint_file(checkpoint)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "class_names" not in ckpt:
+            raise ValueError(f"{checkpoint} is not a sanet train checkpoint (no 'model'/'class_names'); "
+                             "use --pretrained-file for other weight files")
+        name = check_checkpoint_model(ckpt, model_name, str(checkpoint))
+        key = "model_ema" if use_ema else "model"
+        if ckpt.get(key) is None:
+            raise ValueError(f"{checkpoint} has no EMA weights (trained without --model-ema)")
+        state_dict = strip_prefix(ckpt[key])
+        class_names = [str(c) for c in ckpt["class_names"]]
+        args = ckpt.get("args") or {}
+        data_args = {k: args.get(k) for k in ("img_size", "crop_pct", "interpolation")}
+        model_kwargs = dict(args.get("model_kwargs") or {})
+        num_classes = len(class_names)
+    else:
+        if model_name is None:
+            raise ValueError("--pretrained-file needs --model (the file does not name its architecture)")
+        if use_ema:
+            raise ValueError("--ema applies to --checkpoint files of runs trained with --model-ema")
+        name, state_dict = model_name, load_state_dict_file(pretrained_file)
+        num_classes = _classifier_size(state_dict, name) or 1000
+        class_names = imagenet_class_names() if num_classes == 1000 else None
+        data_args, model_kwargs = {}, {}
+    model = timm.create_model(name, num_classes=num_classes, **model_kwargs)
+    check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file))
+    model.load_state_dict(state_dict)
+    model.eval()
+    return LoadedModel(model, name, class_names, data_args)

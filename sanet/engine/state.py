@@ -1,0 +1,96 @@
+"""Seeding, RNG state and training checkpoints (``OUT/last.pt``, ``OUT/best.pt``).
+
+A checkpoint is written at every epoch boundary, atomically (``atomic_torch_save``: a kill
+mid-write leaves the previous file). It holds only tensors, plain containers, strings and
+numbers, so it loads with ``torch.load(weights_only=True)``:
+
+``model`` (state_dict), ``model_ema`` (state_dict or None), ``optimizer``, ``scheduler``,
+``scaler`` (or None), ``epoch`` (epochs completed), ``updates``, ``best_top1``, ``best_epoch``,
+``args`` (the resolved arguments as plain data), ``class_names``, ``history`` (one dict per
+epoch, what the CSV log holds), ``rng`` (torch/numpy/python states as tensors), ``arch``,
+``sanet_version``, ``torch_version``.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["seed_everything", "seed_epoch", "rng_state", "set_rng_state", "save_training_checkpoint",
+           "load_resume_checkpoint"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseed every generator from (seed, epoch, rank): augmentation, mixup and dropout of an
+    epoch then do not depend on how the run got there (fresh or resumed)."""
+    seed_everything(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
+def rng_state() -> Dict[str, Any]:
+    """Global RNG states as tensors and numbers (numpy arrays would need unpickling)."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]), "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+        "python": torch.tensor(py_state, dtype=torch.int64), "python_version": int(py_version),
+        "python_gauss": py_gauss,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()),
+                     state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_checkpoint(out: Path, state: Dict[str, Any], is_best: bool) -> None:
+    """Write ``last.pt`` (and ``best.pt`` when this epoch is the best so far), atomically."""
+    from sanet.checkpoint import atomic_torch_save
+
+    atomic_torch_save(state, out / "last.pt")
+    if is_best:
+        atomic_torch_save(state, out / "best.pt")
+
+
+def load_resume_checkpoint(out: Path, model_name: str, class_names: list) -> Dict[str, Any]:
+    """``OUT/last.pt``, checked against this run's architecture and classes."""
+    from sanet.checkpoint import load_checkpoint_file
+
+    from .modeling import check_checkpoint_model
+
+    path = out / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} not found (no completed epoch to continue from; "
+                                "start without --resume)")
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        raise ValueError(f"--resume: {path} is not a sanet train checkpoint")
+    check_checkpoint_model(ckpt, model_name, str(path))
+    saved = list(ckpt.get("class_names") or [])
+    if saved != list(class_names):
+        raise ValueError(f"--resume: {path} was trained on {len(saved)} classes {saved[:5]}..., "
+                         f"but --data has {len(class_names)} classes {list(class_names)[:5]}...")
+    return ckpt
+
+
+def optional_state(obj: Optional[Any]) -> Optional[Dict[str, Any]]:
+    return None if obj is None else obj.state_dict()

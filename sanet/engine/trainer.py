@@ -1,0 +1,265 @@
+"""``fit(args)``: the whole ``sanet train`` run, on one process or under ``torchrun``.
+
+Order of events per epoch: reseed from (seed, epoch, rank) -> train -> evaluate on val ->
+rank 0 writes ``best.pt`` (if best) then ``last.pt`` -> CSV/TensorBoard. A resume loads
+``last.pt`` and starts at the next epoch, so with ``--deterministic`` on CPU it ends with the
+same weights as a run that was never interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import torch
+
+from .config import RECIPE_KEYS, plain_args, to_plain, validate_train_args
+from .data import build_eval_loader, build_train_loader, build_transform, open_train_val, reseed_loader
+from .distributed import DistContext, cleanup_distributed, init_distributed
+from .evaluate import evaluate
+from .logs import RunLogger, plot_curves
+from .loop import NonFiniteLossError, TrainState, train_one_epoch
+from .modeling import create_train_model
+from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
+from .state import load_resume_checkpoint, optional_state, rng_state, save_training_checkpoint, \
+    seed_epoch, seed_everything, set_rng_state
+
+__all__ = ["fit"]
+
+_RUN_FILES = ("last.pt", "best.pt", "log.csv", "curves.png", "tb")
+
+
+@contextmanager
+def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms for the run, restoring the previous global setting after."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        # CUDA has ops without deterministic kernels (e.g. adaptive pooling backward): warn there
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
+
+
+def fit(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train as ``args`` say; returns a summary (best/last accuracy, paths, timing)."""
+    validate_train_args(args)
+    ctx = init_distributed(args.device)
+    try:
+        with deterministic_mode(args.deterministic, ctx.device):
+            return _fit(args, ctx)
+    finally:
+        cleanup_distributed()
+
+
+def _say(ctx: DistContext, *parts: Any) -> None:
+    if ctx.is_main:
+        print(*parts, flush=True)
+
+
+def _prepare_output(out: Path, args: argparse.Namespace, ctx: DistContext) -> None:
+    """Refuse to silently overwrite a previous run; ``--overwrite`` clears it."""
+    if (out / "last.pt").exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{out} already holds a run ({out / 'last.pt'}): pass --resume to continue "
+                         "it, --overwrite to start afresh, or choose another --output")
+    if ctx.is_main:
+        if args.overwrite:
+            for name in _RUN_FILES:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext):
+    if args.sync_bn and ctx.device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation")
+    model = create_train_model(args.model, num_classes, pretrained_file=args.pretrained_file,
+                               drop_path=args.drop_path, model_kwargs=args.model_kwargs)
+    if args.sync_bn and ctx.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(ctx.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _data_config(args: argparse.Namespace, model) -> Dict[str, Any]:
+    """timm's data config from the model's pretrained_cfg, overridden by the flags; the
+    resolved values go back into ``args`` so checkpoints (and ``sanet eval``) know them."""
+    from timm.data import resolve_data_config
+
+    overrides = {"crop_pct": args.crop_pct, "interpolation": args.interpolation}
+    if args.img_size:
+        overrides["input_size"] = (3, args.img_size, args.img_size)
+    cfg = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
+    args.img_size, args.crop_pct = cfg["input_size"][-1], cfg["crop_pct"]
+    args.interpolation = cfg["interpolation"]
+    return cfg
+
+
+def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext) -> None:
+    from sanet.models import check_state_dict
+
+    check_state_dict(ckpt["model"], state.raw, source=str(args.output / "last.pt"))
+    state.raw.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    # The schedule is rebuilt from the arguments and positioned by the update count (as timm's
+    # train script does), not loaded: timm schedules are functions of the count, and this lets
+    # a resume extend --epochs. The saved scheduler state documents the run.
+    if ckpt.get("scaler") is not None:
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if state.ema is not None:
+        if ckpt.get("model_ema") is None:
+            raise ValueError("--resume --model-ema: the checkpoint has no EMA weights (run without --model-ema)")
+        state.ema.module.load_state_dict(ckpt["model_ema"])
+    state.updates = int(ckpt["updates"])
+    state.scheduler.step_update(num_updates=state.updates)
+    set_rng_state(ckpt["rng"])
+    saved = ckpt.get("args") or {}
+    changed = [k for k in RECIPE_KEYS if k in saved and saved[k] != plain_args(args).get(k)]
+    if changed:
+        _say(ctx, "warning: resuming with different " + ", ".join(
+            f"{k} ({saved[k]} -> {plain_args(args).get(k)})" for k in changed))
+
+
+def _epoch_line(row: Dict[str, Any], epochs: int, is_best: bool, eta_s: float) -> str:
+    ema = f"  ema top-1 {row['val_top1_ema']:6.2f}" if "val_top1_ema" in row else ""
+    return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f}  val loss "
+            f"{row['val_loss']:.4f}  top-1 {row['val_top1']:6.2f}  top-5 {row['val_top5']:6.2f}{ema}  "
+            f"lr {row['lr']:.3g}  {row['train_images_per_s']:.0f} img/s  "
+            f"ETA {datetime.timedelta(seconds=round(eta_s))}{'  *best' if is_best else ''}")
+
+
+def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
+    from timm.utils import ModelEmaV3
+
+    out = Path(args.output)
+    _prepare_output(out, args, ctx)
+    train_ds, val_ds = open_train_val(args.data, args.skip_bad_images)
+    class_names: List[str] = list(train_ds.classes)
+    ckpt = load_resume_checkpoint(out, args.model, class_names) if args.resume else None
+
+    seed_everything(args.seed)  # same initial weights on every rank and every run
+    model = _build_model(args, len(class_names), ctx)
+    cfg = _data_config(args, model)
+    aug = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
+               color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)
+    train_ds.transform = build_transform(cfg, True, aug)
+    val_ds.transform = build_transform(cfg, False)
+    train_loader = build_train_loader(train_ds, args.batch_size, args.workers, ctx, args.seed)
+    val_loader = build_eval_loader(val_ds, args.batch_size, args.workers, ctx)
+    updates_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
+
+    global_batch = args.batch_size * ctx.world_size * args.accum_steps
+    args.lr_resolved = resolve_lr(args.lr, args.lr_base, args.lr_base_size, global_batch)
+    optimizer = build_optimizer(model, args.opt, args.lr_resolved, args.weight_decay, args.momentum,
+                                args.no_wd_norm)
+    mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
+                        args.smoothing, len(class_names))
+    state = TrainState(
+        model=model, raw=model, ddp=None, optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, args.sched, args.epochs, updates_per_epoch, args.decay_epochs,
+                                  args.decay_rate, args.warmup_epochs, args.warmup_lr, args.min_lr),
+        loss_fn=build_train_loss(mixup is not None, args.smoothing).to(ctx.device),
+        scaler=torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
+        mixup=mixup, ema=ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None,
+        accum_steps=args.accum_steps, clip_grad=args.clip_grad, amp=args.amp,
+        channels_last=args.channels_last)
+
+    start_epoch, best, best_epoch, history = 0, -1.0, 0, []
+    if ckpt is not None:
+        _resume(args, ckpt, state, ctx)
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
+        best, best_epoch = float(ckpt.get("best_top1", -1.0)), int(ckpt.get("best_epoch", 0))
+        _say(ctx, f"resumed {out / 'last.pt'}: {start_epoch} epoch(s) done, best top-1 {best:.2f}")
+    if ctx.distributed:
+        state.ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        state.model = state.ddp
+    if args.compile:
+        state.model = torch.compile(state.model)
+
+    _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
+              f"{ctx.world_size} process(es) on {ctx.device.type}, global batch {global_batch}, "
+              f"lr {args.lr_resolved:.4g}, {updates_per_epoch} updates/epoch, img {args.img_size}")
+    logger = RunLogger(out, start_epoch) if ctx.is_main else None
+    run_start, progress = time.perf_counter(), not args.no_progress
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            seed_epoch(args.seed, epoch, ctx.rank)
+            reseed_loader(train_loader, epoch, args.seed)
+            try:
+                row: Dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(
+                    state, train_loader, ctx, epoch, args.epochs, progress)}
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(f"{exc}. {_kept_message(out, epoch)}") from None
+            val = evaluate(state.model, val_loader, ctx, amp=args.amp, channels_last=args.channels_last,
+                           progress=progress, desc="val")
+            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
+                       val_images=val["images"], val_skipped=val["skipped"])
+            if state.ema is not None:
+                ema = evaluate(state.ema.module, val_loader, ctx, amp=args.amp,
+                               channels_last=args.channels_last, progress=progress, desc="val ema")
+                row.update(val_loss_ema=ema["loss"], val_top1_ema=ema["top1"], val_top5_ema=ema["top5"])
+            history.append(row)
+            metric = row.get("val_top1_ema", row["val_top1"])
+            is_best = metric > best
+            if is_best:
+                best, best_epoch = metric, epoch + 1
+            if ctx.is_main:
+                save_training_checkpoint(out, _checkpoint(args, state, epoch + 1, best, best_epoch,
+                                                          class_names, history), is_best)
+                logger.log_epoch(history)
+                per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
+                _say(ctx, _epoch_line(row, args.epochs, is_best, per_epoch * (args.epochs - epoch - 1)))
+    finally:
+        if logger is not None:
+            logger.close()
+    seconds = time.perf_counter() - run_start
+    curves = plot_curves(history, out / "curves.png", title=f"{args.model} on {Path(args.data).name}") \
+        if ctx.is_main and history else None
+    last = history[-1] if history else {}
+    return {
+        "model": args.model, "output": str(out), "epochs": len(history),
+        "best_top1": best, "best_epoch": best_epoch,
+        "last_top1": last.get("val_top1"), "last_top5": last.get("val_top5"), "last_loss": last.get("val_loss"),
+        "train_images_per_s": last.get("train_images_per_s"), "seconds": seconds,
+        "last_checkpoint": str(out / "last.pt"), "best_checkpoint": str(out / "best.pt"),
+        "curves": str(curves) if curves else None, "world_size": ctx.world_size,
+    }
+
+
+def _kept_message(out: Path, epoch: int) -> str:
+    if epoch == 0 or not (out / "last.pt").exists():
+        return "No checkpoint had been written yet."
+    return f"The last good checkpoint, {out / 'last.pt'} (after epoch {epoch}), is kept."
+
+
+def _checkpoint(args, state: TrainState, epoch: int, best: float, best_epoch: int,
+                class_names: List[str], history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    from sanet import __version__
+
+    return {
+        "model": state.raw.state_dict(),
+        "model_ema": state.ema.module.state_dict() if state.ema is not None else None,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": to_plain(optional_state(state.scheduler)),
+        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
+        "epoch": epoch, "updates": state.updates, "best_top1": best, "best_epoch": best_epoch,
+        "arch": args.model, "args": plain_args(args), "class_names": list(class_names),
+        "history": to_plain(history), "rng": rng_state(),
+        "sanet_version": __version__, "torch_version": str(torch.__version__),
+    }
