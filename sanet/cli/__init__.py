@@ -17,6 +17,9 @@ COMMANDS = {
     "convert": "convert",
     "bench": "bench",
     "ext": "ext",
+    "train": "train",
+    "eval": "evaluate",
+    "predict": "predict",
 }
 
 
