@@ -1,0 +1,54 @@
+"""DDP: ``torchrun --nproc-per-node 2 -m sanet train`` (gloo over loopback) takes the same
+optimizer step as one process on the same global batch.
+
+Why GroupNorm here: with BatchNorm each rank normalises with the statistics of its own half
+batch, so DDP and a single process on the full batch differ by design; SyncBatchNorm
+(``--sync-bn``) removes that difference but PyTorch implements it for GPUs only. Swapping
+the norm layer (``--model-kwargs norm_layer=groupnorm1``; SA itself uses per-sample
+statistics) keeps everything else, sharding, gradient all-reduce, lr scaling, metric
+reduction, exactly what a user's run does.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import torch
+
+from test_engine_helpers import PYTHON, load_ckpt, make_imagefolder, subprocess_env, train_argv
+
+# no randomness in the step: the whole (square) image is the crop, no flip
+_NO_AUG = ("--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0", "--lr", "0.5",
+           "--model-kwargs", "norm_layer=groupnorm1", "--deterministic")
+
+
+def test_two_rank_ddp_step_equals_single_process_step(tmp_path):
+    import timm
+
+    from sanet.engine.state import seed_everything
+
+    data = make_imagefolder(tmp_path / "data", classes=("a", "b"), per_class=4)  # 8 train images
+    env = subprocess_env(threads=1)
+    ddp = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sanet",
+         *train_argv(data, tmp_path / "ddp", *_NO_AUG, "--json", batch=4)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es) on cpu, global batch 8" in ddp.stdout
+    single = subprocess.run([PYTHON, "-m", "sanet", *train_argv(data, tmp_path / "one", *_NO_AUG, batch=8)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    a, b = load_ckpt(tmp_path / "ddp" / "last.pt"), load_ckpt(tmp_path / "one" / "last.pt")
+    assert a["updates"] == b["updates"] == 1
+    assert a["args"]["lr_resolved"] == b["args"]["lr_resolved"] == 0.5
+    seed_everything(0)  # the runs' initial weights, to check the step really moved them
+    init = timm.create_model("sa_resnet_test", num_classes=2, norm_layer="groupnorm1").state_dict()
+    moved = max((b["model"][k] - init[k]).abs().max().item() for k in init)
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in init)
+    assert moved > 1e-2, moved
+    assert diff < 1e-5 * max(1.0, moved), (diff, moved)
+    # validation metrics are reduced over both ranks: every val image counted once
+    ra, rb = a["history"][0], b["history"][0]
+    assert ra["val_images"] == rb["val_images"] == 4
+    assert abs(ra["val_loss"] - rb["val_loss"]) < 1e-4 and ra["val_top1"] == rb["val_top1"]
+    assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5

@@ -1,0 +1,87 @@
+"""``sanet eval``: metrics agree with training's validation, JSON keys, class matching, errors."""
+from __future__ import annotations
+
+import pytest
+
+from test_engine_helpers import last_json, load_ckpt, make_imagefolder, one_thread, run_cli, train_argv  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """A 2-epoch run on tiny data: (data folder, run folder)."""
+    from sanet.cli import main
+
+    root = tmp_path_factory.mktemp("eval")
+    data = make_imagefolder(root / "data")
+    assert main(train_argv(data, root / "run", epochs=2)) == 0
+    return data, root / "run"
+
+
+def test_eval_json_matches_training_validation(capsys, trained):
+    data, run = trained
+    code, out, _ = run_cli(capsys, ["eval", "--checkpoint", str(run / "last.pt"), "--data", str(data / "val"),
+                                    "--workers", "0", "--json"])
+    assert code == 0
+    result = last_json(out)
+    assert {"top1", "top5", "loss", "images"} <= result.keys()
+    row = load_ckpt(run / "last.pt")["history"][-1]
+    assert result["images"] == row["val_images"] == 12
+    assert result["top1"] == pytest.approx(row["val_top1"], abs=1e-3)
+    assert result["top5"] == pytest.approx(row["val_top5"], abs=1e-3) and result["top5"] == 100.0  # 3 classes
+    assert result["loss"] == pytest.approx(row["val_loss"], rel=1e-4)
+
+
+def test_eval_pretrained_file_and_class_subset(capsys, trained, tmp_path):
+    data, run = trained
+    # any weights file: the class count must then match the folders
+    code, out, _ = run_cli(capsys, ["eval", "--model", "sa_resnet_test", "--pretrained-file", str(run / "last.pt"),
+                                    "--img-size", "16", "--data", str(data / "val"), "--workers", "0", "--json"])
+    assert code == 0 and last_json(out)["images"] == 12
+    # a checkpoint maps folders by class name: a folder with classes b and c only
+    sub = tmp_path / "sub"
+    for name in ("b", "c"):
+        (sub / name).mkdir(parents=True)
+        for img in (data / "val" / name).iterdir():
+            (sub / name / img.name).write_bytes(img.read_bytes())
+    code, out, _ = run_cli(capsys, ["eval", "--checkpoint", str(run / "last.pt"), "--data", str(sub),
+                                    "--workers", "0", "--json"])
+    assert code == 0 and last_json(out)["images"] == 8
+
+
+def test_eval_text_output(capsys, trained):
+    data, run = trained
+    code, out, _ = run_cli(capsys, ["eval", "--checkpoint", str(run / "best.pt"), "--data", str(data / "val"),
+                                    "--workers", "0", "--no-progress"])
+    assert code == 0 and "top-1" in out and "12 images" in out
+
+
+def test_eval_errors(capsys, trained, tmp_path):
+    data, run = trained
+    cases = {
+        "checkpoint of sa_resnet_test, not sa_resnet18": ["--model", "sa_resnet18", "--checkpoint", str(run / "last.pt"),
+                                                          "--data", str(data / "val")],
+        "evaluation folder not found": ["--checkpoint", str(run / "last.pt"), "--data", str(tmp_path / "nope")],
+        "checkpoint not found": ["--checkpoint", str(tmp_path / "x.pt"), "--data", str(data / "val")],
+        "does not match sa_resnet18": ["--model", "sa_resnet18", "--pretrained-file", str(run / "last.pt"),
+                                       "--data", str(data / "val")],
+        "not classes of this model": ["--checkpoint", str(run / "last.pt"),
+                                      "--data", str(make_imagefolder(tmp_path / "o", classes=("x",)) / "val")],
+        "no EMA weights": ["--checkpoint", str(run / "last.pt"), "--ema", "--data", str(data / "val")],
+    }
+    for message, argv in cases.items():
+        code, _, err = run_cli(capsys, ["eval", "--workers", "0", *argv])
+        assert code == 2 and message in err, (message, err)
+
+
+def test_eval_unreadable_image(capsys, trained, tmp_path):
+    data, run = trained
+    folder = make_imagefolder(tmp_path / "d")
+    bad = folder / "val" / "a" / "zz.png"
+    bad.write_bytes(b"garbage")
+    argv = ["eval", "--checkpoint", str(run / "last.pt"), "--data", str(folder / "val"), "--workers", "0", "--json"]
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2 and f"cannot read image {bad}" in err
+    code, out, _ = run_cli(capsys, argv + ["--skip-bad-images"])
+    assert code == 0 and last_json(out)["images"] == 12 and last_json(out)["skipped"] == 1

@@ -1,0 +1,77 @@
+"""``sanet predict``: top-k with the checkpoint's class names or ImageNet's, JSON, errors."""
+from __future__ import annotations
+
+import pytest
+
+from test_engine_helpers import last_json, make_imagefolder, one_thread, run_cli, train_argv  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    from sanet.cli import main
+
+    root = tmp_path_factory.mktemp("predict")
+    data = make_imagefolder(root / "data")
+    assert main(train_argv(data, root / "run", "--lr", "0.05", epochs=3)) == 0
+    return data, root / "run"
+
+
+def test_predict_json_uses_checkpoint_class_names(capsys, trained):
+    data, run = trained
+    images = [data / "val" / "a" / "000.png", data / "val" / "c" / "001.png"]
+    code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), "--topk", "3", "--json",
+                                    *map(str, images)])
+    assert code == 0
+    result = last_json(out)
+    assert [p["image"] for p in result["predictions"]] == [str(i) for i in images]
+    for pred in result["predictions"]:
+        top = pred["top"]
+        assert sorted(t["label"] for t in top) == ["a", "b", "c"]
+        probs = [t["prob"] for t in top]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert all(t["label"] == ["a", "b", "c"][t["index"]] for t in top)
+
+
+def test_predict_agrees_with_eval(capsys, trained):
+    """Predict's top-1 on every val image reproduces eval's top-1."""
+    data, run = trained
+    images = sorted((data / "val").rglob("*.png"))
+    code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), "-k", "1", "--json",
+                                    *map(str, images)])
+    assert code == 0
+    hits = sum(p["top"][0]["label"] == img.parent.name for p, img in zip(last_json(out)["predictions"], images))
+    code, out, _ = run_cli(capsys, ["eval", "--checkpoint", str(run / "last.pt"), "--data", str(data / "val"),
+                                    "--workers", "0", "--json"])
+    assert 100.0 * hits / len(images) == pytest.approx(last_json(out)["top1"], abs=1e-3)
+
+
+def test_predict_imagenet_names_for_1000_classes(capsys, tmp_path, trained):
+    import timm
+
+    from sanet.checkpoint import save_safetensors
+    from sanet.engine.modeling import imagenet_class_names
+
+    data, _ = trained
+    weights = tmp_path / "in1k.safetensors"
+    save_safetensors(timm.create_model("sa_resnet_test").state_dict(), weights)
+    code, out, _ = run_cli(capsys, ["predict", "--model", "sa_resnet_test", "--pretrained-file", str(weights),
+                                    "--img-size", "32", str(data / "val" / "b" / "000.png")])
+    assert code == 0
+    names = set(imagenet_class_names())
+    lines = out.strip().splitlines()[1:]
+    assert len(lines) == 5 and all(line.split("%", 1)[1].strip() in names for line in lines)
+    assert "tench, Tinca tinca" in names
+
+
+def test_predict_errors(capsys, trained, tmp_path):
+    data, run = trained
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), str(bad)])
+    assert code == 2 and f"cannot read image {bad}" in err
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), str(tmp_path / "missing.png")])
+    assert code == 2 and "image not found" in err
+    code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(run / "last.pt"), str(bad)])
+    assert code == 2 and "needs --model" in err

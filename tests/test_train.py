@@ -1,0 +1,272 @@
+"""``sanet train``: outputs, resume, recipe options and clear errors (tiny data, in-process)."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from test_engine_helpers import last_json, load_ckpt, make_imagefolder, one_thread, run_cli, train_argv  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, one_thread):
+    return make_imagefolder(tmp_path_factory.mktemp("data"))
+
+
+def _weights(path):
+    return load_ckpt(path)["model"]
+
+
+def test_train_writes_checkpoints_logs_and_curves(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--json", epochs=2))
+    assert code == 0
+    summary = last_json(stdout)
+    assert summary["epochs"] == 2 and 0 <= summary["best_top1"] <= 100
+    ckpt = load_ckpt(out / "last.pt")  # weights_only=True
+    for key in ("model", "optimizer", "scheduler", "epoch", "args", "class_names", "history", "rng", "updates"):
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 2 and ckpt["class_names"] == ["a", "b", "c"]
+    assert ckpt["updates"] == 2 * (24 // 4)
+    args = ckpt["args"]
+    assert args["model"] == "sa_resnet_test" and args["img_size"] == 16 and args["data"] == str(data)
+    assert args["lr_resolved"] == pytest.approx(0.1 * 4 / 256)  # 0.1 per 256 images, scaled
+    assert ckpt["model"]["fc.weight"].shape == (3, 256)
+    assert all(s["momentum_buffer"] is not None for s in ckpt["optimizer"]["state"].values())
+    best = load_ckpt(out / "best.pt")
+    assert best["epoch"] == ckpt["best_epoch"]
+    assert best["history"][-1]["val_top1"] == ckpt["best_top1"]
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["val_top1"]) == pytest.approx(ckpt["history"][-1]["val_top1"])
+    assert int(rows[-1]["val_images"]) == 12
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_and_equals_uninterrupted(capsys, tmp_path, data, monkeypatch):
+    import sanet.engine.trainer as trainer
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("--deterministic", "--sched", "cosine", "--warmup-epochs", "1", "--lr", "0.05")
+    assert run_cli(capsys, train_argv(data, straight, *common, epochs=3))[0] == 0
+
+    real_save = trainer.save_training_checkpoint
+
+    def save_then_die(*args, **kwargs):  # the run is interrupted right after epoch 1's checkpoint
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_training_checkpoint", save_then_die)
+    assert run_cli(capsys, train_argv(data, split, *common, epochs=3))[0] == 130
+    monkeypatch.setattr(trainer, "save_training_checkpoint", real_save)
+    assert load_ckpt(split / "last.pt")["epoch"] == 1
+    code, stdout, _ = run_cli(capsys, train_argv(data, split, *common, "--resume", epochs=3))
+    assert code == 0 and "resumed" in stdout
+    a, b = _weights(straight / "last.pt"), _weights(split / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = load_ckpt(split / "last.pt")
+    assert resumed["epoch"] == 3 and [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    metrics = ("train_loss", "val_loss", "val_top1", "lr")
+    assert [[r[k] for k in metrics] for r in resumed["history"]] == \
+        [[r[k] for k in metrics] for r in load_ckpt(straight / "last.pt")["history"]]
+    with open(split / "log.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_resume_can_extend_the_run(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out, epochs=1))[0] == 0
+    assert run_cli(capsys, train_argv(data, out, "--resume", epochs=2))[0] == 0
+    ckpt = load_ckpt(out / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["updates"] == 12
+
+
+def test_existing_run_is_not_overwritten_silently(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out))[0] == 0
+    before = _weights(out / "last.pt")
+    code, _, err = run_cli(capsys, train_argv(data, out))
+    assert code == 2 and "--resume" in err and "--overwrite" in err
+    assert torch.equal(_weights(out / "last.pt")["conv1.weight"], before["conv1.weight"])
+    assert run_cli(capsys, train_argv(data, out, "--overwrite", "--seed", "1"))[0] == 0
+    assert not torch.equal(_weights(out / "last.pt")["conv1.weight"], before["conv1.weight"])
+
+
+def test_recipe_options_run(capsys, tmp_path, data):
+    """Cosine + warmup, label smoothing, mixup/cutmix, EMA, accumulation, no-wd on gates,
+    bf16 autocast and channels_last together for one epoch."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, train_argv(
+        data, out, "--sched", "cosine", "--warmup-epochs", "1", "--smoothing", "0.1", "--mixup", "0.2",
+        "--cutmix", "1.0", "--model-ema", "--model-ema-decay", "0.9", "--accum-steps", "2",
+        "--no-wd-norm", "--amp", "bf16", "--channels-last", "--clip-grad", "5", "--opt", "adamw",
+        "--lr", "1e-3", epochs=1))
+    assert code == 0, err
+    ckpt = load_ckpt(out / "last.pt")
+    assert ckpt["updates"] == 3  # 6 micro-batches / 2
+    assert ckpt["model_ema"] is not None
+    assert not torch.equal(ckpt["model_ema"]["fc.weight"], ckpt["model"]["fc.weight"])
+    assert len(ckpt["optimizer"]["param_groups"]) == 2  # decay / no decay
+    assert "val_top1_ema" in ckpt["history"][0]
+    assert ckpt["scheduler"]["warmup_t"] == 3  # 1 epoch of updates
+
+
+def test_step_schedule_divides_lr_by_10(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    code, _, _ = run_cli(capsys, train_argv(data, out, "--decay-epochs", "1", "--lr", "0.01", epochs=2))
+    assert code == 0
+    lrs = [row["lr"] for row in load_ckpt(out / "last.pt")["history"]]
+    assert lrs[0] == pytest.approx(0.01) and lrs[1] == pytest.approx(0.001)
+
+
+def test_pretrained_file_fine_tunes_with_new_classifier(capsys, tmp_path, data):
+    src = tmp_path / "src"
+    assert run_cli(capsys, train_argv(data, src))[0] == 0
+    two = make_imagefolder(tmp_path / "two", classes=("x", "y"))
+    out = tmp_path / "ft"
+    code, _, err = run_cli(capsys, train_argv(two, out, "--pretrained-file", str(src / "last.pt"),
+                                              "--lr", "1e-9", "--weight-decay", "0"))
+    assert code == 0, err
+    ft, base = _weights(out / "last.pt"), _weights(src / "last.pt")
+    assert ft["fc.weight"].shape == (2, 256)
+    assert torch.allclose(ft["conv1.weight"], base["conv1.weight"], atol=1e-6)
+    # a file of another architecture is refused with the mismatching keys
+    bad = dict(base)
+    bad.pop("layer4.0.sa.cweight")
+    torch.save(bad, tmp_path / "bad.pt")
+    code, _, err = run_cli(capsys, train_argv(two, tmp_path / "ft2", "--pretrained-file", str(tmp_path / "bad.pt")))
+    assert code == 2 and "layer4.0.sa.cweight" in err and "missing" in err
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(capsys, tmp_path, data, monkeypatch):
+    import sanet.engine.trainer as trainer
+
+    real = trainer.build_train_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+
+        def fn(logits, target):
+            calls["n"] += 1
+            value = loss(logits, target)
+            return value * float("nan") if calls["n"] == 6 + 2 else value  # epoch 2, step 2
+        return fn
+
+    monkeypatch.setattr(trainer, "build_train_loss", lambda *a, **k: _Wrap(poisoned(*a, **k)))
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, train_argv(data, out, epochs=3))
+    assert code == 2
+    assert "loss is nan at epoch 2, step 2/6" in err and "last good checkpoint" in err
+    ckpt = load_ckpt(out / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, logits, target):
+        return self.fn(logits, target)
+
+
+def test_interrupted_checkpoint_write_keeps_previous(capsys, tmp_path, data, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def dying_save(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] > 2:  # epoch 1 wrote best.pt and last.pt; die half-way through the next
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04 half a zip")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    code, _, _ = run_cli(capsys, train_argv(data, out, epochs=2))
+    assert code == 130
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_ckpt(out / "last.pt")["epoch"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert run_cli(capsys, train_argv(data, out, "--resume", epochs=2))[0] == 0
+    assert load_ckpt(out / "last.pt")["epoch"] == 2
+
+
+def test_unreadable_image_is_named_or_skipped(capsys, tmp_path):
+    data = make_imagefolder(tmp_path / "data")
+    bad = data / "train" / "b" / "broken.png"
+    bad.write_bytes(b"not an image")
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r1", batch=5))  # 25 images: all loaded
+    assert code == 2 and str(bad) in err and "--skip-bad-images" in err
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r2", "--skip-bad-images", "--batch-size", "25"))
+    assert code == 0, err
+    assert load_ckpt(tmp_path / "r2" / "last.pt")["history"][0]["train_skipped"] == 1
+
+
+def test_unreadable_image_is_named_with_workers(capsys, tmp_path):
+    data = make_imagefolder(tmp_path / "data", per_class=2)
+    bad = data / "train" / "a" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r", "--workers", "1", batch=7))
+    assert code == 2 and f"cannot read image {bad}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "--data folder not found"),
+    ("no_val", "validation folder not found"),
+    ("empty", "is empty or holds no images"),
+    ("mismatch", "only in train: ['c']"),
+    ("big_batch", "exceeds the 24 training images"),
+    ("bad_value", "--epochs must be at least 1"),
+    ("odd_mixup", "--batch-size must be even"),
+    ("no_resume", "last.pt not found"),
+])
+def test_clear_errors(capsys, tmp_path, data, case, message):
+    root = tmp_path / "d"
+    argv = {
+        "missing": lambda: train_argv(tmp_path / "nope", tmp_path / "r"),
+        "no_val": lambda: train_argv(make_imagefolder(root, splits={"train": 2}), tmp_path / "r"),
+        "empty": lambda: (make_imagefolder(root), [p.unlink() for p in (root / "val").rglob("*.png")],
+                          train_argv(root, tmp_path / "r"))[-1],
+        "mismatch": lambda: (make_imagefolder(root), [p.unlink() for p in (root / "val" / "c").iterdir()],
+                             (root / "val" / "c").rmdir(), train_argv(root, tmp_path / "r"))[-1],
+        "big_batch": lambda: train_argv(data, tmp_path / "r", batch=25),
+        "bad_value": lambda: train_argv(data, tmp_path / "r", epochs=0),
+        "odd_mixup": lambda: train_argv(data, tmp_path / "r", "--mixup", "0.2", batch=3),
+        "no_resume": lambda: train_argv(data, tmp_path / "r", "--resume"),
+    }[case]()
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+
+
+def test_resume_with_another_architecture_is_refused(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out))[0] == 0
+    argv = train_argv(data, out, "--resume", epochs=2)
+    argv[argv.index("sa_resnet_test")] = "sa_resnet18"
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2 and "checkpoint of sa_resnet_test, not sa_resnet18" in err
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(capsys, tmp_path, data):
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r", "--sync-bn", "--device", "cpu"))
+    assert code == 2 and "needs CUDA" in err
+
+
+def test_help_documents_the_recipe(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(capsys, ["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--resume", "--amp", "--channels-last", "--compile", "--model-ema", "--accum-steps",
+                 "--no-wd-norm", "--pretrained-file", "--deterministic", "--mixup", "--smoothing"):
+        assert flag in out
+    assert "torchrun" in out
