@@ -91,9 +91,9 @@ def test_fused_matches_reference_fp32(shape, groups, layout):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-def _op(x, params, groups, *, shortcut=None, w=None, b=None, train=False, relu=False, mean=None, invstd=None):
+def _op(x, params, groups, *, shortcut=None, w=None, b=None, train=False, relu=False, mean=None, var=None):
     n, c = x.shape[:2]
-    return sa_forward(x.reshape(n, c, -1), shortcut, params, groups, 1e-5, w, b, mean, invstd,
+    return sa_forward(x.reshape(n, c, -1), shortcut, *params, groups, 1e-5, w, b, mean, var,
                       train, 1e-5, relu)[0]
 
 
@@ -102,22 +102,22 @@ def test_fused_op_gradcheck_fp64(mode):
     gen = torch.Generator().manual_seed(1)
     G, C = 2, 8
     x = torch.randn(2, C, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    params = torch.randn(6, C // (2 * G), generator=gen, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(C // (2 * G), generator=gen, dtype=torch.float64).requires_grad_() for _ in range(6)]
     w = torch.randn(C, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(C, generator=gen, dtype=torch.float64, requires_grad=True)
     sc = torch.randn(2, C, 15, generator=gen, dtype=torch.float64, requires_grad=True)
     mean = torch.randn(C, generator=gen, dtype=torch.float64)
-    invstd = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+    var = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
     if mode == "sa":
-        fn, inputs = (lambda x, p: _op(x, p, G)), (x, params)
+        fn, inputs = (lambda x, *p: _op(x, p, G)), (x, *params)
     else:
         train, relu = mode.startswith("bn_train"), mode.endswith("relu")
-        stats = {} if train else {"mean": mean, "invstd": invstd}
+        stats = {} if train else {"mean": mean, "var": var}
 
-        def fn(x, p, w, b, sc):
+        def fn(x, w, b, sc, *p):
             return _op(x, p, G, shortcut=sc if relu else None, w=w, b=b, train=train, relu=relu, **stats)
 
-        inputs = (x, params, w, b, sc)
+        inputs = (x, w, b, sc, *params)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -332,7 +332,6 @@ TRITON_SCRIPT = textwrap.dedent("""
     import os, torch
     assert os.environ["TRITON_INTERPRET"] == "1"
     from sanet.layers import shuffle_attention_reference
-    from sanet.ops.fused import _pack_params
     from sanet.ops.sa_op import sa_param_grads
     from sanet.ops.triton_sa import triton_sa_backward, triton_sa_forward
     def rel(a, b):
@@ -347,14 +346,14 @@ TRITON_SCRIPT = textwrap.dedent("""
         g = torch.randn_like(y)
         gx_ref, *gp_ref = torch.autograd.grad(y, [x] + ps, g)
         x3 = x.detach().reshape(shape[0], C, -1).contiguous()
-        params = _pack_params(*ps).detach()
+        params = [p.detach() for p in ps]
         out, pm, pv = triton_sa_forward(x3, params, G, 1e-5)
         gx, s1, s2 = triton_sa_backward(g.reshape(x3.shape).contiguous(), x3, pm, pv, params, G, 1e-5)
         gp = sa_param_grads(s1, s2, params, G)
         assert rel(out.view(shape), y) <= 1e-5, shape
         assert rel(gx.view(shape), gx_ref) <= 1e-5, shape
         for i in range(6):
-            assert rel(gp[i], gp_ref[i].reshape(-1)) <= 1e-5, (shape, i)
+            assert rel(gp[i], gp_ref[i]) <= 1e-5, (shape, i)
     print("triton ok")
 """)
 

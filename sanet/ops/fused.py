@@ -42,11 +42,8 @@ def fused_sa_supported(x: Tensor) -> bool:
     return False
 
 
-def _pack_params(cweight, cbias, sweight, sbias, gn_weight, gn_bias) -> Tensor:
-    # One (6, c) float64 array; autograd splits its gradient back onto the six parameters.
-    return torch.stack([
-        cweight.reshape(-1), cbias.reshape(-1), sweight.reshape(-1), sbias.reshape(-1),
-        gn_weight.reshape(-1), gn_bias.reshape(-1)]).to(torch.float64)
+def _sa_params(sa: nn.Module):
+    return sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias
 
 
 def _as_planes(x: Tensor) -> Tensor:
@@ -72,9 +69,8 @@ def shuffle_attention_fused(
     eps: float = 1e-5,
 ) -> Tensor:
     """Shuffle Attention with the fused kernels (same function as the reference)."""
-    params = _pack_params(cweight, cbias, sweight, sbias, gn_weight, gn_bias)
-    out = sa_forward(_as_planes(x), None, params, groups, eps, None, None, None, None, False,
-                     0.0, False)[0]
+    out = sa_forward(_as_planes(x), None, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
+                     groups, eps, None, None, None, None, False, 0.0, False)[0]
     return _restore(out, x)
 
 
@@ -107,18 +103,10 @@ def bn_shuffle_attention(
     if use_batch_stats and n * m <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-    c = x.shape[1]
-    weight = bn.weight if bn.weight is not None else x.new_ones(c)
-    bias = bn.bias if bn.bias is not None else x.new_zeros(c)
-    mean = invstd = None
-    if not use_batch_stats:
-        mean = bn.running_mean.to(torch.float64)
-        invstd = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)
-    params = _pack_params(sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias)
     out, _, _, bmean, bvar = sa_forward(
-        _as_planes(x), None if shortcut is None else _as_planes(shortcut), params, sa.groups,
-        sa.gn.eps, weight.to(torch.float64), bias.to(torch.float64), mean, invstd,
-        use_batch_stats, bn.eps, relu)
+        _as_planes(x), None if shortcut is None else _as_planes(shortcut), *_sa_params(sa),
+        sa.groups, sa.gn.eps, bn.weight, bn.bias, None if use_batch_stats else bn.running_mean,
+        None if use_batch_stats else bn.running_var, use_batch_stats, bn.eps, relu)
     if bn.training and bn.track_running_stats:
         _update_running_stats(bn, bmean, bvar, n * m)
     return _restore(out, x)

@@ -11,7 +11,7 @@ triton), which is how the test suite checks them on machines without a GPU.
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -131,32 +131,39 @@ def _block(m: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(m)))
 
 
+def _params32(params: Sequence[Tensor]) -> Tensor:
+    # The six gate parameters as one (6 * c,) fp32 array, rows in the kernel's order.
+    return torch.cat([p.reshape(-1) for p in params]).to(torch.float32).contiguous()
+
+
 def _geometry(x: Tensor, groups: int):
     c = x.shape[1]
     return c, x.shape[2], c // groups, c // (2 * groups), c // 2
 
 
-def triton_sa_forward(x: Tensor, params: Tensor, groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(N, C, M) contiguous ``x`` -> (out, plane mean, plane var); params (6, c)."""
+def triton_sa_forward(x: Tensor, params: Sequence[Tensor], groups: int,
+                      eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(N, C, M) contiguous ``x`` -> (out, plane mean, plane var); ``params``: the six gate
+    parameters (cweight, cbias, sweight, sbias, gn.weight, gn.bias)."""
     n = x.shape[0]
     C, M, CG, CC, HALF = _geometry(x, groups)
     out = torch.empty_like(x)
     pmean = x.new_empty((n, C), dtype=torch.float64)
     pvar = torch.empty_like(pmean)
-    p32 = params.to(torch.float32).contiguous()
+    p32 = _params32(params)
     _sa_fwd_kernel[(n * C,)](x, out, pmean, pvar, p32, C, M, CG, CC, HALF, eps, BLOCK=_block(M))
     return out, pmean, pvar
 
 
-def triton_sa_backward(grad: Tensor, x: Tensor, pmean: Tensor, pvar: Tensor, params: Tensor,
-                       groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+def triton_sa_backward(grad: Tensor, x: Tensor, pmean: Tensor, pvar: Tensor,
+                       params: Sequence[Tensor], groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (grad x, S1, S2) with the same meaning as the CPU kernel's."""
     n = x.shape[0]
     C, M, CG, CC, HALF = _geometry(x, groups)
     gx = torch.empty_like(x)
     s1 = x.new_empty((n, C), dtype=torch.float64)
     s2 = torch.empty_like(s1)
-    p32 = params.to(torch.float32).contiguous()
+    p32 = _params32(params)
     _sa_bwd_kernel[(n * C,)](grad, x, gx, pmean, pvar, s1, s2, p32, C, M, CG, CC, HALF, eps,
                              BLOCK=_block(M))
     return gx, s1, s2

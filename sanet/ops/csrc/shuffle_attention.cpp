@@ -70,6 +70,40 @@ inline Vectorized<T> vsigmoid(const Vectorized<T>& u) {
 template <typename T>
 inline T ssigmoid(T u) { return T(1) / (T(1) + std::exp(-u)); }
 
+// sigmoid(A * x + B) of a vector x, A and B fixed for a plane.
+template <typename T>
+struct SigmoidOfAffine {
+  Vectorized<T> A, B;
+  SigmoidOfAffine(double a, double b) : A(static_cast<T>(a)), B(static_cast<T>(b)) {}
+  Vectorized<T> operator()(const Vectorized<T>& x) const { return vsigmoid<T>(at::vec::fmadd(x, A, B)); }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Same, with 1 / (1 + 2^t), t = -(A x + B) log2(e) folded into one FMA, and
+// 2^t = 2^round(t) * p(t - round(t)) by vscalefps; p is the degree-6 Taylor polynomial of
+// 2^f on [-1/2, 1/2] (relative error < 1.2e-7). About half the instructions of exp_u20.
+template <>
+struct SigmoidOfAffine<float> {
+  __m512 A, B;
+  SigmoidOfAffine(double a, double b)
+      : A(_mm512_set1_ps(static_cast<float>(-a * M_LOG2E))), B(_mm512_set1_ps(static_cast<float>(-b * M_LOG2E))) {}
+  Vectorized<float> operator()(const Vectorized<float>& x) const {
+    __m512 t = _mm512_fmadd_ps(x, A, B);
+    t = _mm512_max_ps(_mm512_min_ps(t, _mm512_set1_ps(126.f)), _mm512_set1_ps(-126.f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381608e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return recip<float>(Vectorized<float>(_mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f))));
+  }
+};
+#endif
+
 template <typename T>
 inline void stream_store(T* p, const Vectorized<T>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -155,19 +189,46 @@ inline void plane_moments(const T* p, int64_t M, double& mean, double& var) {
 
 // G groups of 2c channels; the first c of a group are the channel branch, the last c the
 // spatial branch; the 2-group shuffle sends input channel ch to out_channel(ch).
+// Tabulated once per call: integer divisions per plane are a visible cost on small planes.
 struct Layout {
-  int64_t N, C, M, cg, cc, half;
-  Layout(const Tensor& x, int64_t groups)
-      : N(x.size(0)), C(x.size(1)), M(x.size(2)), cg(C / groups), cc(C / (2 * groups)), half(C / 2) {}
-  int64_t out_channel(int64_t ch) const { return 2 * (ch % half) + ch / half; }
-  int64_t param(int64_t ch) const { return (ch % cg) % cc; }
-  bool spatial(int64_t ch) const { return (ch % cg) >= cc; }
+  int64_t N, C, M;
+  std::vector<int64_t> oc, j;
+  std::vector<char> sp;
+  Layout(const Tensor& x, int64_t groups) : N(x.size(0)), C(x.size(1)), M(x.size(2)), oc(C), j(C), sp(C) {
+    const int64_t cg = C / groups, cc = C / (2 * groups), half = C / 2;
+    for (int64_t ch = 0; ch < C; ++ch) {
+      oc[ch] = 2 * (ch % half) + ch / half;
+      j[ch] = (ch % cg) % cc;
+      sp[ch] = (ch % cg) >= cc;
+    }
+  }
+  int64_t out_channel(int64_t ch) const { return oc[ch]; }
+  int64_t param(int64_t ch) const { return j[ch]; }
+  bool spatial(int64_t ch) const { return sp[ch]; }
 };
 
-// Rows of the (6, c) float64 parameter array.
+// A small floating tensor (any dtype, any shape) as doubles.
+std::vector<double> to_doubles(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  std::vector<double> v(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "to_doubles", [&] {
+    const scalar_t* d = c.data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<double>(d[i]);
+  });
+  return v;
+}
+
+// The six gate parameters (cweight, cbias, sweight, sbias, gn.weight, gn.bias), as doubles.
 struct Params {
-  const double* p;
+  std::vector<double> p;
   int64_t cc;
+  Params(const std::vector<Tensor>& ts, int64_t cc_) : p(6 * cc_), cc(cc_) {
+    for (size_t i = 0; i < 6; ++i) {
+      TORCH_CHECK(ts[i].numel() == cc, "SA parameter ", i, " has ", ts[i].numel(), " values, expected ", cc);
+      const auto v = to_doubles(ts[i]);
+      std::copy(v.begin(), v.end(), p.begin() + i * cc);
+    }
+  }
   double cw(int64_t j) const { return p[j]; }
   double cb(int64_t j) const { return p[cc + j]; }
   double sw(int64_t j) const { return p[2 * cc + j]; }
@@ -176,12 +237,28 @@ struct Params {
   double gb(int64_t j) const { return p[5 * cc + j]; }
 };
 
-// Per-channel affine in front of SA: identity, or BatchNorm as z = a*x + b.
+// BatchNorm in front of SA as z = a*x + b per channel (or the identity when off).
+// mean/invstd are the statistics used: given (running, or saved batch statistics), or
+// filled in by the training forward pass.
 struct Affine {
-  const double *w = nullptr, *b = nullptr, *mean = nullptr, *invstd = nullptr;
-  bool active() const { return w != nullptr; }
+  bool on = false;
+  std::vector<double> w, b, mean, invstd;
+  Affine() = default;
+  Affine(int64_t C, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+         const std::optional<Tensor>& mean_, const std::optional<Tensor>& var, double eps)
+      : on(true), w(C, 1.0), b(C, 0.0) {
+    if (weight.has_value() && weight->defined()) w = to_doubles(*weight);
+    if (bias.has_value() && bias->defined()) b = to_doubles(*bias);
+    TORCH_CHECK(int64_t(w.size()) == C && int64_t(b.size()) == C, "BatchNorm parameters must have C values");
+    if (mean_.has_value() && mean_->defined()) {
+      mean = to_doubles(*mean_);
+      invstd = to_doubles(*var);
+      TORCH_CHECK(int64_t(mean.size()) == C && int64_t(invstd.size()) == C, "BatchNorm statistics must have C values");
+      for (auto& v : invstd) v = 1.0 / std::sqrt(v + eps);
+    }
+  }
   void at(int64_t ch, double& a, double& off) const {
-    if (!w) { a = 1.0; off = 0.0; return; }
+    if (!on) { a = 1.0; off = 0.0; return; }
     a = w[ch] * invstd[ch];
     off = b[ch] - mean[ch] * a;
   }
@@ -229,18 +306,17 @@ void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool 
     return;
   }
   const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b));
-  const V vA(static_cast<T>(g.Ax())), vB(static_cast<T>(g.Bx()));
+  const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bx());
   map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
     const V xv = V::loadu(x + i, n);
-    const V z = at::vec::fmadd(xv, va, vb);
-    return finish(z * vsigmoid<T>(at::vec::fmadd(xv, vA, vB)), i, n);
+    return finish(at::vec::fmadd(xv, va, vb) * sigmoid(xv), i, n);
   });
 }
 
 template <typename T>
 struct Fwd {
   const Layout L;
-  const Params P;
+  const Params& P;
   const double eps;
   const T* x;
   const T* sc;
@@ -264,8 +340,7 @@ struct Fwd {
   void planes(const Affine& bn) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t n = k / L.C, ch = k % L.C;
+      for (int64_t k = k0, n = k0 / L.C, ch = k0 % L.C; k < k1; ++k, ch = ch + 1 == L.C ? (++n, 0) : ch + 1) {
         plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
         double a, b;
         bn.at(ch, a, b);
@@ -276,7 +351,7 @@ struct Fwd {
   }
 
   // Training BatchNorm: one channel's N planes, statistics first, then the gates.
-  void channels(const double* w, const double* bias, double bn_eps, double* bmean, double* bvar) const {
+  void channels(const Affine& bn, double bn_eps, double* bmean, double* bvar) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.N * L.M));
     at::parallel_for(0, L.C, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
@@ -295,8 +370,8 @@ struct Fwd {
         }
         bmean[ch] = mean;
         bvar[ch] = m2 / L.N;
-        const double a = w[ch] / std::sqrt(bvar[ch] + bn_eps);
-        for (int64_t n = 0; n < L.N; ++n) gate(n, ch, a, bias[ch] - mean * a);
+        const double a = bn.w[ch] / std::sqrt(bvar[ch] + bn_eps);
+        for (int64_t n = 0; n < L.N; ++n) gate(n, ch, a, bn.b[ch] - mean * a);
       }
       if (stream) stream_fence();
     });
@@ -329,7 +404,6 @@ PlaneGrad<T> sa_plane_backward(const Layout& L, const Params& P, int64_t ch, con
   // Pass A: the sums (and the sigmoid, kept for pass B).
   {
     V acc1(static_cast<T>(0)), acc2(static_cast<T>(0));
-    const V vA(static_cast<T>(g.Ax())), vB(static_cast<T>(g.Bx()));
     int64_t i = 0;
     if (const_gate) {
       // gu = go * z * s(1-s) with constant s: sum go*z (and go*z*z for the spatial branch).
@@ -347,10 +421,11 @@ PlaneGrad<T> sa_plane_backward(const Layout& L, const Params& P, int64_t ch, con
       S1 = s_const * (1 - s_const) * s1;
       Sgz = s_const * (1 - s_const) * s2;
     } else {
+      const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bx());
       for (; i + W <= M; i += W) {
         const V xv = V::loadu(xr + i);
         const V z = at::vec::fmadd(xv, va, vb);
-        const V s = vsigmoid<T>(at::vec::fmadd(xv, vA, vB));
+        const V s = sigmoid(xv);
         s.store(sig + i);
         const V gu = V::loadu(go + i) * z * s * (one - s);
         acc1 += gu;
@@ -398,7 +473,7 @@ PlaneGrad<T> sa_plane_backward(const Layout& L, const Params& P, int64_t ch, con
 template <typename T>
 struct Bwd {
   const Layout L;
-  const Params P;
+  const Params& P;
   const double eps;
   const T* grad;
   const T* x;
@@ -460,8 +535,7 @@ struct Bwd {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
       std::vector<T> sig(L.M);
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t n = k / L.C, ch = k % L.C;
+      for (int64_t k = k0, n = k0 / L.C, ch = k0 % L.C; k < k1; ++k, ch = ch + 1 == L.C ? (++n, 0) : ch + 1) {
         double a, b;
         bn.at(ch, a, b);
         if (stream) plane<true>(n, ch, a, b, a, sig.data());
@@ -518,52 +592,46 @@ void check_planes(const Tensor& t, const char* name) {
               " must be a contiguous CPU tensor of shape (N, C, M)");
 }
 
-void check_params(const Tensor& params, const Tensor& x, int64_t groups) {
+void check_groups(const Tensor& x, int64_t groups) {
   TORCH_CHECK(groups > 0 && x.size(1) % (2 * groups) == 0, "channels must be divisible by 2 * groups");
-  TORCH_CHECK(params.scalar_type() == at::kDouble && params.is_contiguous() && params.dim() == 2 &&
-                  params.size(0) == 6 && params.size(1) * 2 * groups == x.size(1),
-              "params must be a (6, C / (2 * groups)) float64 array");
 }
 
-const double* opt_ptr(const std::optional<Tensor>& t) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous(), "per-channel tensors must be contiguous float64");
-  return t->data_ptr<double>();
-}
+bool defined(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Returns out, per-plane mean and variance of x (N, C) and, with training BatchNorm,
-// the batch mean and biased variance (C).
+// the batch mean and biased variance (C). BatchNorm is fused when bn_train or when
+// bn_mean/bn_var (its running statistics) are given.
 std::vector<Tensor> sa_forward(const Tensor& x, const std::optional<Tensor>& shortcut,
-                               const Tensor& params, int64_t groups, double eps,
+                               const Tensor& cw, const Tensor& cb, const Tensor& sw, const Tensor& sb,
+                               const Tensor& gw, const Tensor& gb, int64_t groups, double eps,
                                const std::optional<Tensor>& bn_w, const std::optional<Tensor>& bn_b,
-                               const std::optional<Tensor>& bn_mean,
-                               const std::optional<Tensor>& bn_invstd, bool bn_train,
-                               double bn_eps, bool relu) {
+                               const std::optional<Tensor>& bn_mean, const std::optional<Tensor>& bn_var,
+                               bool bn_train, double bn_eps, bool relu) {
   check_planes(x, "x");
-  check_params(params, x, groups);
-  const bool has_sc = shortcut.has_value() && shortcut->defined();
+  check_groups(x, groups);
+  const bool has_sc = defined(shortcut);
   if (has_sc) {
     check_planes(*shortcut, "shortcut");
     TORCH_CHECK(shortcut->sizes() == x.sizes() && shortcut->scalar_type() == x.scalar_type(),
                 "shortcut must match x");
   }
-  const Affine bn{opt_ptr(bn_w), opt_ptr(bn_b), opt_ptr(bn_mean), opt_ptr(bn_invstd)};
-  TORCH_CHECK(!bn_train || (bn.w && bn.b), "training BatchNorm needs its weight and bias");
-  TORCH_CHECK(bn_train || !bn.w || (bn.mean && bn.invstd), "BatchNorm in eval needs mean and invstd");
+  const int64_t C = x.size(1);
+  const Params P({cw, cb, sw, sb, gw, gb}, C / (2 * groups));
+  const bool has_bn = bn_train || defined(bn_mean);
+  const Affine bn = has_bn ? Affine(C, bn_w, bn_b, bn_train ? std::nullopt : bn_mean, bn_var, bn_eps) : Affine();
   auto out = at::empty_like(x);
   auto dopt = x.options().dtype(at::kDouble);
-  auto pmean = at::empty({x.size(0), x.size(1)}, dopt);
-  auto pvar = at::empty({x.size(0), x.size(1)}, dopt);
-  auto bmean = at::empty({bn_train ? x.size(1) : 0}, dopt);
-  auto bvar = at::empty({bn_train ? x.size(1) : 0}, dopt);
-  const Params P{params.data_ptr<double>(), params.size(1)};
+  auto pmean = at::empty({x.size(0), C}, dopt);
+  auto pvar = at::empty({x.size(0), C}, dopt);
+  auto bmean = at::empty({bn_train ? C : 0}, dopt);
+  auto bvar = at::empty({bn_train ? C : 0}, dopt);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sa_forward", [&] {
     const Fwd<scalar_t> f{Layout(x, groups), P, eps, x.data_ptr<scalar_t>(),
                           has_sc ? shortcut->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                           pmean.data_ptr<double>(), pvar.data_ptr<double>(), relu,
                           out.nbytes() >= kStreamBytes};
     if (bn_train)
-      f.channels(bn.w, bn.b, bn_eps, bmean.data_ptr<double>(), bvar.data_ptr<double>());
+      f.channels(bn, bn_eps, bmean.data_ptr<double>(), bvar.data_ptr<double>());
     else
       f.planes(bn);
   });
@@ -572,42 +640,45 @@ std::vector<Tensor> sa_forward(const Tensor& x, const std::optional<Tensor>& sho
 
 // Returns grad x, the gradient before the ReLU (the shortcut's; undefined without ReLU),
 // the per-plane sums S1, S2 for the gate parameters, and BatchNorm's dweight, dbias.
+// BatchNorm is part of the op when bn_mean/bn_var (the statistics forward used) are given.
 std::vector<Tensor> sa_backward(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& out,
-                                const Tensor& pmean, const Tensor& pvar, const Tensor& params,
-                                int64_t groups, double eps, const std::optional<Tensor>& bn_w,
-                                const std::optional<Tensor>& bn_b, const std::optional<Tensor>& bn_mean,
-                                const std::optional<Tensor>& bn_invstd, bool bn_train) {
+                                const Tensor& pmean, const Tensor& pvar, const Tensor& cw,
+                                const Tensor& cb, const Tensor& sw, const Tensor& sb, const Tensor& gw,
+                                const Tensor& gb, int64_t groups, double eps,
+                                const std::optional<Tensor>& bn_w, const std::optional<Tensor>& bn_b,
+                                const std::optional<Tensor>& bn_mean, const std::optional<Tensor>& bn_var,
+                                bool bn_train, double bn_eps) {
   check_planes(x, "x");
   check_planes(grad, "grad");
-  check_params(params, x, groups);
+  check_groups(x, groups);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), "grad must match x");
-  const bool has_out = out.has_value() && out->defined();
+  const bool has_out = defined(out);
   if (has_out) check_planes(*out, "out");
-  const Affine bn{opt_ptr(bn_w), opt_ptr(bn_b), opt_ptr(bn_mean), opt_ptr(bn_invstd)};
-  TORCH_CHECK(!bn.w || (bn.b && bn.mean && bn.invstd), "BatchNorm needs weight, bias, mean and invstd");
+  const int64_t N = x.size(0), C = x.size(1);
+  const Params P({cw, cb, sw, sb, gw, gb}, C / (2 * groups));
+  const bool has_bn = defined(bn_mean);
+  const Affine bn = has_bn ? Affine(C, bn_w, bn_b, bn_mean, bn_var, bn_eps) : Affine();
   auto gx = at::empty_like(x);
   Tensor gpre = has_out ? at::empty_like(x) : Tensor();
   auto dopt = x.options().dtype(at::kDouble);
-  const int64_t N = x.size(0), C = x.size(1);
   auto s1 = at::empty({N, C}, dopt);
   auto s2 = at::empty({N, C}, dopt);
-  auto sg = at::empty({bn.w ? N : 0, C}, dopt);
-  auto sgx = at::empty({bn.w ? N : 0, C}, dopt);
-  auto dbn_w = at::empty({bn.w ? C : 0}, dopt);
-  auto dbn_b = at::empty({bn.w ? C : 0}, dopt);
-  const Params P{params.data_ptr<double>(), params.size(1)};
+  auto sg = at::empty({has_bn ? N : 0, C}, dopt);
+  auto sgx = at::empty({has_bn ? N : 0, C}, dopt);
+  auto dbn_w = at::empty({has_bn ? C : 0}, dopt);
+  auto dbn_b = at::empty({has_bn ? C : 0}, dopt);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sa_backward", [&] {
     const Bwd<scalar_t> b{Layout(x, groups), P, eps, grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                           pmean.data_ptr<double>(), pvar.data_ptr<double>(),
                           has_out ? out->data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(),
                           has_out ? gpre.data_ptr<scalar_t>() : nullptr, s1.data_ptr<double>(),
-                          s2.data_ptr<double>(), bn.w ? sg.data_ptr<double>() : nullptr,
-                          bn.w ? sgx.data_ptr<double>() : nullptr, gx.nbytes() >= kStreamBytes};
+                          s2.data_ptr<double>(), has_bn ? sg.data_ptr<double>() : nullptr,
+                          has_bn ? sgx.data_ptr<double>() : nullptr, gx.nbytes() >= kStreamBytes};
     if (bn_train) {
       b.channels(bn, dbn_w.data_ptr<double>(), dbn_b.data_ptr<double>());
     } else {
       b.planes(bn);
-      if (bn.w) {  // BatchNorm parameters: dbeta = sum(gz), dgamma = sum(gz * xhat)
+      if (has_bn) {  // BatchNorm parameters: dbeta = sum(gz), dgamma = sum(gz * xhat)
         const double *g = sg.data_ptr<double>(), *gxs = sgx.data_ptr<double>();
         double *dw = dbn_w.data_ptr<double>(), *db = dbn_b.data_ptr<double>();
         for (int64_t ch = 0; ch < C; ++ch) {

@@ -1,0 +1,72 @@
+"""SA next to the attention modules the paper compares with, on the same ResNet-50.
+
+SE, ECA and CBAM come from timm (``resnet50`` with ``block_args=dict(attn_layer=...)``,
+which is how timm builds seresnet50/ecaresnet50); SA is ours, with the fused kernels and
+with the authors' formulation. Reports parameters, inference and SGD training step time
+(interleaved, ratios vs plain resnet50) and bytes saved for backward.
+
+    .venv/bin/python benchmarks/attention_modules.py --threads 2 --rounds 5 [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from sanet.analysis.bench import machine_info, model_bench
+
+MODELS = {
+    "resnet50": {"model": "resnet50"},
+    "se": {"model": "resnet50", "block_args": {"attn_layer": "se"}},
+    "eca": {"model": "resnet50", "block_args": {"attn_layer": "eca"}},
+    "cbam": {"model": "resnet50", "block_args": {"attn_layer": "cbam"}},
+    "sa (fused)": {"model": "sa_resnet50"},
+    "sa (reference)": {"model": "sa_resnet50", "sa_impl": "reference"},
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import timm
+
+    import sanet  # noqa: F401
+
+    params = {}
+    for label, spec in MODELS.items():
+        spec = dict(spec)
+        model = timm.create_model(spec.pop("model"), device="meta", **spec)
+        params[label] = sum(q.numel() for q in model.parameters())
+    res = model_bench(MODELS, args.batch_size, args.img_size, args.rounds)
+    res["params"] = params
+    res["machine"] = machine_info(torch.device("cpu"))
+    if args.json:
+        json.dump(res, sys.stdout)
+        print()
+        return 0
+    t, mem = res["times"], res["memory"]
+    b_inf = t["resnet50/inference"]["median_ms"]
+    b_tr = t["resnet50/train_step"]["median_ms"]
+    b_saved = mem["resnet50"]["saved_bytes"]
+    print(f"ResNet-50 + attention, batch {args.batch_size} at {args.img_size}px, "
+          f"{res['machine']['threads']} threads (ratios vs resnet50, measured side by side)")
+    print(f"{'module':<16}{'params':>12}{'infer ms':>10}{'ratio':>7}{'train ms':>10}{'ratio':>7}{'saved MiB':>11}{'ratio':>7}")
+    for label in MODELS:
+        inf, tr = t[f"{label}/inference"]["median_ms"], t[f"{label}/train_step"]["median_ms"]
+        saved = mem[label]["saved_bytes"]
+        print(f"{label:<16}{params[label]:>12,}{inf:>10.1f}{inf / b_inf:>7.3f}{tr:>10.1f}{tr / b_tr:>7.3f}"
+              f"{saved / 2**20:>11.1f}{saved / b_saved:>7.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
