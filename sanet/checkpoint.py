@@ -81,27 +81,40 @@ def save_safetensors(state_dict: Dict[str, Tensor], path: PathLike,
     atomic_write(path, lambda tmp: _st_save(tensors, tmp, metadata=metadata))
 
 
+def _unsafe_globals(path: Path) -> str:
+    """The non-allowlisted globals a pickle refers to (read without executing anything)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return ""
+    return f" ({', '.join(names[:5])})" if names else ""
+
+
 def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
     """Load a checkpoint without executing pickled code (safetensors or weights_only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return _st_load(str(path), device=str(map_location))
+        try:
+            return _st_load(str(path), device=str(map_location))
+        except Exception as exc:  # safetensors raises its own error types
+            raise RuntimeError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         raise UnsafeCheckpointError(
             f"{path}: refused to load. The file contains pickled objects other than tensors "
-            "and plain containers (possibly code); sanet loads checkpoints with "
-            "torch.load(weights_only=True) and executed nothing from it. If you trust the "
-            "file, re-save only its state_dict in a trusted environment. Details: "
-            f"{str(exc).splitlines()[0]}"
+            f"and plain containers{_unsafe_globals(path)}, which could run code; sanet loads "
+            "checkpoints with torch.load(weights_only=True) and executed nothing from it. If "
+            "you trust the file, re-save only its state_dict in a trusted environment."
         ) from None
-    except RuntimeError as exc:
-        if "zip" in str(exc).lower() or "magic" in str(exc).lower():
-            raise RuntimeError(f"{path}: not a PyTorch checkpoint ({exc})") from None
-        raise
+    except (EOFError, IndexError, KeyError, ValueError, RuntimeError) as exc:
+        # Truncated or foreign files fail inside the unpickler or the zip reader.
+        raise RuntimeError(
+            f"{path}: not a PyTorch checkpoint, or a damaged one ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'unexpected end of data'})"
+        ) from None
 
 
 def load_state_dict_file(path: PathLike) -> Dict[str, Tensor]:
