@@ -22,9 +22,12 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
 
 @torch.no_grad()
 def randomize_sa_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Give every SA parameter (and GroupNorm affine) a random, non-initial value."""
-    for name, p in module.named_parameters():
-        p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    """Give the parameters of every SA layer in ``module`` (``cweight, cbias, sweight, sbias``,
+    ``gn.weight, gn.bias``) random, non-initial N(0, 1) values; other parameters are left alone."""
+    for m in module.modules():
+        if hasattr(m, "cweight") and hasattr(m, "gn"):
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
     return module
 
 
