@@ -1,0 +1,133 @@
+"""The `sanet` command: help for every subcommand, `models`, `info`, `ext`, entry points.
+
+Most tests call ``sanet.cli.main`` in-process (fast); one runs the installed console
+script and ``python -m sanet`` as a user would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+import sanet
+from sanet.analysis import count_flops
+from sanet.cli import COMMANDS, main
+
+from conftest import fused_kernel_available
+
+
+def run_cli(capsys, *argv: str):
+    """(exit code, stdout, stderr) of ``sanet argv...`` run in-process."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_top_level_help_lists_every_command(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "usage: sanet" in out
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_subcommand_has_help(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    assert f"usage: sanet {command}" in out and "-h, --help" in out
+    assert len(out.splitlines()) >= 4, "help should describe the command"
+
+
+def test_version_and_missing_command(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"sanet {sanet.__version__}"
+    code, _, err = run_cli(capsys)
+    assert code == 2 and "COMMAND" in err
+
+
+def test_models_json_lists_the_family(capsys):
+    code, out, _ = run_cli(capsys, "models", "--json")
+    assert code == 0
+    rows = {r["model"]: r for r in json.loads(out)}
+    assert set(rows) == set(sanet.SA_MODELS)
+    for name, row in rows.items():
+        model = timm.create_model(name, device="meta")
+        assert row["params"] == sum(p.numel() for p in model.parameters())
+        assert row["input_size"] == list(model.pretrained_cfg["input_size"])
+    assert rows["sa_resnet50"]["params"] == 25_557_740 and rows["sa_resnet50"]["sa_params"] == 708
+    assert rows["sa_resnet50"]["authors_weights"] and rows["sa_resnet101"]["authors_weights"]
+    assert not rows["sa_resnet152"]["authors_weights"]
+
+
+def test_models_table(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    for name in sanet.SA_MODELS:
+        assert name in out
+    assert "25,557,740" in out and "3x224x224" in out
+    assert "708" in out and "300" in out  # the released code's SA count vs the abstract's
+
+
+def test_info_json_sa_resnet50(capsys):
+    code, out, _ = run_cli(capsys, "info", "sa_resnet50", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["model"] == "sa_resnet50"
+    assert info["params"] == 25_557_740 and info["sa_params"] == 708
+    assert info["flops"] > 0 and info["macs"] == info["flops"] // 2
+    assert "FlopCounterMode" in info["flop_counter"]
+    assert info["input_size"] == [3, 224, 224]
+    assert info["feature_channels"] == [64, 256, 512, 1024, 2048]
+    assert info["feature_strides"] == [2, 4, 8, 16, 32]
+    assert "474p" in info["weights"]
+    # The named counter sees convolutions and matmuls only: SA adds nothing to the count.
+    plain = timm.create_model("resnet50", device="meta")
+    assert info["flops"] == count_flops(plain, (3, 224, 224))
+
+
+def test_info_text_and_options(capsys):
+    code, out, _ = run_cli(capsys, "info", "sa_resnet_test", "--num-classes", "10")
+    assert code == 0
+    model = timm.create_model("sa_resnet_test", num_classes=10, device="meta")
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in out
+    assert "counter: torch.utils.flop_counter.FlopCounterMode" in out
+    assert "no pretrained weights exist" in out
+
+
+@pytest.mark.parametrize("argv", [("info", "sa_resnet5O"), ("info", "nope", "--json"),
+                                  ("convert", "a.pth", "b.safetensors", "--model", "nope")])
+def test_unknown_model_is_exit_code_2_with_a_message(capsys, argv):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert f"unknown model {argv[1] if argv[0] == 'info' else 'nope'!r}" in err
+    assert "sa_resnet50" in err  # lists the family
+    assert "Traceback" not in err
+
+
+def test_ext_reports_the_kernels(capsys):
+    code, out, _ = run_cli(capsys, "ext", "--json")
+    status = json.loads(out)
+    assert status["loaded"] == fused_kernel_available()
+    assert code == (0 if status["loaded"] else 1)
+    assert "isa" in status and "triton_cuda" in status
+
+
+def test_console_script_and_python_m(tmp_path):
+    """The installed entry points, as a user runs them (one subprocess each)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    script = Path(sys.executable).with_name("sanet")
+    for argv in ([str(script), "--help"], [sys.executable, "-m", "sanet", "--help"]):
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: sanet" in proc.stdout and "models" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "sanet", "info", "nope"], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
