@@ -146,7 +146,24 @@ def test_pretrained_file_fine_tunes_with_new_classifier(capsys, tmp_path, data):
     assert code == 2 and "layer4.0.sa.cweight" in err and "missing" in err
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(capsys, tmp_path, data, monkeypatch):
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss that ruins the weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("poison, call, message", [
+    ("loss", 6 + 2, "loss is nan at epoch 2, step 2/6"),  # stopped before that step is applied
+    ("grad", 6 + 6, "weights became NaN/inf during epoch 2"),  # last step of epoch 2: caught before saving
+])
+def test_non_finite_stops_naming_where_and_keeps_last_checkpoint(capsys, tmp_path, data, monkeypatch,
+                                                                  poison, call, message):
     import sanet.engine.trainer as trainer
 
     real = trainer.build_train_loss
@@ -157,17 +174,19 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(capsys, tmp_pa
 
         def fn(logits, target):
             calls["n"] += 1
+            if calls["n"] == call and poison == "grad":
+                logits = _NanGrad.apply(logits)
             value = loss(logits, target)
-            return value * float("nan") if calls["n"] == 6 + 2 else value  # epoch 2, step 2
+            return value * float("nan") if calls["n"] == call and poison == "loss" else value
         return fn
 
     monkeypatch.setattr(trainer, "build_train_loss", lambda *a, **k: _Wrap(poisoned(*a, **k)))
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, train_argv(data, out, epochs=3))
     assert code == 2
-    assert "loss is nan at epoch 2, step 2/6" in err and "last good checkpoint" in err
+    assert message in err and "The last good checkpoint" in err and "(after epoch 1)" in err
     ckpt = load_ckpt(out / "last.pt")
-    assert ckpt["epoch"] == 1
+    assert ckpt["epoch"] == 1 and load_ckpt(out / "best.pt")["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 

@@ -143,9 +143,62 @@ def _epoch_line(row: Dict[str, Any], epochs: int, is_best: bool, eta_s: float) -
             f"ETA {datetime.timedelta(seconds=round(eta_s))}{'  *best' if is_best else ''}")
 
 
-def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
+def _build_state(args: argparse.Namespace, model, ctx: DistContext, num_classes: int,
+                 updates_per_epoch: int) -> TrainState:
+    """Optimizer, schedule, loss, mixup, AMP scaler and EMA for ``model`` (timm's)."""
     from timm.utils import ModelEmaV3
 
+    global_batch = args.batch_size * ctx.world_size * args.accum_steps
+    args.lr_resolved = resolve_lr(args.lr, args.lr_base, args.lr_base_size, global_batch)
+    optimizer = build_optimizer(model, args.opt, args.lr_resolved, args.weight_decay, args.momentum,
+                                args.no_wd_norm)
+    mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
+                        args.smoothing, num_classes)
+    return TrainState(
+        model=model, raw=model, ddp=None, optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, args.sched, args.epochs, updates_per_epoch, args.decay_epochs,
+                                  args.decay_rate, args.warmup_epochs, args.warmup_lr, args.min_lr),
+        loss_fn=build_train_loss(mixup is not None, args.smoothing).to(ctx.device),
+        scaler=torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
+        mixup=mixup, ema=ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None,
+        accum_steps=args.accum_steps, clip_grad=args.clip_grad, amp=args.amp,
+        channels_last=args.channels_last)
+
+
+def _wrap(state: TrainState, args: argparse.Namespace, ctx: DistContext) -> None:
+    """DDP (one device per process), then optionally torch.compile."""
+    if ctx.distributed:
+        state.ddp = torch.nn.parallel.DistributedDataParallel(
+            state.raw, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        state.model = state.ddp
+    if args.compile:
+        state.model = torch.compile(state.model)
+
+
+def _validate(state: TrainState, loader, ctx: DistContext, args: argparse.Namespace,
+              progress: bool) -> Dict[str, Any]:
+    """Validation metrics of the model (and of its EMA) for the epoch's log row."""
+    val = evaluate(state.model, loader, ctx, amp=args.amp, channels_last=args.channels_last,
+                   progress=progress, desc="val")
+    row = dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
+               val_images=val["images"], val_skipped=val["skipped"])
+    if state.ema is not None:
+        ema = evaluate(state.ema.module, loader, ctx, amp=args.amp, channels_last=args.channels_last,
+                       progress=progress, desc="val ema")
+        row.update(val_loss_ema=ema["loss"], val_top1_ema=ema["top1"], val_top5_ema=ema["top5"])
+    return row
+
+
+def _check_weights_finite(state: TrainState, out: Path, epoch: int) -> None:
+    """A finite loss can still come with non-finite gradients; never checkpoint such weights."""
+    bad = [name for name, p in state.raw.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLossError(
+            f"weights became NaN/inf during epoch {epoch + 1} (e.g. {', '.join(bad[:3])}); "
+            f"training stopped. {_kept_message(out, epoch)}")
+
+
+def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.output)
     _prepare_output(out, args, ctx)
     train_ds, val_ds = open_train_val(args.data, args.skip_bad_images)
@@ -162,22 +215,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     train_loader = build_train_loader(train_ds, args.batch_size, args.workers, ctx, args.seed)
     val_loader = build_eval_loader(val_ds, args.batch_size, args.workers, ctx)
     updates_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
-
-    global_batch = args.batch_size * ctx.world_size * args.accum_steps
-    args.lr_resolved = resolve_lr(args.lr, args.lr_base, args.lr_base_size, global_batch)
-    optimizer = build_optimizer(model, args.opt, args.lr_resolved, args.weight_decay, args.momentum,
-                                args.no_wd_norm)
-    mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
-                        args.smoothing, len(class_names))
-    state = TrainState(
-        model=model, raw=model, ddp=None, optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, args.sched, args.epochs, updates_per_epoch, args.decay_epochs,
-                                  args.decay_rate, args.warmup_epochs, args.warmup_lr, args.min_lr),
-        loss_fn=build_train_loss(mixup is not None, args.smoothing).to(ctx.device),
-        scaler=torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
-        mixup=mixup, ema=ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None,
-        accum_steps=args.accum_steps, clip_grad=args.clip_grad, amp=args.amp,
-        channels_last=args.channels_last)
+    state = _build_state(args, model, ctx, len(class_names), updates_per_epoch)
 
     start_epoch, best, best_epoch, history = 0, -1.0, 0, []
     if ckpt is not None:
@@ -185,16 +223,12 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
         best, best_epoch = float(ckpt.get("best_top1", -1.0)), int(ckpt.get("best_epoch", 0))
         _say(ctx, f"resumed {out / 'last.pt'}: {start_epoch} epoch(s) done, best top-1 {best:.2f}")
-    if ctx.distributed:
-        state.ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        state.model = state.ddp
-    if args.compile:
-        state.model = torch.compile(state.model)
-
+    _wrap(state, args, ctx)
     _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
-              f"{ctx.world_size} process(es) on {ctx.device.type}, global batch {global_batch}, "
-              f"lr {args.lr_resolved:.4g}, {updates_per_epoch} updates/epoch, img {args.img_size}")
+              f"{ctx.world_size} process(es) on {ctx.device.type}, global batch "
+              f"{args.batch_size * ctx.world_size * args.accum_steps}, lr {args.lr_resolved:.4g}, "
+              f"{updates_per_epoch} updates/epoch, img {args.img_size}")
+
     logger = RunLogger(out, start_epoch) if ctx.is_main else None
     run_start, progress = time.perf_counter(), not args.no_progress
     try:
@@ -206,14 +240,8 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                     state, train_loader, ctx, epoch, args.epochs, progress)}
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(f"{exc}. {_kept_message(out, epoch)}") from None
-            val = evaluate(state.model, val_loader, ctx, amp=args.amp, channels_last=args.channels_last,
-                           progress=progress, desc="val")
-            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
-                       val_images=val["images"], val_skipped=val["skipped"])
-            if state.ema is not None:
-                ema = evaluate(state.ema.module, val_loader, ctx, amp=args.amp,
-                               channels_last=args.channels_last, progress=progress, desc="val ema")
-                row.update(val_loss_ema=ema["loss"], val_top1_ema=ema["top1"], val_top5_ema=ema["top5"])
+            _check_weights_finite(state, out, epoch)
+            row.update(_validate(state, val_loader, ctx, args, progress))
             history.append(row)
             metric = row.get("val_top1_ema", row["val_top1"])
             is_best = metric > best
@@ -228,9 +256,13 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     finally:
         if logger is not None:
             logger.close()
-    seconds = time.perf_counter() - run_start
     curves = plot_curves(history, out / "curves.png", title=f"{args.model} on {Path(args.data).name}") \
         if ctx.is_main and history else None
+    return _summary(args, out, history, best, best_epoch, curves, time.perf_counter() - run_start, ctx)
+
+
+def _summary(args, out: Path, history, best: float, best_epoch: int, curves, seconds: float,
+             ctx: DistContext) -> Dict[str, Any]:
     last = history[-1] if history else {}
     return {
         "model": args.model, "output": str(out), "epochs": len(history),
