@@ -32,8 +32,10 @@ AUTHORS_URL = "https://github.com/wofmanaf/SA-Net"
 
 # Published weights (authors' README: Baidu Drive links with access codes).
 _AUTHORS_WEIGHTS = {
-    "sa_resnet50": "sa_resnet50.pth.tar (top-1 77.88, Baidu Drive, code 474p)",
-    "sa_resnet101": "sa_resnet101.pth.tar (top-1 78.95, Baidu Drive, code 6nxm)",
+    "sa_resnet50": "sa_resnet50.pth.tar (top-1 77.88; Baidu Drive "
+                   "https://pan.baidu.com/s/1-TEXeMjprUDyx013l3vZIQ, access code 474p)",
+    "sa_resnet101": "sa_resnet101.pth.tar (top-1 78.95; Baidu Drive "
+                    "https://pan.baidu.com/s/16L0enJxKMd9LJ8B4dbGmtw, access code 6nxm)",
 }
 
 
@@ -69,7 +71,7 @@ def weights_help(variant: str) -> str:
     if variant in _AUTHORS_WEIGHTS:
         return (
             f"{variant}: sanet downloads nothing. The authors' ImageNet weights, "
-            f"{_AUTHORS_WEIGHTS[variant]}, are linked from {AUTHORS_URL} (README). Load the file "
+            f"{_AUTHORS_WEIGHTS[variant]}, are published in the README of {AUTHORS_URL}. Load the file "
             f"with timm.create_model('{variant}', pretrained=True, "
             f"pretrained_cfg_overlay=dict(file='/path/to/{variant}.pth.tar')), "
             f"or convert it once: sanet convert {variant}.pth.tar {variant}.safetensors "
@@ -115,9 +117,9 @@ SA_MODELS: Dict[str, Dict[str, Any]] = {
     "sa_resnet152": _bottleneck((3, 8, 36, 3)),
     "sa_resnext50_32x4d": _bottleneck((3, 4, 6, 3), cardinality=32, base_width=4),
     "sa_resnext101_32x8d": _bottleneck((3, 4, 23, 3), cardinality=32, base_width=8),
-    # Tiny model for tests and demos: 4 single-block stages, 32-256 channels, G fitted <= 64.
-    "sa_resnet_test": _bottleneck((1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=16,
-                                  fit_groups=True),
+    # Tiny model for tests and demos: timm's plain 64-channel stem, then 4 single-block
+    # stages of 32-256 channels, G fitted <= 64. (timm ignores stem_width for this stem.)
+    "sa_resnet_test": _bottleneck((1, 1, 1, 1), channels=(8, 16, 32, 64), fit_groups=True),
 }
 
 
