@@ -305,7 +305,7 @@ def test_pretrained_without_a_file_says_where_the_weights_are(name):
     assert AUTHORS_URL in msg and "https://github.com/wofmanaf/SA-Net" in msg
     assert f"sanet convert {name}.pth.tar {name}.safetensors --model {name}" in msg
     assert "pretrained_cfg_overlay=dict(file=" in msg
-    assert {"sa_resnet50": "474p", "sa_resnet101": "6nxm"}[name] in msg
+    assert {"sa_resnet50": "474p", "sa_resnet101": "6nxm"}[name] in msg and "https://pan.baidu.com/s/" in msg
 
 
 @pytest.mark.parametrize("name", [n for n in sanet.SA_MODELS if n not in ("sa_resnet50", "sa_resnet101")])
