@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 
-import torch
 
 from test_engine_helpers import PYTHON, load_ckpt, make_imagefolder, subprocess_env, train_argv
 
@@ -52,3 +51,17 @@ def test_two_rank_ddp_step_equals_single_process_step(tmp_path):
     assert ra["val_images"] == rb["val_images"] == 4
     assert abs(ra["val_loss"] - rb["val_loss"]) < 1e-4 and ra["val_top1"] == rb["val_top1"]
     assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
+
+
+def test_ddp_with_batchnorm_and_uneven_val_shards(tmp_path):
+    """The default (BatchNorm) model under DDP, with 9 val images: rank 0 evaluates 5 images
+    in 3 batches, rank 1 4 in 2. Each image is counted once, nothing waits on the other rank."""
+    data = make_imagefolder(tmp_path / "data", splits={"train": 4, "val": 3})  # 12 train, 9 val
+    run = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sanet",
+         *train_argv(data, tmp_path / "ddp", batch=2)],
+        env=subprocess_env(threads=1), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = load_ckpt(tmp_path / "ddp" / "last.pt")
+    assert ckpt["history"][0]["val_images"] == 9 and ckpt["updates"] == 3
+    assert int(ckpt["model"]["bn1.num_batches_tracked"]) == 3  # BatchNorm, as in a user's run

@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 
-import pytest
 from PIL import Image
 
 from test_engine_helpers import one_thread  # noqa: F401

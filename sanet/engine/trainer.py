@@ -177,8 +177,12 @@ def _wrap(state: TrainState, args: argparse.Namespace, ctx: DistContext) -> None
 
 def _validate(state: TrainState, loader, ctx: DistContext, args: argparse.Namespace,
               progress: bool) -> Dict[str, Any]:
-    """Validation metrics of the model (and of its EMA) for the epoch's log row."""
-    val = evaluate(state.model, loader, ctx, amp=args.amp, channels_last=args.channels_last,
+    """Validation metrics of the model (and of its EMA) for the epoch's log row.
+
+    Runs the plain module, not the DDP wrapper: DDP's forward may broadcast buffers (a
+    collective), and ranks hold different numbers of val batches.
+    """
+    val = evaluate(state.raw, loader, ctx, amp=args.amp, channels_last=args.channels_last,
                    progress=progress, desc="val")
     row = dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
                val_images=val["images"], val_skipped=val["skipped"])
