@@ -24,7 +24,7 @@ def check_model_name(name: str) -> str:
 
     import sanet  # noqa: F401  (registers the SA models)
 
-    if name not in timm.list_models(name) and name not in timm.list_models():
+    if not timm.is_model(name):  # also accepts pretrained tags: sa_resnet50.authors_in1k
         from sanet.models import SA_MODELS
 
         raise ValueError(f"unknown model {name!r}; SA models: {', '.join(SA_MODELS)} "

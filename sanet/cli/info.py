@@ -24,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     info = model_summary(args.model, **kwargs)
-    if args.model in SA_MODELS:
-        info["weights"] = weights_help(args.model)
+    base = args.model.split(".")[0]  # without a pretrained tag
+    if base in SA_MODELS:
+        info["weights"] = weights_help(base)
     if args.json:
         print_json(info)
         return 0
