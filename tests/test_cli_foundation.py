@@ -128,3 +128,11 @@ def test_console_script_and_python_m(tmp_path):
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "usage: sanet" in proc.stdout and "models" in proc.stdout
+
+
+def test_info_accepts_pretrained_tags_and_other_timm_models(capsys):
+    code, out, _ = run_cli(capsys, "info", "sa_resnet50.authors_in1k", "--json")
+    assert code == 0 and json.loads(out)["params"] == 25_557_740 and "474p" in json.loads(out)["weights"]
+    code, out, _ = run_cli(capsys, "info", "resnet18", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["sa_params"] == 0 and "weights" not in info

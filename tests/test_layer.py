@@ -458,11 +458,11 @@ def test_fx_symbolic_trace_equals_eager(impl):
 
 @pytest.mark.slow  # ~25 s on 2 cores with a cold inductor cache, a few s warm
 def test_torch_compile_forward_and_backward():
-    """impl='auto' under torch.compile (inductor): the fused op is a graph node with a fake kernel."""
+    """impl='auto' under torch.compile (inductor, one graph): the fused op is a graph node."""
     module = randomize_sa_(ShuffleAttention(32, 4))
     ref = AuthorsSA(32, 4)
     ref.load_state_dict(module.state_dict())
-    compiled = torch.compile(module)
+    compiled = torch.compile(module, fullgraph=True)
     x = torch.randn(2, 32, 5, 7, requires_grad=True)
     out = compiled(x)
     g = torch.randn(out.shape)

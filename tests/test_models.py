@@ -101,13 +101,15 @@ def test_zero_init_last_is_false_like_the_authors():
     assert all(torch.all(b.bn3.weight == 0) for b in blocks(model))
 
 
-def test_sa_position_after_last_bn_before_residual_add():
-    """Unfused path (impl 'torch'), watched with hooks: SA reads bn3's output and the block
-    returns relu(sa(bn3(.)) + shortcut)."""
-    model = randomize_sa_(create("sa_resnet_test", sa_impl="torch").eval())
+@pytest.mark.parametrize("name", ["sa_resnet_test", "sa_resnet18"])
+def test_sa_position_after_last_bn_before_residual_add(name):
+    """Unfused path (impl 'torch'), watched with hooks: SA reads the last BN's output (bn3 in
+    a Bottleneck, bn2 in a BasicBlock) and the block returns relu(sa(bn(.)) + shortcut)."""
+    model = randomize_sa_(create(name, sa_impl="torch").eval())
     block = model.layer2[0]
+    last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
     seen = {}
-    block.bn3.register_forward_hook(lambda m, i, o: seen.update(bn3=o))
+    last_bn.register_forward_hook(lambda m, i, o: seen.update(bn3=o))
     block.sa.register_forward_hook(lambda m, i, o: seen.update(sa_in=i[0], sa_out=o))
     block.downsample.register_forward_hook(lambda m, i, o: seen.update(shortcut=o))
     block.register_forward_hook(lambda m, i, o: seen.update(out=o))
