@@ -365,3 +365,27 @@ def test_triton_kernels_under_interpreter():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "triton ok" in proc.stdout
+
+
+@pytest.mark.parametrize("hw", [1, 2])
+def test_tiny_planes_large_activations_against_fp64(hw):
+    """One-pixel planes make GroupNorm's 1/sqrt(eps) amplify rounding; the kernel centres
+    the gate argument first, so it stays at fp32 accuracy (the fp32 reference does not)."""
+    gen = torch.Generator().manual_seed(8)
+    sa = sanet.ShuffleAttention(256, 64, impl="fused")
+    randomize(sa, gen)
+    ref64 = copy.deepcopy(sa).double()
+    ref64.impl = "reference"
+    x = (100 * torch.randn(4, 256, hw, hw, generator=gen)).requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    y, y64 = sa(x), ref64(x64)
+    g = torch.randn(y.shape, generator=gen)
+    assert rel(y, y64) <= 1e-6
+    names = ["input"] + [n for n, _ in sa.named_parameters()]
+    got = grads(y, [x] + list(sa.parameters()), g)
+    want = grads(y64, [x64] + list(ref64.parameters()), g.double())
+    for name, a, b in zip(names, got, want):
+        if hw == 1 and name == "gn.weight":  # exactly 0: it multiplies x - mean = 0
+            assert a.abs().max() <= 1e-6 * g.norm()
+        else:
+            assert rel(a, b) <= 1e-5, name

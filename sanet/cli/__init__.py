@@ -47,6 +47,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which closed early: not an error of ours.
+        sys.stderr.close()
+        return 0
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # User errors carry a message meant for the user; don't bury it in a traceback.
         if getattr(args, "debug", False):

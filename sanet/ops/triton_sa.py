@@ -37,7 +37,8 @@ if _HAS_TRITON:
 
     @triton.jit
     def _gate_coeffs(params_ptr, c, CG, CC, mean, var, eps):
-        # A, B of the gate sigmoid(A x + B) for channel c (SA-NET.md section 5).
+        # A, B of the gate sigmoid(A (x - mean) + B) for channel c (SA-NET.md section 5);
+        # centring first keeps one-pixel planes exact (A ~ 1/sqrt(eps) there).
         j = (c % CG) % CC
         spatial = (c % CG) >= CC
         cw = tl.load(params_ptr + j)
@@ -48,7 +49,7 @@ if _HAS_TRITON:
         gb = tl.load(params_ptr + 5 * CC + j)
         rstd = 1.0 / tl.sqrt(var + eps)
         a = tl.where(spatial, sw * gw * rstd, 0.0)
-        b = tl.where(spatial, sw * (gb - gw * mean * rstd) + sb, cw * mean + cb)
+        b = tl.where(spatial, sw * gb + sb, cw * mean + cb)
         return a, b, rstd, spatial, cw, sw * gw * rstd
 
     @triton.jit
@@ -80,7 +81,7 @@ if _HAS_TRITON:
             offs = start + tl.arange(0, BLOCK)
             mask = offs < M
             v = tl.load(x_ptr + src + offs, mask=mask, other=0.0).to(tl.float32)
-            y = v * tl.sigmoid(a * v + b)
+            y = v * tl.sigmoid(a * (v - mean) + b)
             tl.store(out_ptr + dst + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -103,7 +104,7 @@ if _HAS_TRITON:
             mask = offs < M
             v = tl.load(x_ptr + src + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + gsrc + offs, mask=mask, other=0.0).to(tl.float32)
-            s = tl.sigmoid(a * v + b)
+            s = tl.sigmoid(a * (v - mean) + b)
             gu = g * v * s * (1.0 - s)
             acc1 += gu
             acc2 += gu * v
@@ -113,7 +114,7 @@ if _HAS_TRITON:
         tl.store(s2_ptr + pid, tl.where(spatial, szh, s1 * mean).to(tl.float64))
         # dL/dx = g*s + k*gu + k0 + kx*x  (k = sw*gw*rstd: GroupNorm backward; channel
         # branch: the mean's gradient cw*S1/M, uniform over the plane).
-        k = tl.where(spatial, k, 0.0)
+        k = tl.where(spatial & (M > 1), k, 0.0)  # a one-pixel plane's GroupNorm term is 0
         k0 = tl.where(spatial, -k * s1 / M + k * szh * rstd * mean / M, cw * s1 / M)
         kx = tl.where(spatial, -k * szh * rstd / M, 0.0)
         for start in range(0, M, BLOCK):
@@ -121,7 +122,7 @@ if _HAS_TRITON:
             mask = offs < M
             v = tl.load(x_ptr + src + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + gsrc + offs, mask=mask, other=0.0).to(tl.float32)
-            s = tl.sigmoid(a * v + b)
+            s = tl.sigmoid(a * (v - mean) + b)
             gu = g * v * s * (1.0 - s)
             gx = g * s + k * gu + k0 + kx * v
             tl.store(gx_ptr + src + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)

@@ -70,25 +70,28 @@ inline Vectorized<T> vsigmoid(const Vectorized<T>& u) {
 template <typename T>
 inline T ssigmoid(T u) { return T(1) / (T(1) + std::exp(-u)); }
 
-// sigmoid(A * x + B) of a vector x, A and B fixed for a plane.
+// sigmoid(A * (x - m) + B) of a vector x, A, B and m fixed for a plane.
 template <typename T>
 struct SigmoidOfAffine {
-  Vectorized<T> A, B;
-  SigmoidOfAffine(double a, double b) : A(static_cast<T>(a)), B(static_cast<T>(b)) {}
-  Vectorized<T> operator()(const Vectorized<T>& x) const { return vsigmoid<T>(at::vec::fmadd(x, A, B)); }
+  Vectorized<T> A, B, m;
+  SigmoidOfAffine(double a, double b, double m_)
+      : A(static_cast<T>(a)), B(static_cast<T>(b)), m(static_cast<T>(m_)) {}
+  Vectorized<T> operator()(const Vectorized<T>& x) const { return vsigmoid<T>(at::vec::fmadd(x - m, A, B)); }
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Same, with 1 / (1 + 2^t), t = -(A x + B) log2(e) folded into one FMA, and
+// Same, with 1 / (1 + 2^t), t = -(A (x - m) + B) log2(e) in one FMA, and
 // 2^t = 2^round(t) * p(t - round(t)) by vscalefps; p is the degree-6 Taylor polynomial of
 // 2^f on [-1/2, 1/2] (relative error < 1.2e-7). About half the instructions of exp_u20.
 template <>
 struct SigmoidOfAffine<float> {
-  __m512 A, B;
-  SigmoidOfAffine(double a, double b)
-      : A(_mm512_set1_ps(static_cast<float>(-a * M_LOG2E))), B(_mm512_set1_ps(static_cast<float>(-b * M_LOG2E))) {}
+  __m512 A, B, m;
+  SigmoidOfAffine(double a, double b, double m_)
+      : A(_mm512_set1_ps(static_cast<float>(-a * M_LOG2E))),
+        B(_mm512_set1_ps(static_cast<float>(-b * M_LOG2E))),
+        m(_mm512_set1_ps(static_cast<float>(m_))) {}
   Vectorized<float> operator()(const Vectorized<float>& x) const {
-    __m512 t = _mm512_fmadd_ps(x, A, B);
+    __m512 t = _mm512_fmadd_ps(_mm512_sub_ps(x, m), A, B);
     t = _mm512_max_ps(_mm512_min_ps(t, _mm512_set1_ps(126.f)), _mm512_set1_ps(-126.f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
@@ -264,24 +267,27 @@ struct Affine {
   }
 };
 
-// Gate of one plane: z = a*x + b, u = Az*z + Bz; Az == 0 means a constant gate.
+// Gate of one plane: z = a*x + b and the gate argument u = Az*(z - mz) + Bc, i.e.
+// u = Ax()*(x - mx) + Bc. Centring before scaling matters: on tiny planes (1x1) the
+// spatial branch's A*x and B are huge (1/sqrt(eps)) and cancel in A*x + B.
+// Az == 0 means a constant gate.
 struct Gate {
-  double a, b, Az, Bz, rz, mz;
+  double a, b, Az, Bc, rz, mz, mx;
   double Ax() const { return Az * a; }
-  double Bx() const { return Az * b + Bz; }
 };
 
 inline Gate plane_gate(const Layout& L, const Params& P, int64_t ch, double a, double b,
                        double mx, double vx, double eps) {
   const int64_t j = L.param(ch);
-  Gate g{a, b, 0.0, 0.0, 0.0, a * mx + b};
+  Gate g{a, b, 0.0, 0.0, 0.0, a * mx + b, mx};
   if (L.spatial(ch)) {
     // GroupNorm(c, c) of z normalises each plane; var(z) = a^2 var(x).
+    // u = sw * (gw * (z - mz) * rz + gb) + sb
     g.rz = 1.0 / std::sqrt(a * a * vx + eps);
     g.Az = P.sw(j) * P.gw(j) * g.rz;
-    g.Bz = P.sw(j) * (P.gb(j) - P.gw(j) * g.mz * g.rz) + P.sb(j);
+    g.Bc = P.sw(j) * P.gb(j) + P.sb(j);
   } else {
-    g.Bz = P.cw(j) * g.mz + P.cb(j);  // global average pool of z
+    g.Bc = P.cw(j) * g.mz + P.cb(j);  // global average pool of z
   }
   return g;
 }
@@ -298,7 +304,7 @@ void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool 
     return relu ? at::vec::maximum(y, zero) : y;
   };
   if (g.Az == 0.0) {  // channel branch, or sweight == 0: no exp per element
-    const double s = ssigmoid(g.Bz);
+    const double s = ssigmoid(g.Bc);
     const V va(static_cast<T>(g.a * s)), vb(static_cast<T>(g.b * s));
     map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
       return finish(at::vec::fmadd(V::loadu(x + i, n), va, vb), i, n);
@@ -306,7 +312,7 @@ void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool 
     return;
   }
   const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b));
-  const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bx());
+  const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bc, g.mx);
   map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
     const V xv = V::loadu(x + i, n);
     return finish(at::vec::fmadd(xv, va, vb) * sigmoid(xv), i, n);
@@ -400,7 +406,7 @@ PlaneGrad<T> sa_plane_backward(const Layout& L, const Params& P, int64_t ch, con
   const int64_t j = L.param(ch);
   double S1 = 0, Sgz = 0;
   const bool const_gate = g.Az == 0.0;
-  const double s_const = const_gate ? ssigmoid(g.Bz) : 0.0;
+  const double s_const = const_gate ? ssigmoid(g.Bc) : 0.0;
   // Pass A: the sums (and the sigmoid, kept for pass B).
   {
     V acc1(static_cast<T>(0)), acc2(static_cast<T>(0));
@@ -421,7 +427,7 @@ PlaneGrad<T> sa_plane_backward(const Layout& L, const Params& P, int64_t ch, con
       S1 = s_const * (1 - s_const) * s1;
       Sgz = s_const * (1 - s_const) * s2;
     } else {
-      const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bx());
+      const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bc, g.mx);
       for (; i + W <= M; i += W) {
         const V xv = V::loadu(xr + i);
         const V z = at::vec::fmadd(xv, va, vb);
@@ -435,7 +441,7 @@ PlaneGrad<T> sa_plane_backward(const Layout& L, const Params& P, int64_t ch, con
       Sgz = hsum<T>(acc2);
       for (; i < M; ++i) {
         const double z = g.a * xr[i] + g.b;
-        const double s = ssigmoid<double>(g.Ax() * xr[i] + g.Bx());
+        const double s = ssigmoid<double>(g.Ax() * (xr[i] - g.mx) + g.Bc);
         sig[i] = static_cast<T>(s);
         const double gu = double(go[i]) * z * s * (1 - s);
         S1 += gu;
@@ -447,7 +453,10 @@ PlaneGrad<T> sa_plane_backward(const Layout& L, const Params& P, int64_t ch, con
   double K0, Kgu = 0, Kz = 0, S2;
   if (spatial) {
     S2 = g.rz * (Sgz - g.mz * S1);  // sum(gu * zhat)
-    Kgu = P.sw(j) * P.gw(j) * g.rz;  // == Az: GroupNorm backward with gzhat = gu*sw*gw
+    // GroupNorm backward with gzhat = gu*sw*gw: Kgu * (gu - mean(gu) - zhat * mean(gu*zhat)).
+    // On a one-pixel plane that is exactly 0 (gu equals its mean), but as a difference of
+    // terms scaled by 1/sqrt(eps) it would only be 0 up to rounding.
+    Kgu = M > 1 ? P.sw(j) * P.gw(j) * g.rz : 0.0;
     K0 = -Kgu * S1 / M + Kgu * S2 * g.rz * g.mz / M;
     Kz = -Kgu * S2 * g.rz / M;
   } else {
@@ -456,7 +465,7 @@ PlaneGrad<T> sa_plane_backward(const Layout& L, const Params& P, int64_t ch, con
   }
   // Pass B.
   const V vK0(static_cast<T>(K0)), vKgu(static_cast<T>(Kgu)), vKz(static_cast<T>(Kz));
-  if (const_gate) {  // Kgu == Az == 0, hence Kz == 0
+  if (const_gate) {  // Az == 0, hence Kgu == Kz == 0
     const V vs(static_cast<T>(s_const));
     write([&](int64_t i, int64_t n) { return at::vec::fmadd(V::loadu(go + i, n), vs, vK0); });
   } else {
