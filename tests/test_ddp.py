@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 
-from test_engine_helpers import PYTHON, load_ckpt, make_imagefolder, subprocess_env, train_argv
+from test_engine_helpers import PYTHON, last_json, load_ckpt, make_imagefolder, run_cli, subprocess_env, train_argv
 
 # no randomness in the step: the whole (square) image is the crop, no flip
 _NO_AUG = ("--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0", "--lr", "0.5",
@@ -53,9 +54,10 @@ def test_two_rank_ddp_step_equals_single_process_step(tmp_path):
     assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
 
 
-def test_ddp_with_batchnorm_and_uneven_val_shards(tmp_path):
+def test_ddp_with_batchnorm_and_uneven_val_shards(tmp_path, capsys):
     """The default (BatchNorm) model under DDP, with 9 val images: rank 0 evaluates 5 images
-    in 3 batches, rank 1 4 in 2. Each image is counted once, nothing waits on the other rank."""
+    in 3 batches, rank 1 4 in 2. Each image is counted once, nothing waits on the other rank, and
+    the validation metrics are those of the checkpoint rank 0 writes."""
     data = make_imagefolder(tmp_path / "data", splits={"train": 4, "val": 3})  # 12 train, 9 val
     run = subprocess.run(
         [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sanet",
@@ -63,5 +65,13 @@ def test_ddp_with_batchnorm_and_uneven_val_shards(tmp_path):
         env=subprocess_env(threads=1), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     ckpt = load_ckpt(tmp_path / "ddp" / "last.pt")
-    assert ckpt["history"][0]["val_images"] == 9 and ckpt["updates"] == 3
+    row = ckpt["history"][0]
+    assert row["val_images"] == 9 and ckpt["updates"] == 3
     assert int(ckpt["model"]["bn1.num_batches_tracked"]) == 3  # BatchNorm, as in a user's run
+    # both ranks validated the model rank 0 saved (same BatchNorm running statistics)
+    code, out, _ = run_cli(capsys, ["eval", "--checkpoint", str(tmp_path / "ddp" / "last.pt"),
+                                    "--data", str(data / "val"), "--workers", "0", "--json"])
+    assert code == 0
+    result = last_json(out)
+    assert result["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+    assert result["top1"] == pytest.approx(row["val_top1"], abs=1e-3)

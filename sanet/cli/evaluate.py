@@ -23,6 +23,8 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub, name: str) -> argparse.ArgumentParser:
+    from sanet.engine.config import default_workers
+
     p = sub.add_parser(
         name, help="top-1/top-5 accuracy and loss on an ImageFolder",
         description="Evaluate a model on one ImageFolder (DIR/<class>/<image>, e.g. ImageNet's val/): "
@@ -35,7 +37,8 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     add_model_source(p)
     p.add_argument("--data", required=True, type=Path, help="ImageFolder to evaluate (DIR/<class>/<image>)")
     p.add_argument("--batch-size", "-b", type=int, default=64, help="images per batch (64)")
-    p.add_argument("--workers", "-j", type=int, default=4, help="data loading processes (4)")
+    p.add_argument("--workers", "-j", type=int, default=default_workers(),
+                   help="data loading processes (default: 4, or the CPU count if lower)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")

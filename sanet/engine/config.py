@@ -21,6 +21,12 @@ RECIPE_KEYS = ("model", "img_size", "batch_size", "lr", "lr_base", "opt", "momen
                "mixup", "cutmix", "seed", "amp", "no_wd_norm", "model_ema", "drop_path")
 
 
+def default_workers() -> int:
+    import os
+
+    return min(4, os.cpu_count() or 1)
+
+
 def _kwargs_action():
     from timm.utils import ParseKwargs
 
@@ -92,7 +98,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--color-jitter", type=float, default=0.0, help="color jitter strength (0: off)")
     data.add_argument("--aa", default=None, help="timm AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5")
     data.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (0)")
-    data.add_argument("--workers", "-j", type=int, default=4, help="data loading processes per rank (4)")
+    data.add_argument("--workers", "-j", type=int, default=default_workers(),
+                      help="data loading processes per rank (default: 4, or the CPU count if lower)")
     data.add_argument("--skip-bad-images", action="store_true",
                       help="skip and count unreadable images instead of stopping with an error")
 

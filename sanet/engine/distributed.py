@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "cleanup_distributed", "all_reduce_sum", "resolve_device"]
+__all__ = ["DistContext", "init_distributed", "cleanup_distributed", "all_reduce_sum", "broadcast_buffers",
+           "resolve_device"]
 
 #: ``--device`` choice -> how to decide whether to use CUDA.
 _DEVICE_CHOICES = {
@@ -77,3 +78,17 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: Optional[DistContext] = None) -> t
     if dist.is_available() and dist.is_initialized() and (ctx is None or ctx.distributed):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP does this at the start of each training forward, but every rank then updates its
+    running statistics from its own images; before validating, all ranks must hold the
+    model that rank 0 checkpoints.
+    """
+    if not ctx.distributed:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)

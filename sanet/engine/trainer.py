@@ -21,7 +21,7 @@ import torch
 
 from .config import RECIPE_KEYS, plain_args, to_plain, validate_train_args
 from .data import build_eval_loader, build_train_loader, build_transform, open_train_val, reseed_loader
-from .distributed import DistContext, cleanup_distributed, init_distributed
+from .distributed import DistContext, broadcast_buffers, cleanup_distributed, init_distributed
 from .evaluate import evaluate
 from .logs import RunLogger, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
@@ -182,6 +182,9 @@ def _validate(state: TrainState, loader, ctx: DistContext, args: argparse.Namesp
     Runs the plain module, not the DDP wrapper: DDP's forward may broadcast buffers (a
     collective), and ranks hold different numbers of val batches.
     """
+    broadcast_buffers(state.raw, ctx)
+    if state.ema is not None:
+        broadcast_buffers(state.ema.module, ctx)
     val = evaluate(state.raw, loader, ctx, amp=args.amp, channels_last=args.channels_last,
                    progress=progress, desc="val")
     row = dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
