@@ -47,7 +47,10 @@ def _isa() -> str:
 
 
 def _flags() -> List[str]:
-    return ["-O3"] + _ISA_FLAGS.get(_isa(), [])
+    # -fopenmp: at::parallel_for is inlined from ATen's headers and is serial without
+    # _OPENMP. Linked as libgomp.so.1, it binds to the copy torch has already loaded, so
+    # torch.set_num_threads applies and there is one thread pool.
+    return ["-O3", "-fopenmp"] + _ISA_FLAGS.get(_isa(), [])
 
 
 def _build_dir(name: str) -> Path:
@@ -77,7 +80,7 @@ def load_cpu_ext() -> Optional[ModuleType]:
             print("sanet: compiling the fused Shuffle Attention CPU kernels (once, about a "
                   f"minute) into {build_dir}", file=sys.stderr, flush=True)
         module = load(name=name, sources=[str(_SRC)], extra_cflags=_flags(),
-                      build_directory=str(build_dir), verbose=False)
+                      extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler, headers missing, ...
         _status["error"] = f"{type(exc).__name__}: {exc}"
         if os.environ.get("SANET_REQUIRE_EXT", "") not in ("", "0"):
