@@ -129,9 +129,6 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
 }
 
-// Planes ahead to prefetch: small planes are done before a load from memory returns.
-inline int64_t prefetch_distance(int64_t M) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, M)); }
-
 // out[i] = f(i, n) over one plane in vector chunks (n = lanes valid). With Stream, the
 // head is peeled until out is vector-aligned, then stores bypass the cache.
 template <typename T, bool Stream, typename F>
@@ -349,9 +346,7 @@ struct Fwd {
   void planes(const Affine& bn) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
-      const int64_t ahead = prefetch_distance(L.M);
       for (int64_t k = k0, n = k0 / L.C, ch = k0 % L.C; k < k1; ++k, ch = ch + 1 == L.C ? (++n, 0) : ch + 1) {
-        if (k + ahead < k1) prefetch(x + (k + ahead) * L.M, L.M * sizeof(T));
         plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
         double a, b;
         bn.at(ch, a, b);
