@@ -149,17 +149,20 @@ def _run_bn_sa(bn, sa, ref_bn, ref_sa, x, sc, relu, gen):
     return (y, grads(y, fused_in, g)), (y_ref, grads(y_ref, ref_in, g))
 
 
+# Small planes take the kernels' two-pass path for training BatchNorm, large ones (>= 8 KiB
+# per plane) the per-channel walk: both are checked.
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("momentum,affine", [(0.1, True), (None, True), (0.1, False)])
-def test_bn_sa_fusion_fp64_exact(train, relu, momentum, affine):
+@pytest.mark.parametrize("momentum,affine,hw", [(0.1, True, (6, 7)), (None, True, (6, 7)),
+                                                (0.1, False, (6, 7)), (0.1, True, (33, 35))])
+def test_bn_sa_fusion_fp64_exact(train, relu, momentum, affine, hw):
     gen = torch.Generator().manual_seed(2)
     C, G = 64, 8
     bn, sa, ref_bn, ref_sa = _bn_sa_pair(C, G, gen, torch.float64, momentum, affine)
     bn.train(train)
     ref_bn.train(train)
-    x = torch.randn(3, C, 6, 7, generator=gen, dtype=torch.float64) * 2 + 0.5
-    sc = torch.randn(3, C, 6, 7, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, C, *hw, generator=gen, dtype=torch.float64) * 2 + 0.5
+    sc = torch.randn(3, C, *hw, generator=gen, dtype=torch.float64)
     for step in range(2):  # twice: running statistics must update exactly once per call
         (y, g), (y_ref, g_ref) = _run_bn_sa(bn, sa, ref_bn, ref_sa, x, sc, relu, gen)
         assert rel(y, y_ref) < 1e-12
@@ -172,7 +175,8 @@ def test_bn_sa_fusion_fp64_exact(train, relu, momentum, affine):
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
-def test_bn_sa_fusion_fp32_within_reference_precision(train, relu):
+@pytest.mark.parametrize("hw", [(9, 11), (46, 47)])
+def test_bn_sa_fusion_fp32_within_reference_precision(train, relu, hw):
     """In fp32 both implementations round; judge each against an fp64 oracle.
 
     BatchNorm's parameter gradients are sums of many terms of both signs, so even the
@@ -186,8 +190,8 @@ def test_bn_sa_fusion_fp32_within_reference_precision(train, relu):
     ref_bn32, ref_sa32 = copy.deepcopy(ref_bn64).float(), copy.deepcopy(ref_sa64).float()
     for m in (bn64, ref_bn64, bn32, ref_bn32):
         m.train(train)
-    x = torch.randn(4, C, 9, 11, generator=gen)
-    sc = torch.randn(4, C, 9, 11, generator=gen)
+    x = torch.randn(4, C, *hw, generator=gen)
+    sc = torch.randn(4, C, *hw, generator=gen)
     (_, _), (y64, g64) = _run_bn_sa(bn64, sa64, ref_bn64, ref_sa64, x.double(), sc.double(), relu,
                                     torch.Generator().manual_seed(4))
     (y, g), (y_ref, g_ref) = _run_bn_sa(bn32, sa32, ref_bn32, ref_sa32, x, sc, relu,

@@ -1,8 +1,9 @@
 """Side-by-side benchmarks: SA implementations per layer, SA-ResNet vs ResNet per model.
 
 Shared machines are noisy, so variants are timed interleaved (each round runs every
-variant once, in a shuffled order) and reported as medians; ratios are taken between
-medians of the same run. Memory is measured, not timed: bytes saved for backward and peak
+variant once, in a shuffled order). Times are reported as medians; a ratio between two
+variants is the median over rounds of their per-round ratio (:func:`paired_ratio`), which
+cancels the slow drifts of a shared machine that a ratio of medians keeps. Memory is measured, not timed: bytes saved for backward and peak
 live bytes of a training step (see :mod:`sanet.analysis.memory`).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from .memory import PeakMemoryTracker, saved_tensor_bytes
 
-__all__ = ["time_interleaved", "layer_bench", "model_bench", "machine_info"]
+__all__ = ["time_interleaved", "paired_ratio", "layer_bench", "model_bench", "machine_info"]
 
 
 def machine_info(device: torch.device) -> Dict[str, object]:
@@ -63,8 +64,14 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, warmup: 
             samples[k].append((time.perf_counter() - t0) * 1e3)
         if progress:
             progress(r)
-    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "n": len(v)}
+    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "n": len(v),
+                "samples_ms": v}
             for k, v in samples.items()}
+
+
+def paired_ratio(times: Dict[str, Dict[str, object]], a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b), both from the same :func:`time_interleaved` run."""
+    return statistics.median(x / y for x, y in zip(times[a]["samples_ms"], times[b]["samples_ms"]))
 
 
 def _peak_bytes(fn: Callable[[], object]) -> int:

@@ -50,31 +50,38 @@ def _shape(text: str) -> List[int]:
 
 
 def _layer_text(res: Dict) -> List[str]:
+    from sanet.analysis.bench import paired_ratio
+
     t, mem = res["times"], res["memory"]
-    clone = t["clone"]["median_ms"]
-    ref = {k: t.get(f"reference/{k}", {}).get("median_ms") for k in ("fwd", "fwd+bwd")}
-    lines = [f"SA layer {'x'.join(map(str, res['shape']))}, G={res['groups']} (x.clone(): {clone:.3f} ms)",
+    has_ref = "reference/fwd" in t
+    lines = [f"SA layer {'x'.join(map(str, res['shape']))}, G={res['groups']} "
+             f"(x.clone(): {t['clone']['median_ms']:.3f} ms; ratios are per-round paired medians)",
              f"  {'impl':<11}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x ref':>11}{'f+b x ref':>11}"
              f"{'fwd/clone':>11}{'saved MiB':>11}{'peak MiB':>10}"]
     for impl in mem:
         f, fb = t[f"{impl}/fwd"]["median_ms"], t[f"{impl}/fwd+bwd"]["median_ms"]
-        sp = f"{ref['fwd'] / f:.2f}x" if ref["fwd"] else "-"
-        spb = f"{ref['fwd+bwd'] / fb:.2f}x" if ref["fwd+bwd"] else "-"
-        lines.append(f"  {impl:<11}{f:>9.3f}{fb:>12.3f}{sp:>11}{spb:>11}{f / clone:>10.2f}x"
+        sp = f"{paired_ratio(t, 'reference/fwd', f'{impl}/fwd'):.2f}x" if has_ref else "-"
+        spb = f"{paired_ratio(t, 'reference/fwd+bwd', f'{impl}/fwd+bwd'):.2f}x" if has_ref else "-"
+        lines.append(f"  {impl:<11}{f:>9.3f}{fb:>12.3f}{sp:>11}{spb:>11}"
+                     f"{paired_ratio(t, f'{impl}/fwd', 'clone'):>10.2f}x"
                      f"{mem[impl]['saved_bytes'] / MIB:>11.1f}{mem[impl]['peak_fwd_bwd_bytes'] / MIB:>10.1f}")
     return lines
 
 
 def _model_text(res: Dict, baseline: str) -> List[str]:
+    from sanet.analysis.bench import paired_ratio
+
     t, mem = res["times"], res["memory"]
-    b_inf, b_tr = t[f"{baseline}/inference"]["median_ms"], t[f"{baseline}/train_step"]["median_ms"]
     b_saved, b_peak = mem[baseline]["saved_bytes"], mem[baseline]["peak_train_step_bytes"]
-    lines = [f"Models, batch {res['batch_size']} at {res['img_size']}px (ratios vs {baseline})",
+    lines = [f"Models, batch {res['batch_size']} at {res['img_size']}px (ratios vs {baseline}; "
+             "time ratios are per-round paired medians)",
              f"  {'model':<24}{'infer ms':>10}{'ratio':>7}{'train ms':>10}{'ratio':>7}"
              f"{'saved MiB':>11}{'ratio':>7}{'peak MiB':>10}{'ratio':>7}"]
     for label, m in mem.items():
         inf, tr = t[f"{label}/inference"]["median_ms"], t[f"{label}/train_step"]["median_ms"]
-        lines.append(f"  {label:<24}{inf:>10.1f}{inf / b_inf:>7.3f}{tr:>10.1f}{tr / b_tr:>7.3f}"
+        r_inf = paired_ratio(t, f"{label}/inference", f"{baseline}/inference")
+        r_tr = paired_ratio(t, f"{label}/train_step", f"{baseline}/train_step")
+        lines.append(f"  {label:<24}{inf:>10.1f}{r_inf:>7.3f}{tr:>10.1f}{r_tr:>7.3f}"
                      f"{m['saved_bytes'] / MIB:>11.1f}{m['saved_bytes'] / b_saved:>7.3f}"
                      f"{m['peak_train_step_bytes'] / MIB:>10.1f}{m['peak_train_step_bytes'] / b_peak:>7.3f}")
     return lines

@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -155,37 +156,40 @@ inline double hsum(const Vectorized<T>& v) {
   return static_cast<double>(at::vec::vec_reduce_all<T>(
       [](const Vectorized<T>& a, const Vectorized<T>& b) { return a + b; }, v));
 }
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline double hsum(const Vectorized<float>& v) { return _mm512_reduce_add_ps(v); }
+#endif
 
-// Mean and population variance of one plane: two passes (the second hits L1).
+// Mean and population variance of one plane: two passes (the second hits L1). The last
+// partial vector is loaded masked (zero-filled), and masked again where zeros would count.
 template <typename T>
 inline void plane_moments(const T* p, int64_t M, double& mean, double& var) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
-  V a0(static_cast<T>(0)), a1(static_cast<T>(0));
+  const V zero(static_cast<T>(0));
+  V a0 = zero, a1 = zero;
   int64_t i = 0;
   for (; i + 2 * W <= M; i += 2 * W) {
     a0 += V::loadu(p + i);
     a1 += V::loadu(p + i + W);
   }
-  for (; i + W <= M; i += W) a0 += V::loadu(p + i);
-  double s = hsum<T>(a0 + a1);
-  for (; i < M; ++i) s += p[i];
-  mean = s / M;
+  for (; i < M; i += W) a0 += V::loadu(p + i, std::min<int64_t>(W, M - i));
+  mean = hsum<T>(a0 + a1) / M;
   const V vm(static_cast<T>(mean));
-  a0 = V(static_cast<T>(0));
-  a1 = V(static_cast<T>(0));
+  a0 = zero;
+  a1 = zero;
   for (i = 0; i + 2 * W <= M; i += 2 * W) {
     const V d0 = V::loadu(p + i) - vm, d1 = V::loadu(p + i + W) - vm;
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
   }
-  for (; i + W <= M; i += W) {
-    const V d = V::loadu(p + i) - vm;
+  for (; i < M; i += W) {
+    const int64_t n = std::min<int64_t>(W, M - i);
+    const V d = V::set(zero, V::loadu(p + i, n) - vm, n);
     a0 = at::vec::fmadd(d, d, a0);
   }
-  double q = hsum<T>(a0 + a1);
-  for (; i < M; ++i) q += (double(p[i]) - mean) * (double(p[i]) - mean);
-  var = q / M;
+  var = hsum<T>(a0 + a1) / M;
 }
 
 // ---------------------------------------------------------------- SA geometry and gate
@@ -319,6 +323,31 @@ void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool 
   });
 }
 
+// Planes are processed in small batches: statistics of every plane, then every gate's
+// coefficients, then the element-wise passes. A plane's own chain (reduce, horizontal sum,
+// sqrt, divide, gate) is serial; batching lets independent planes overlap it, which is
+// what makes 7x7 and 14x14 planes fast. Batches stay in L1/L2.
+constexpr int64_t kMaxBatch = 32;
+
+template <typename T>
+inline int64_t batch_planes(int64_t M) {
+  return std::clamp<int64_t>(16384 / std::max<int64_t>(1, M * int64_t(sizeof(T))), 1, kMaxBatch);
+}
+
+// Training BatchNorm walks a channel's N planes together when a plane is large enough for
+// the hardware prefetcher to stream it; smaller planes go in two passes in memory order.
+template <typename T>
+inline bool walk_channels(int64_t M) { return M * int64_t(sizeof(T)) >= 8192; }
+
+// (n, ch) of consecutive planes k, without a division per plane.
+struct PlaneCursor {
+  int64_t n, ch, C;
+  PlaneCursor(int64_t k, int64_t C_) : n(k / C_), ch(k % C_), C(C_) {}
+  void next() {
+    if (++ch == C) { ch = 0; ++n; }
+  }
+};
+
 template <typename T>
 struct Fwd {
   const Layout L;
@@ -331,9 +360,8 @@ struct Fwd {
   double* pv;
   bool relu, stream;
 
-  void gate(int64_t n, int64_t ch, double a, double b) const {
+  void gate(int64_t n, int64_t ch, const Gate& g) const {
     const int64_t k = n * L.C + ch;
-    const Gate g = plane_gate(L, P, ch, a, b, pm[k], pv[k], eps);
     const int64_t dst = (n * L.C + L.out_channel(ch)) * L.M;
     const T* s = sc ? sc + dst : nullptr;
     if (stream)
@@ -343,41 +371,79 @@ struct Fwd {
   }
 
   // Identity or given (running) statistics: every plane is independent.
-  void planes(const Affine& bn) const {
+  void planes(const Affine& bn, bool moments_done = false) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
+    const int64_t B = batch_planes<T>(L.M);
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0, n = k0 / L.C, ch = k0 % L.C; k < k1; ++k, ch = ch + 1 == L.C ? (++n, 0) : ch + 1) {
-        plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
-        double a, b;
-        bn.at(ch, a, b);
-        gate(n, ch, a, b);
+      Gate g[kMaxBatch];
+      for (int64_t kb = k0; kb < k1; kb += B) {
+        const int64_t ke = std::min(k1, kb + B);
+        if (!moments_done)
+          for (int64_t k = kb; k < ke; ++k) plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
+        PlaneCursor c(kb, L.C);
+        for (int64_t k = kb; k < ke; ++k, c.next()) {
+          double a, b;
+          bn.at(c.ch, a, b);
+          g[k - kb] = plane_gate(L, P, c.ch, a, b, pm[k], pv[k], eps);
+        }
+        c = PlaneCursor(kb, L.C);
+        for (int64_t k = kb; k < ke; ++k, c.next()) gate(c.n, c.ch, g[k - kb]);
       }
       if (stream) stream_fence();
     });
   }
 
-  // Training BatchNorm: one channel's N planes, statistics first, then the gates.
+  // Training BatchNorm, small planes: statistics of every plane in memory order, the batch
+  // statistics per channel, then the gates in memory order (x is read twice, but as two
+  // streams; walking a channel's N small planes would wait on memory at every plane).
+  void two_phase(const Affine& bn, double bn_eps, double* bmean, double* bvar) const {
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
+    at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
+    });
+    Affine stats = bn;
+    stats.mean.resize(L.C);
+    stats.invstd.resize(L.C);
+    for (int64_t ch = 0; ch < L.C; ++ch) {
+      merge_batch_stats(ch, bmean[ch], bvar[ch]);
+      stats.mean[ch] = bmean[ch];
+      stats.invstd[ch] = 1.0 / std::sqrt(bvar[ch] + bn_eps);
+    }
+    planes(stats, true);
+  }
+
+  // Batch statistics of channel ch: exact merge of N equal-size planes.
+  void merge_batch_stats(int64_t ch, double& mean, double& var) const {
+    double s = 0, m2 = 0;
+    for (int64_t n = 0; n < L.N; ++n) s += pm[n * L.C + ch];
+    mean = s / L.N;
+    for (int64_t n = 0; n < L.N; ++n) {
+      const double d = pm[n * L.C + ch] - mean;
+      m2 += pv[n * L.C + ch] + d * d;
+    }
+    var = m2 / L.N;
+  }
+
+  // Training BatchNorm, large planes: one channel's N planes at a time (they stay in L2),
+  // statistics first, then the gates.
   void channels(const Affine& bn, double bn_eps, double* bmean, double* bvar) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.N * L.M));
     at::parallel_for(0, L.C, grain, [&](int64_t c0, int64_t c1) {
+      Gate g[kMaxBatch];
       for (int64_t ch = c0; ch < c1; ++ch) {
         for (int64_t n = 0; n < L.N; ++n) {
           const int64_t k = n * L.C + ch;
           if (n + 1 < L.N) prefetch(x + (k + L.C) * L.M, L.M * sizeof(T));
           plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
         }
-        // Batch statistics: exact merge of N equal-size planes.
-        double s = 0, m2 = 0;
-        for (int64_t n = 0; n < L.N; ++n) s += pm[n * L.C + ch];
-        const double mean = s / L.N;
-        for (int64_t n = 0; n < L.N; ++n) {
-          const double d = pm[n * L.C + ch] - mean;
-          m2 += pv[n * L.C + ch] + d * d;
+        merge_batch_stats(ch, bmean[ch], bvar[ch]);
+        const double a = bn.w[ch] / std::sqrt(bvar[ch] + bn_eps), b = bn.b[ch] - bmean[ch] * a;
+        for (int64_t nb = 0; nb < L.N; nb += kMaxBatch) {
+          const int64_t ne = std::min(L.N, nb + kMaxBatch);
+          for (int64_t n = nb; n < ne; ++n)
+            g[n - nb] = plane_gate(L, P, ch, a, b, pm[n * L.C + ch], pv[n * L.C + ch], eps);
+          for (int64_t n = nb; n < ne; ++n) gate(n, ch, g[n - nb]);
         }
-        bmean[ch] = mean;
-        bvar[ch] = m2 / L.N;
-        const double a = bn.w[ch] / std::sqrt(bvar[ch] + bn_eps);
-        for (int64_t n = 0; n < L.N; ++n) gate(n, ch, a, bn.b[ch] - mean * a);
       }
       if (stream) stream_fence();
     });
@@ -386,98 +452,102 @@ struct Fwd {
 
 // ---------------------------------------------------------------- backward
 
-// Per-plane SA backward. go: gradient at the SA output (after the ReLU mask when fused).
-// Returns dL/dz via writer(i, n, gz) and the sums the parameters need:
+// What pass B of a plane needs, from pass A: dL/dz = go*s + Kgu*gu + K0 + Kz*z (the gate's
+// own derivative plus its statistics'), and the sums for the gate parameters:
 //   S1 = sum(gu), S2 = sum(gu * zhat) (spatial) or S1 * mean(z) (channel),
 // with gu = dL/du = go * z * s * (1 - s), u the gate argument.
-template <typename T>
-struct PlaneGrad {
-  double S1, S2;
+struct PlaneBwd {
+  double S1, S2, K0, Kgu, Kz, s_const;
+  bool const_gate;
 };
 
-template <typename T, typename Writer>
-PlaneGrad<T> sa_plane_backward(const Layout& L, const Params& P, int64_t ch, const Gate& g,
-                               const T* xr, const T* go, T* sig, Writer&& write) {
+// Pass A: the sums (and the sigmoid, kept in sig for pass B).
+template <typename T>
+PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g, const T* xr,
+                    const T* go, T* sig) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const int64_t M = L.M;
   const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b)), one(static_cast<T>(1));
-  const bool spatial = L.spatial(ch);
-  const int64_t j = L.param(ch);
-  double S1 = 0, Sgz = 0;
-  const bool const_gate = g.Az == 0.0;
-  const double s_const = const_gate ? ssigmoid(g.Bc) : 0.0;
-  // Pass A: the sums (and the sigmoid, kept for pass B).
-  {
-    V acc1(static_cast<T>(0)), acc2(static_cast<T>(0));
-    int64_t i = 0;
-    if (const_gate) {
-      // gu = go * z * s(1-s) with constant s: sum go*z (and go*z*z for the spatial branch).
-      for (; i + W <= M; i += W) {
-        const V gz = V::loadu(go + i) * at::vec::fmadd(V::loadu(xr + i), va, vb);
-        acc1 += gz;
-        acc2 = at::vec::fmadd(gz, at::vec::fmadd(V::loadu(xr + i), va, vb), acc2);
-      }
-      double s1 = hsum<T>(acc1), s2 = hsum<T>(acc2);
-      for (; i < M; ++i) {
-        const double z = g.a * xr[i] + g.b;
-        s1 += double(go[i]) * z;
-        s2 += double(go[i]) * z * z;
-      }
-      S1 = s_const * (1 - s_const) * s1;
-      Sgz = s_const * (1 - s_const) * s2;
-    } else {
-      const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bc, g.mx);
-      for (; i + W <= M; i += W) {
-        const V xv = V::loadu(xr + i);
-        const V z = at::vec::fmadd(xv, va, vb);
-        const V s = sigmoid(xv);
-        s.store(sig + i);
-        const V gu = V::loadu(go + i) * z * s * (one - s);
-        acc1 += gu;
-        acc2 = at::vec::fmadd(gu, z, acc2);
-      }
-      S1 = hsum<T>(acc1);
-      Sgz = hsum<T>(acc2);
-      for (; i < M; ++i) {
-        const double z = g.a * xr[i] + g.b;
-        const double s = ssigmoid<double>(g.Ax() * (xr[i] - g.mx) + g.Bc);
-        sig[i] = static_cast<T>(s);
-        const double gu = double(go[i]) * z * s * (1 - s);
-        S1 += gu;
-        Sgz += gu * z;
-      }
+  PlaneBwd r{0, 0, 0, 0, 0, 0, g.Az == 0.0};
+  double Sgz = 0;
+  V acc1(static_cast<T>(0)), acc2(static_cast<T>(0));
+  int64_t i = 0;
+  if (r.const_gate) {
+    // gu = go * z * s(1-s) with constant s: sum go*z (and go*z*z for the spatial branch).
+    r.s_const = ssigmoid(g.Bc);
+    for (; i + W <= M; i += W) {
+      const V z = at::vec::fmadd(V::loadu(xr + i), va, vb);
+      const V gz = V::loadu(go + i) * z;
+      acc1 += gz;
+      acc2 = at::vec::fmadd(gz, z, acc2);
+    }
+    double s1 = hsum<T>(acc1), s2 = hsum<T>(acc2);
+    for (; i < M; ++i) {
+      const double z = g.a * xr[i] + g.b;
+      s1 += double(go[i]) * z;
+      s2 += double(go[i]) * z * z;
+    }
+    r.S1 = r.s_const * (1 - r.s_const) * s1;
+    Sgz = r.s_const * (1 - r.s_const) * s2;
+  } else {
+    const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bc, g.mx);
+    for (; i + W <= M; i += W) {
+      const V xv = V::loadu(xr + i);
+      const V z = at::vec::fmadd(xv, va, vb);
+      const V s = sigmoid(xv);
+      s.store(sig + i);
+      const V gu = V::loadu(go + i) * z * s * (one - s);
+      acc1 += gu;
+      acc2 = at::vec::fmadd(gu, z, acc2);
+    }
+    r.S1 = hsum<T>(acc1);
+    Sgz = hsum<T>(acc2);
+    for (; i < M; ++i) {
+      const double z = g.a * xr[i] + g.b;
+      const double s = ssigmoid<double>(g.Ax() * (xr[i] - g.mx) + g.Bc);
+      sig[i] = static_cast<T>(s);
+      const double gu = double(go[i]) * z * s * (1 - s);
+      r.S1 += gu;
+      Sgz += gu * z;
     }
   }
-  // dL/dz = go*s + Kgu*gu + K0 + Kz*z: the gate's own derivative plus the statistics'.
-  double K0, Kgu = 0, Kz = 0, S2;
-  if (spatial) {
-    S2 = g.rz * (Sgz - g.mz * S1);  // sum(gu * zhat)
+  const int64_t j = L.param(ch);
+  if (L.spatial(ch)) {
+    r.S2 = g.rz * (Sgz - g.mz * r.S1);  // sum(gu * zhat)
     // GroupNorm backward with gzhat = gu*sw*gw: Kgu * (gu - mean(gu) - zhat * mean(gu*zhat)).
     // On a one-pixel plane that is exactly 0 (gu equals its mean), but as a difference of
     // terms scaled by 1/sqrt(eps) it would only be 0 up to rounding.
-    Kgu = M > 1 ? P.sw(j) * P.gw(j) * g.rz : 0.0;
-    K0 = -Kgu * S1 / M + Kgu * S2 * g.rz * g.mz / M;
-    Kz = -Kgu * S2 * g.rz / M;
+    r.Kgu = M > 1 ? P.sw(j) * P.gw(j) * g.rz : 0.0;
+    r.K0 = -r.Kgu * r.S1 / M + r.Kgu * r.S2 * g.rz * g.mz / M;
+    r.Kz = -r.Kgu * r.S2 * g.rz / M;
   } else {
-    S2 = S1 * g.mz;
-    K0 = P.cw(j) * S1 / M;  // the mean's gradient is uniform over the plane
+    r.S2 = r.S1 * g.mz;
+    r.K0 = P.cw(j) * r.S1 / M;  // the mean's gradient is uniform over the plane
   }
-  // Pass B.
-  const V vK0(static_cast<T>(K0)), vKgu(static_cast<T>(Kgu)), vKz(static_cast<T>(Kz));
-  if (const_gate) {  // Az == 0, hence Kgu == Kz == 0
-    const V vs(static_cast<T>(s_const));
-    write([&](int64_t i, int64_t n) { return at::vec::fmadd(V::loadu(go + i, n), vs, vK0); });
-  } else {
-    write([&](int64_t i, int64_t n) {
-      const V gv = V::loadu(go + i, n), s = V::loadu(sig + i, n);
-      const V z = at::vec::fmadd(V::loadu(xr + i, n), va, vb);
-      const V gu = gv * z * s * (one - s);
-      return at::vec::fmadd(gv, s, at::vec::fmadd(vKgu, gu, at::vec::fmadd(vKz, z, vK0)));
-    });
-  }
-  return {S1, S2};
+  return r;
 }
+
+// Pass B: dL/dz of lanes [i, i+n) of a plane.
+template <typename T>
+struct GradZ {
+  Vectorized<T> va, vb, vK0, vKgu, vKz, vs, one;
+  const T *xr, *go, *sig;
+  bool const_gate;
+  GradZ(const Gate& g, const PlaneBwd& r, const T* xr_, const T* go_, const T* sig_)
+      : va(static_cast<T>(g.a)), vb(static_cast<T>(g.b)), vK0(static_cast<T>(r.K0)),
+        vKgu(static_cast<T>(r.Kgu)), vKz(static_cast<T>(r.Kz)), vs(static_cast<T>(r.s_const)),
+        one(static_cast<T>(1)), xr(xr_), go(go_), sig(sig_), const_gate(r.const_gate) {}
+  Vectorized<T> operator()(int64_t i, int64_t n) const {
+    using V = Vectorized<T>;
+    const V gv = V::loadu(go + i, n);
+    if (const_gate) return at::vec::fmadd(gv, vs, vK0);  // Az == 0, hence Kgu == Kz == 0
+    const V s = V::loadu(sig + i, n);
+    const V z = at::vec::fmadd(V::loadu(xr + i, n), va, vb);
+    const V gu = gv * z * s * (one - s);
+    return at::vec::fmadd(gv, s, at::vec::fmadd(vKgu, gu, at::vec::fmadd(vKz, z, vK0)));
+  }
+};
 
 template <typename T>
 struct Bwd {
@@ -509,84 +579,144 @@ struct Bwd {
     return gpre + dst;
   }
 
-  // One plane; writes scale * dL/dz (Stream: around the cache) and the BatchNorm sums.
+  // Pass B of plane (n, ch): writes scale * dL/dz (Stream: around the cache) and the sums.
   template <bool Stream>
-  void plane(int64_t n, int64_t ch, double a, double b, double scale, T* sig) const {
+  void pass_b(int64_t n, int64_t ch, const Gate& g, const PlaneBwd& r, const T* go, const T* sig,
+              double scale) const {
     using V = Vectorized<T>;
     const int64_t k = n * L.C + ch;
-    const Gate g = plane_gate(L, P, ch, a, b, pmean[k], pvar[k], eps);
     const T* xr = x + k * L.M;
-    T* gxr = gx + k * L.M;
-    V accg(static_cast<T>(0)), accgx(static_cast<T>(0));
+    const GradZ<T> gz_at(g, r, xr, go, sig);
     const V vscale(static_cast<T>(scale));
-    const bool sums = Sg != nullptr;
-    const auto r = sa_plane_backward<T>(L, P, ch, g, xr, sa_grad(n, ch), sig, [&](auto&& gz_at) {
-      map_plane<T, Stream>(gxr, L.M, [&](int64_t i, int64_t m) {
-        const V gz = gz_at(i, m);
-        if (sums) {
-          const V gzm = m == V::size() ? gz : V::set(V(static_cast<T>(0)), gz, m);  // drop padding
-          accg += gzm;
-          accgx = at::vec::fmadd(gzm, V::loadu(xr + i, m), accgx);
-        }
-        return gz * vscale;
-      });
-    });
     S1[k] = r.S1;
     S2[k] = r.S2;
-    if (sums) {
-      Sg[k] = hsum<T>(accg);
-      Sgx[k] = hsum<T>(accgx);
+    if (!Sg) {
+      map_plane<T, Stream>(gx + k * L.M, L.M, [&](int64_t i, int64_t m) { return gz_at(i, m) * vscale; });
+      return;
     }
+    V accg(static_cast<T>(0)), accgx(static_cast<T>(0));
+    map_plane<T, Stream>(gx + k * L.M, L.M, [&](int64_t i, int64_t m) {
+      const V gz = gz_at(i, m);
+      const V gzm = m == V::size() ? gz : V::set(V(static_cast<T>(0)), gz, m);  // drop padding
+      accg += gzm;
+      accgx = at::vec::fmadd(gzm, V::loadu(xr + i, m), accgx);
+      return gz * vscale;
+    });
+    Sg[k] = hsum<T>(accg);
+    Sgx[k] = hsum<T>(accgx);
   }
 
-  // Identity or fixed statistics: independent planes; gx = a * dL/dz.
-  void planes(const Affine& bn) const {
+  // A batch of planes: gates and pass A for all, then pass B for all.
+  template <bool Stream>
+  void batch(const int64_t* ns, const int64_t* chs, int64_t cnt, const Affine& bn, bool scale_by_a,
+             T* sig) const {
+    Gate g[kMaxBatch];
+    PlaneBwd r[kMaxBatch];
+    const T* go[kMaxBatch];
+    for (int64_t i = 0; i < cnt; ++i) {
+      const int64_t k = ns[i] * L.C + chs[i];
+      double a, b;
+      bn.at(chs[i], a, b);
+      g[i] = plane_gate(L, P, chs[i], a, b, pmean[k], pvar[k], eps);
+      go[i] = sa_grad(ns[i], chs[i]);
+      r[i] = bwd_pass_a<T>(L, P, chs[i], g[i], x + k * L.M, go[i], sig + i * L.M);
+    }
+    for (int64_t i = 0; i < cnt; ++i)
+      pass_b<Stream>(ns[i], chs[i], g[i], r[i], go[i], sig + i * L.M, scale_by_a ? g[i].a : 1.0);
+  }
+
+  // Independent planes: gx = a * dL/dz (identity or fixed statistics), or dL/dz itself
+  // for the training-BatchNorm finish to transform (scale_by_a false).
+  void planes(const Affine& bn, bool scale_by_a = true) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
+    const int64_t B = batch_planes<T>(L.M);
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
-      std::vector<T> sig(L.M);
-      for (int64_t k = k0, n = k0 / L.C, ch = k0 % L.C; k < k1; ++k, ch = ch + 1 == L.C ? (++n, 0) : ch + 1) {
-        double a, b;
-        bn.at(ch, a, b);
-        if (stream) plane<true>(n, ch, a, b, a, sig.data());
-        else plane<false>(n, ch, a, b, a, sig.data());
+      std::vector<T> sig(B * L.M);
+      int64_t ns[kMaxBatch], chs[kMaxBatch];
+      PlaneCursor c(k0, L.C);
+      for (int64_t kb = k0; kb < k1; kb += B) {
+        const int64_t cnt = std::min(k1 - kb, B);
+        for (int64_t i = 0; i < cnt; ++i, c.next()) {
+          ns[i] = c.n;
+          chs[i] = c.ch;
+        }
+        if (stream && scale_by_a) batch<true>(ns, chs, cnt, bn, true, sig.data());
+        else batch<false>(ns, chs, cnt, bn, scale_by_a, sig.data());
       }
       if (stream) stream_fence();
     });
   }
 
-  // Training BatchNorm: dL/dz of the channel's N planes, then BatchNorm's backward
-  //   gx = a * (gz - mean(gz) - xhat * mean(gz * xhat))  over the N*M values (in L2).
-  void channels(const Affine& bn, double* dw, double* db) const {
+  // BatchNorm's backward of channel ch once its sums are known:
+  //   gx = a * (gz - mean(gz) - xhat * mean(gz * xhat)) = a * gz + K1 + K2 * x,
+  // with dbeta = sum(gz), dgamma = sum(gz * xhat).
+  void bn_coeffs(const Affine& bn, int64_t ch, double* dw, double* db, double& a, double& K1,
+                 double& K2) const {
+    double sg = 0, sgx = 0, b;
+    for (int64_t n = 0; n < L.N; ++n) {
+      sg += Sg[n * L.C + ch];
+      sgx += Sgx[n * L.C + ch];
+    }
+    bn.at(ch, a, b);
+    const double mean = bn.mean[ch], invstd = bn.invstd[ch];
+    const double sgxh = invstd * (sgx - mean * sg);  // sum(gz * xhat)
+    db[ch] = sg;
+    dw[ch] = sgxh;
+    const double NM = double(L.N) * L.M;
+    K1 = -a * sg / NM + a * invstd * sgxh / NM * mean;
+    K2 = -a * invstd * sgxh / NM;
+  }
+
+  template <bool Stream>
+  void bn_finish_plane(int64_t k, double a, double K1, double K2) const {
     using V = Vectorized<T>;
+    const V va(static_cast<T>(a)), vK1(static_cast<T>(K1)), vK2(static_cast<T>(K2));
+    T* g = gx + k * L.M;
+    const T* xr = x + k * L.M;
+    map_plane<T, Stream>(g, L.M, [&](int64_t i, int64_t m) {
+      return at::vec::fmadd(V::loadu(xr + i, m), vK2, at::vec::fmadd(V::loadu(g + i, m), va, vK1));
+    });
+  }
+
+  // Training BatchNorm, small planes: dL/dz of every plane in memory order, the sums per
+  // channel, then BatchNorm's backward in memory order.
+  void two_phase(const Affine& bn, double* dw, double* db) const {
+    planes(bn, false);
+    std::vector<double> A(L.C), K1(L.C), K2(L.C);
+    for (int64_t ch = 0; ch < L.C; ++ch) bn_coeffs(bn, ch, dw, db, A[ch], K1[ch], K2[ch]);
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
+    at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t ch = k % L.C;
+        if (stream) bn_finish_plane<true>(k, A[ch], K1[ch], K2[ch]);
+        else bn_finish_plane<false>(k, A[ch], K1[ch], K2[ch]);
+      }
+      if (stream) stream_fence();
+    });
+  }
+
+  // Training BatchNorm, large planes: dL/dz of the channel's N planes, then BatchNorm's
+  // backward over them while they are in L2.
+  void channels(const Affine& bn, double* dw, double* db) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.N * L.M));
+    const int64_t B = std::min<int64_t>(L.N, kMaxBatch);
     at::parallel_for(0, L.C, grain, [&](int64_t c0, int64_t c1) {
-      std::vector<T> sig(L.M);
+      std::vector<T> sig(B * L.M);
+      int64_t ns[kMaxBatch], chs[kMaxBatch];
       for (int64_t ch = c0; ch < c1; ++ch) {
-        double a, b;
-        bn.at(ch, a, b);
-        double sg = 0, sgx = 0;
-        for (int64_t n = 0; n < L.N; ++n) {
-          if (n + 1 < L.N) prefetch(x + ((n + 1) * L.C + ch) * L.M, L.M * sizeof(T));
-          plane<false>(n, ch, a, b, 1.0, sig.data());
-          sg += Sg[n * L.C + ch];
-          sgx += Sgx[n * L.C + ch];
+        for (int64_t nb = 0; nb < L.N; nb += B) {
+          const int64_t cnt = std::min(L.N - nb, B);
+          for (int64_t i = 0; i < cnt; ++i) {
+            ns[i] = nb + i;
+            chs[i] = ch;
+          }
+          batch<false>(ns, chs, cnt, bn, false, sig.data());
         }
-        const double mean = bn.mean[ch], invstd = bn.invstd[ch];
-        const double sgxh = invstd * (sgx - mean * sg);  // sum(gz * xhat)
-        db[ch] = sg;
-        dw[ch] = sgxh;
-        const double NM = double(L.N) * L.M;
-        const V va(static_cast<T>(a));
-        const V vK1(static_cast<T>(-a * sg / NM + a * invstd * sgxh / NM * mean));
-        const V vK2(static_cast<T>(-a * invstd * sgxh / NM));
+        double a, K1, K2;
+        bn_coeffs(bn, ch, dw, db, a, K1, K2);
         for (int64_t n = 0; n < L.N; ++n) {
-          const int64_t off = (n * L.C + ch) * L.M;
-          T* g = gx + off;
-          const T* xr = x + off;
-          auto f = [&](int64_t i, int64_t m) {
-            return at::vec::fmadd(V::loadu(xr + i, m), vK2, at::vec::fmadd(V::loadu(g + i, m), va, vK1));
-          };
-          if (stream) map_plane<T, true>(g, L.M, f); else map_plane<T, false>(g, L.M, f);
+          if (stream) bn_finish_plane<true>(n * L.C + ch, a, K1, K2);
+          else bn_finish_plane<false>(n * L.C + ch, a, K1, K2);
         }
       }
       if (stream) stream_fence();
@@ -639,10 +769,12 @@ std::vector<Tensor> sa_forward(const Tensor& x, const std::optional<Tensor>& sho
                           has_sc ? shortcut->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                           pmean.data_ptr<double>(), pvar.data_ptr<double>(), relu,
                           out.nbytes() >= kStreamBytes};
-    if (bn_train)
+    if (!bn_train)
+      f.planes(bn);
+    else if (walk_channels<scalar_t>(x.size(2)))
       f.channels(bn, bn_eps, bmean.data_ptr<double>(), bvar.data_ptr<double>());
     else
-      f.planes(bn);
+      f.two_phase(bn, bn_eps, bmean.data_ptr<double>(), bvar.data_ptr<double>());
   });
   return {out, pmean, pvar, bmean, bvar};
 }
@@ -683,8 +815,10 @@ std::vector<Tensor> sa_backward(const Tensor& grad, const Tensor& x, const std::
                           has_out ? gpre.data_ptr<scalar_t>() : nullptr, s1.data_ptr<double>(),
                           s2.data_ptr<double>(), has_bn ? sg.data_ptr<double>() : nullptr,
                           has_bn ? sgx.data_ptr<double>() : nullptr, gx.nbytes() >= kStreamBytes};
-    if (bn_train) {
+    if (bn_train && walk_channels<scalar_t>(x.size(2))) {
       b.channels(bn, dbn_w.data_ptr<double>(), dbn_b.data_ptr<double>());
+    } else if (bn_train) {
+      b.two_phase(bn, dbn_w.data_ptr<double>(), dbn_b.data_ptr<double>());
     } else {
       b.planes(bn);
       if (has_bn) {  // BatchNorm parameters: dbeta = sum(gz), dgamma = sum(gz * xhat)
