@@ -35,8 +35,9 @@ namespace {
 using at::Tensor;
 using at::vec::Vectorized;
 
-// Outputs at least this large go around the cache (they will not be re-read from it).
-constexpr int64_t kStreamBytes = 16 << 20;
+// Outputs at least this large go around the cache: no read-for-ownership of lines that are
+// overwritten anyway (the next layer reads them back at streaming speed).
+constexpr int64_t kStreamBytes = 8 << 20;
 
 // ---------------------------------------------------------------- vector helpers
 
@@ -199,17 +200,20 @@ inline void plane_moments(const T* p, int64_t M, double& mean, double& var) {
 // Tabulated once per call: integer divisions per plane are a visible cost on small planes.
 struct Layout {
   int64_t N, C, M;
-  std::vector<int64_t> oc, j;
+  std::vector<int64_t> oc, ic, j;
   std::vector<char> sp;
-  Layout(const Tensor& x, int64_t groups) : N(x.size(0)), C(x.size(1)), M(x.size(2)), oc(C), j(C), sp(C) {
+  Layout(const Tensor& x, int64_t groups)
+      : N(x.size(0)), C(x.size(1)), M(x.size(2)), oc(C), ic(C), j(C), sp(C) {
     const int64_t cg = C / groups, cc = C / (2 * groups), half = C / 2;
     for (int64_t ch = 0; ch < C; ++ch) {
       oc[ch] = 2 * (ch % half) + ch / half;
+      ic[oc[ch]] = ch;
       j[ch] = (ch % cg) % cc;
       sp[ch] = (ch % cg) >= cc;
     }
   }
   int64_t out_channel(int64_t ch) const { return oc[ch]; }
+  int64_t in_channel(int64_t o) const { return ic[o]; }
   int64_t param(int64_t ch) const { return j[ch]; }
   bool spatial(int64_t ch) const { return sp[ch]; }
 };
@@ -374,20 +378,30 @@ struct Fwd {
   void planes(const Affine& bn, bool moments_done = false) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
     const int64_t B = batch_planes<T>(L.M);
-    at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
+    // Planes in output order: the writes form one sequential stream (the shuffle would
+    // otherwise scatter them over every other plane) and the reads two.
+    at::parallel_for(0, L.N * L.C, grain, [&](int64_t o0, int64_t o1) {
       Gate g[kMaxBatch];
-      for (int64_t kb = k0; kb < k1; kb += B) {
-        const int64_t ke = std::min(k1, kb + B);
-        if (!moments_done)
-          for (int64_t k = kb; k < ke; ++k) plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
-        PlaneCursor c(kb, L.C);
-        for (int64_t k = kb; k < ke; ++k, c.next()) {
-          double a, b;
-          bn.at(c.ch, a, b);
-          g[k - kb] = plane_gate(L, P, c.ch, a, b, pm[k], pv[k], eps);
+      int64_t ns[kMaxBatch], chs[kMaxBatch];
+      PlaneCursor c(o0, L.C);
+      for (int64_t ob = o0; ob < o1; ob += B) {
+        const int64_t cnt = std::min(o1 - ob, B);
+        for (int64_t i = 0; i < cnt; ++i, c.next()) {
+          ns[i] = c.n;
+          chs[i] = L.in_channel(c.ch);
         }
-        c = PlaneCursor(kb, L.C);
-        for (int64_t k = kb; k < ke; ++k, c.next()) gate(c.n, c.ch, g[k - kb]);
+        if (!moments_done)
+          for (int64_t i = 0; i < cnt; ++i) {
+            const int64_t k = ns[i] * L.C + chs[i];
+            plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
+          }
+        for (int64_t i = 0; i < cnt; ++i) {
+          const int64_t k = ns[i] * L.C + chs[i];
+          double a, b;
+          bn.at(chs[i], a, b);
+          g[i] = plane_gate(L, P, chs[i], a, b, pm[k], pv[k], eps);
+        }
+        for (int64_t i = 0; i < cnt; ++i) gate(ns[i], chs[i], g[i]);
       }
       if (stream) stream_fence();
     });
@@ -631,6 +645,8 @@ struct Bwd {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
     const int64_t B = batch_planes<T>(L.M);
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
+      // Output order, as in the forward pass: the incoming gradient and the ReLU mask are
+      // read, and the pre-ReLU gradient written, as sequential streams.
       std::vector<T> sig(B * L.M);
       int64_t ns[kMaxBatch], chs[kMaxBatch];
       PlaneCursor c(k0, L.C);
@@ -638,7 +654,7 @@ struct Bwd {
         const int64_t cnt = std::min(k1 - kb, B);
         for (int64_t i = 0; i < cnt; ++i, c.next()) {
           ns[i] = c.n;
-          chs[i] = c.ch;
+          chs[i] = L.in_channel(c.ch);
         }
         if (stream && scale_by_a) batch<true>(ns, chs, cnt, bn, true, sig.data());
         else batch<false>(ns, chs, cnt, bn, scale_by_a, sig.data());
