@@ -164,8 +164,9 @@ inline double hsum(const Vectorized<float>& v) { return _mm512_reduce_add_ps(v);
 
 // Mean and population variance of one plane: two passes (the second hits L1). The last
 // partial vector is loaded masked (zero-filled), and masked again where zeros would count.
+// Without need_var (a channel-branch plane, which only pools) var is set to 0.
 template <typename T>
-inline void plane_moments(const T* p, int64_t M, double& mean, double& var) {
+inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool need_var = true) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const V zero(static_cast<T>(0));
@@ -177,6 +178,10 @@ inline void plane_moments(const T* p, int64_t M, double& mean, double& var) {
   }
   for (; i < M; i += W) a0 += V::loadu(p + i, std::min<int64_t>(W, M - i));
   mean = hsum<T>(a0 + a1) / M;
+  if (!need_var) {
+    var = 0.0;
+    return;
+  }
   const V vm(static_cast<T>(mean));
   a0 = zero;
   a1 = zero;
@@ -393,7 +398,7 @@ struct Fwd {
         if (!moments_done)
           for (int64_t i = 0; i < cnt; ++i) {
             const int64_t k = ns[i] * L.C + chs[i];
-            plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
+            plane_moments(x + k * L.M, L.M, pm[k], pv[k], L.spatial(chs[i]));
           }
         for (int64_t i = 0; i < cnt; ++i) {
           const int64_t k = ns[i] * L.C + chs[i];
