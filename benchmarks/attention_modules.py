@@ -3,9 +3,10 @@
 SE, ECA and CBAM come from timm (``resnet50`` with ``block_args=dict(attn_layer=...)``,
 which is how timm builds seresnet50/ecaresnet50); SA is ours, with the fused kernels and
 with the authors' formulation. Reports parameters, inference and SGD training step time
-(interleaved, ratios vs plain resnet50) and bytes saved for backward.
+(interleaved; ratios vs plain resnet50 are per-round paired medians) and bytes saved for
+backward.
 
-    .venv/bin/python benchmarks/attention_modules.py --threads 2 --rounds 5 [--json]
+    .venv/bin/python benchmarks/attention_modules.py --threads 2 --rounds 10 [--json] [--output F]
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import sys
 
 import torch
 
-from sanet.analysis.bench import machine_info, model_bench
+from pathlib import Path
+
+from sanet.analysis.bench import machine_info, model_bench, paired_ratio
 
 MODELS = {
     "resnet50": {"model": "resnet50"},
@@ -34,6 +37,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--output", type=Path, default=None, help="also write the JSON result here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,21 +53,23 @@ def main() -> int:
     res = model_bench(MODELS, args.batch_size, args.img_size, args.rounds)
     res["params"] = params
     res["machine"] = machine_info(torch.device("cpu"))
+    if args.output:
+        args.output.write_text(json.dumps(res, indent=2) + "\n")
     if args.json:
         json.dump(res, sys.stdout)
         print()
         return 0
     t, mem = res["times"], res["memory"]
-    b_inf = t["resnet50/inference"]["median_ms"]
-    b_tr = t["resnet50/train_step"]["median_ms"]
     b_saved = mem["resnet50"]["saved_bytes"]
     print(f"ResNet-50 + attention, batch {args.batch_size} at {args.img_size}px, "
-          f"{res['machine']['threads']} threads (ratios vs resnet50, measured side by side)")
+          f"{res['machine']['threads']} threads (ratios vs resnet50: per-round paired medians)")
     print(f"{'module':<16}{'params':>12}{'infer ms':>10}{'ratio':>7}{'train ms':>10}{'ratio':>7}{'saved MiB':>11}{'ratio':>7}")
     for label in MODELS:
         inf, tr = t[f"{label}/inference"]["median_ms"], t[f"{label}/train_step"]["median_ms"]
+        r_inf = paired_ratio(t, f"{label}/inference", "resnet50/inference")
+        r_tr = paired_ratio(t, f"{label}/train_step", "resnet50/train_step")
         saved = mem[label]["saved_bytes"]
-        print(f"{label:<16}{params[label]:>12,}{inf:>10.1f}{inf / b_inf:>7.3f}{tr:>10.1f}{tr / b_tr:>7.3f}"
+        print(f"{label:<16}{params[label]:>12,}{inf:>10.1f}{r_inf:>7.3f}{tr:>10.1f}{r_tr:>7.3f}"
               f"{saved / 2**20:>11.1f}{saved / b_saved:>7.3f}")
     return 0
 
