@@ -5,6 +5,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from ..ops import fused_sa_supported, shuffle_attention_fused
 from .groups import check_sa_groups, fit_sa_groups
 from .sa_functional import check_sa_input, shuffle_attention_reference, shuffle_attention_torch
 
@@ -98,8 +99,6 @@ class ShuffleAttention(nn.Module):
 
     @torch.jit.unused
     def _forward_dispatch(self, x: Tensor) -> Tensor:
-        from sanet.ops import fused_sa_supported, shuffle_attention_fused
-
         impl = self.impl
         if impl in ("auto", "fused") and torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             impl = "torch"  # fx records PyTorch ops; the fused op is opaque to it

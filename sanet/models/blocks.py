@@ -19,6 +19,8 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
+from ..ops import bn_shuffle_attention, fused_bn_sa_supported
+
 __all__ = ["SABottleneck", "SABasicBlock"]
 
 
@@ -36,8 +38,6 @@ class _SATailMixin:
     @torch.jit.unused
     def _fused_tail(self, x: Tensor, shortcut: Tensor) -> Optional[Tensor]:
         """``relu(sa(bn(x)) + shortcut)`` as one op, or None where it can't fuse."""
-        from sanet.ops import bn_shuffle_attention, fused_bn_sa_supported
-
         bn, act = self._tail_modules()
         if (
             self.sa is None
