@@ -7,12 +7,14 @@
 // batch or running statistics), a residual add and a ReLU behind are fused into the same
 // passes: the tail of an SA-ResNet block (bn3 -> SA -> += shortcut -> ReLU).
 //
-// Threads (at::parallel_for, PyTorch's own pool) take planes in memory order, which keeps
-// the hardware prefetcher streaming. Only training-mode BatchNorm, whose statistics are
-// per channel over the batch, walks one channel's N planes at a time (they stay in L2;
-// the next plane is prefetched by hand). Per-plane statistics and all reductions are in
-// double (plane sums in the input type first); element-wise math is vectorised in the
-// input type. Large outputs are written with streaming stores (no read-for-ownership).
+// Threads (at::parallel_for, PyTorch's own pool) take planes in output order, in small
+// batches (statistics, then gate coefficients, then element-wise passes), so reads and
+// writes stream and small planes overlap their serial work. Training-mode BatchNorm, whose
+// statistics are per channel over the batch, walks one channel's N planes at a time when
+// planes are large (they stay in L2) and uses two passes in memory order when they are
+// small. Per-plane statistics and all reductions are in double (plane sums in the input
+// type first); element-wise math is vectorised in the input type. Large outputs are
+// written with streaming stores (no read-for-ownership).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
