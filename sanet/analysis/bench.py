@@ -84,21 +84,24 @@ def _peak_bytes(fn: Callable[[], object]) -> int:
 
 def layer_bench(shape: Sequence[int], impls: Sequence[str], rounds: int = 30, groups: int = 64,
                 device: torch.device = torch.device("cpu"), seed: int = 0,
-                progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
-    """Forward and forward+backward of ShuffleAttention per ``impl``, and ``x.clone()``."""
-    from sanet.layers import ShuffleAttention
+                progress: Optional[Callable[[int], None]] = None,
+                dtype: torch.dtype = torch.float32) -> Dict[str, object]:
+    """Forward and forward+backward of ShuffleAttention per ``impl``, and ``x.clone()``;
+    input and parameters in ``dtype``."""
+    from sanet.layers import ShuffleAttention, fit_sa_groups
 
+    groups = fit_sa_groups(shape[1], groups)  # largest valid G not above the one asked for
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g).to(device)
+    x = torch.randn(*shape, generator=g).to(device, dtype)
     xg = x.clone().requires_grad_(True)
-    grad = torch.randn(*shape, generator=g).to(device)
+    grad = torch.randn(*shape, generator=g).to(device, dtype)
     layers: Dict[str, nn.Module] = {}
     for impl in impls:
         layer = ShuffleAttention(shape[1], groups, impl=impl).to(device)
         with torch.no_grad():  # trained-looking gates: the exp path runs on every channel
             for p in layer.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
-        layers[impl] = layer
+        layers[impl] = layer.to(dtype)
 
     def fwd(layer):
         def run():
@@ -121,7 +124,8 @@ def layer_bench(shape: Sequence[int], impls: Sequence[str], rounds: int = 30, gr
     memory = {impl: {"saved_bytes": saved_tensor_bytes(lambda: layer(xg))["bytes"],
                      "peak_fwd_bwd_bytes": _peak_bytes(fwd_bwd(layer))}
               for impl, layer in layers.items()}
-    return {"shape": list(shape), "groups": groups, "input_bytes": x.numel() * x.element_size(),
+    return {"shape": list(shape), "groups": groups, "dtype": str(dtype).replace("torch.", ""),
+            "input_bytes": x.numel() * x.element_size(),
             "times": times, "memory": memory}
 
 
@@ -129,10 +133,12 @@ def layer_bench(shape: Sequence[int], impls: Sequence[str], rounds: int = 30, gr
 
 def model_bench(names: Dict[str, Dict[str, object]], batch_size: int = 8, img_size: int = 224,
                 rounds: int = 5, device: torch.device = torch.device("cpu"), seed: int = 0,
-                progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
+                progress: Optional[Callable[[int], None]] = None,
+                amp: Optional[torch.dtype] = None) -> Dict[str, object]:
     """Inference and SGD training step of each model; saved-for-backward and peak bytes.
 
-    ``names`` maps a label to ``{"model": timm name, **create_model kwargs}``.
+    ``names`` maps a label to ``{"model": timm name, **create_model kwargs}``. ``amp``: run
+    forward passes under ``torch.autocast`` in that dtype (fp32 weights, as in AMP training).
     """
     import timm
 
@@ -149,18 +155,25 @@ def model_bench(names: Dict[str, Dict[str, object]], batch_size: int = 8, img_si
         opts[label] = torch.optim.SGD(models[label].parameters(), lr=1e-3, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
+    def autocast():
+        return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
     def infer(m):
         def run():
             m.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 return m(x)
         return run
+
+    def loss(m):
+        with autocast():
+            return loss_fn(m(x), target)
 
     def train_step(m, opt):
         def run():
             m.train()
             opt.zero_grad(set_to_none=True)
-            loss_fn(m(x), target).backward()
+            loss(m).backward()
             opt.step()
         return run
 
@@ -173,7 +186,8 @@ def model_bench(names: Dict[str, Dict[str, object]], batch_size: int = 8, img_si
     memory = {}
     for label, m in models.items():
         m.train()
-        saved = saved_tensor_bytes(lambda: loss_fn(m(x), target))
+        saved = saved_tensor_bytes(lambda: loss(m))
         memory[label] = {"saved_bytes": saved["bytes"], "saved_tensors": saved["tensors"],
                          "peak_train_step_bytes": _peak_bytes(train_step(m, opts[label]))}
-    return {"batch_size": batch_size, "img_size": img_size, "times": times, "memory": memory}
+    return {"batch_size": batch_size, "img_size": img_size, "amp": None if amp is None else str(amp),
+            "times": times, "memory": memory}

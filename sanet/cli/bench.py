@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -10,6 +11,8 @@ from .common import add_json_flag, print_json
 
 DEFAULT_SHAPES = ["8x256x56x56", "8x1024x14x14"]
 MIB = 2 ** 20
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp16": "float16",
+          "bf16": "bfloat16"}
 
 
 def add_parser(sub, name: str) -> argparse.ArgumentParser:
@@ -34,6 +37,9 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--skip-models", action="store_true", help="only the layer table")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="layers: input and parameters in this dtype; models: forward passes under "
+                        "torch.autocast in this dtype, fp32 weights (default float32: no autocast)")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON result to this file")
     add_json_flag(p)
     return p
@@ -54,7 +60,7 @@ def _layer_text(res: Dict) -> List[str]:
 
     t, mem = res["times"], res["memory"]
     has_ref = "reference/fwd" in t
-    lines = [f"SA layer {'x'.join(map(str, res['shape']))}, G={res['groups']} "
+    lines = [f"SA layer {'x'.join(map(str, res['shape']))}, G={res['groups']}, {res['dtype']} "
              f"(x.clone(): {t['clone']['median_ms']:.3f} ms; ratios are per-round paired medians)",
              f"  {'impl':<11}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x ref':>11}{'f+b x ref':>11}"
              f"{'fwd/clone':>11}{'saved MiB':>11}{'peak MiB':>10}"]
@@ -73,7 +79,8 @@ def _model_text(res: Dict, baseline: str) -> List[str]:
 
     t, mem = res["times"], res["memory"]
     b_saved, b_peak = mem[baseline]["saved_bytes"], mem[baseline]["peak_train_step_bytes"]
-    lines = [f"Models, batch {res['batch_size']} at {res['img_size']}px (ratios vs {baseline}; "
+    amp = f", autocast {res['amp'].replace('torch.', '')}" if res["amp"] else ""
+    lines = [f"Models, batch {res['batch_size']} at {res['img_size']}px{amp} (ratios vs {baseline}; "
              "time ratios are per-round paired medians)",
              f"  {'model':<24}{'infer ms':>10}{'ratio':>7}{'train ms':>10}{'ratio':>7}"
              f"{'saved MiB':>11}{'ratio':>7}{'peak MiB':>10}{'ratio':>7}"]
@@ -92,18 +99,25 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sanet.analysis.bench import layer_bench, machine_info, model_bench
+    from sanet.ops import fused_sa_supported
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    dtype = getattr(torch, DTYPES[args.dtype])
     shapes = [_shape(s) for s in args.shapes]
     result: Dict = {"machine": machine_info(device), "layers": [], "models": None}
     quiet = args.json
+    impls = list(args.impls)
+    if "fused" in impls and not fused_sa_supported(torch.empty(1, 2, 1, device=device, dtype=dtype)):
+        impls.remove("fused")
+        print(f"sanet bench: no fused kernel for {device.type} {args.dtype}; timing {', '.join(impls)} only",
+              file=sys.stderr)
     if not args.skip_layers:
         for shape in shapes:
             bar = tqdm(total=args.rounds, desc=f"layer {'x'.join(map(str, shape))}", disable=quiet, leave=False)
-            result["layers"].append(layer_bench(shape, args.impls, args.rounds, device=device,
-                                                progress=lambda _: bar.update()))
+            result["layers"].append(layer_bench(shape, impls, args.rounds, device=device,
+                                                progress=lambda _: bar.update(), dtype=dtype))
             bar.close()
     if not args.skip_models:
         specs = {
@@ -113,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         }
         bar = tqdm(total=args.model_rounds, desc="models", disable=quiet, leave=False)
         result["models"] = model_bench(specs, args.batch_size, args.img_size, args.model_rounds,
-                                       device=device, progress=lambda _: bar.update())
+                                       device=device, progress=lambda _: bar.update(),
+                                       amp=None if dtype == torch.float32 else dtype)
         bar.close()
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
@@ -122,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     m = result["machine"]
     print(f"{m['processor']}, {m['cpu_count']} CPUs, {m['threads']} torch threads, "
-          f"{m['cpu_capability']}, torch {m['torch']}, device {m['device']}")
+          f"{m['cpu_capability']}, torch {m['torch']}, device {m['device']}"
+          + (f" ({m['gpu']})" if "gpu" in m else "") + f", {args.dtype}")
     for res in result["layers"]:
         print("\n".join(_layer_text(res)))
     if result["models"]:

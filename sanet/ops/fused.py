@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .cpu_ext import load_cpu_ext
-from .sa_op import sa_forward
+from .sa_op import KERNELS, sa_op, torch_update_running_stats
 
 __all__ = [
     "shuffle_attention_fused",
@@ -69,17 +69,18 @@ def shuffle_attention_fused(
     eps: float = 1e-5,
 ) -> Tensor:
     """Shuffle Attention with the fused kernels (same function as the reference)."""
-    out = sa_forward(_as_planes(x), None, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
-                     groups, eps, None, None, None, None, False, 0.0, False)[0]
+    out = sa_op(_as_planes(x), None, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
+                groups, eps, None, None, None, None, False, 0.0, False)[0]
     return _restore(out, x)
 
 
-def fused_bn_sa_supported(x: Tensor, bn: nn.Module, sa: nn.Module) -> bool:
-    """BN+SA(+add+ReLU) fusion needs a plain BatchNorm2d and the CPU kernel for ``x``."""
+def fused_bn_sa_supported(x: Tensor, bn: nn.Module, sa: nn.Module, shortcut: Optional[Tensor] = None) -> bool:
+    """BN+SA(+add+ReLU) fusion needs a plain BatchNorm2d, a fused kernel for ``x`` (CPU or
+    CUDA) and a shortcut of x's dtype (``x + shortcut`` would otherwise promote)."""
     return (
         type(bn) is nn.BatchNorm2d
         and getattr(sa, "impl", None) in ("auto", "fused")
-        and x.device.type == "cpu"
+        and (shortcut is None or shortcut.dtype == x.dtype)
         and fused_sa_supported(x)
     )
 
@@ -103,7 +104,7 @@ def bn_shuffle_attention(
     if use_batch_stats and n * m <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-    out, _, _, bmean, bvar = sa_forward(
+    out, _, _, bmean, bvar = sa_op(
         _as_planes(x), None if shortcut is None else _as_planes(shortcut), *_sa_params(sa),
         sa.groups, sa.gn.eps, bn.weight, bn.bias, None if use_batch_stats else bn.running_mean,
         None if use_batch_stats else bn.running_var, use_batch_stats, bn.eps, relu)
@@ -114,8 +115,6 @@ def bn_shuffle_attention(
 
 @torch.no_grad()
 def _update_running_stats(bn: nn.BatchNorm2d, bmean: Tensor, bvar: Tensor, count: int) -> None:
-    # Same rule as nn.BatchNorm: unbiased batch variance, momentum or cumulative average.
-    bn.num_batches_tracked.add_(1)
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    bn.running_mean.lerp_(bmean.to(bn.running_mean.dtype), factor)
-    bn.running_var.lerp_((bvar * (count / (count - 1))).to(bn.running_var.dtype), factor)
+    # The device's kernel (one launch on CUDA), or PyTorch ops where torch.compile traces.
+    update = torch_update_running_stats if torch.compiler.is_compiling() else KERNELS[bmean.device.type][2]
+    update(bmean, bvar, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, count)

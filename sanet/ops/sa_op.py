@@ -1,28 +1,38 @@
-"""``torch.ops.sanet.sa_forward`` / ``sa_backward``: the fused SA kernels as PyTorch custom ops.
+"""The fused SA kernels as one differentiable op: C++ on CPU, Triton on CUDA.
 
-Registered with :mod:`torch.library` so that autograd, ``torch.compile`` (fake tensors) and
-the device dispatch (C++ on CPU, Triton on CUDA) all see one op. On (N, C, M) contiguous
-input ``x`` the op computes::
+On (N, C, M) contiguous input ``x`` the op computes::
 
     z   = x                          or BatchNorm(x) (batch or given running statistics)
     s   = ShuffleAttention(z)        (per-channel gate, then the 2-group shuffle)
     out = s (+ shortcut) (ReLU)
 
-Parameters go in as they are (any float dtype); the kernels read them as float64. Backward
-keeps only ``x``, per-(n, c) plane statistics (float64, N x C), BatchNorm's per-channel
-statistics and, with the ReLU, ``out`` (which the next layer keeps anyway) — never a
-full-size intermediate.
+and returns ``(out, plane mean, plane var, batch mean, batch var)`` (statistics of ``x`` per
+(n, c) plane, float64; the batch statistics are empty unless BatchNorm is in training mode).
+Backward keeps only ``x``, the per-plane statistics, BatchNorm's per-channel statistics and,
+with the ReLU, ``out`` (which the next layer keeps anyway): never a full-size intermediate.
+
+Two entry points compute it, sharing the autograd rule:
+
+* :func:`sa_op` (what the layers call): in eager mode an ``autograd.Function`` that calls the
+  kernels directly, about 10 microseconds of Python per call instead of ~70 through the
+  dispatcher (which matters on a GPU, where the kernels themselves take tens of
+  microseconds); under ``torch.compile`` the custom op below.
+* ``torch.ops.sanet.sa_forward`` / ``sa_backward``, registered with :mod:`torch.library`
+  (autograd via ``register_autograd``, shapes via ``register_fake``), so that
+  ``torch.compile`` traces the kernels as opaque ops.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .cpu_ext import load_cpu_ext
 
-__all__ = ["sa_forward", "sa_backward", "sa_param_grads"]
+__all__ = ["sa_op", "sa_forward", "sa_backward", "KERNELS", "torch_update_running_stats"]
+
+_Out = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _cpu_ext():
@@ -32,7 +42,74 @@ def _cpu_ext():
     return ext
 
 
-@torch.library.custom_op("sanet::sa_forward", mutates_args=())
+def _cpu_forward(x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
+                 bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu) -> _Out:
+    out, pmean, pvar, bmean, bvar = _cpu_ext().sa_forward(
+        x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, bn_weight,
+        bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
+    return out, pmean, pvar, bmean, bvar
+
+
+def _cpu_backward(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
+                  groups, eps, bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps) -> _Out:
+    gx, gpre, gparams, dw, db = _cpu_ext().sa_backward(
+        grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
+        bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps)
+    if gpre is None:  # the kernel returns an undefined tensor without ReLU
+        gpre = x.new_empty((0,))
+    return gx, gpre, gparams, dw, db
+
+
+def _triton_forward(x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
+                    bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu) -> _Out:
+    from .triton_sa import triton_sa_forward
+
+    return triton_sa_forward(x, shortcut, (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups, eps,
+                             bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
+
+
+def _triton_backward(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
+                     groups, eps, bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps) -> _Out:
+    from .triton_sa import triton_sa_backward
+
+    return triton_sa_backward(grad, x, out, pmean, pvar, (cweight, cbias, sweight, sbias, gn_weight, gn_bias),
+                              groups, eps, bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps)
+
+
+def torch_update_running_stats(bmean: Tensor, bvar: Tensor, running_mean: Tensor, running_var: Tensor,
+                               num_batches_tracked: Tensor, momentum: Optional[float], count: int) -> None:
+    """``nn.BatchNorm``'s running-statistics update from the fused op's batch mean and biased
+    variance: unbiased variance, momentum or (``momentum=None``) cumulative average."""
+    num_batches_tracked.add_(1)
+    factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+    running_mean.lerp_(bmean.to(running_mean.dtype), factor)
+    running_var.lerp_((bvar * (count / (count - 1))).to(running_var.dtype), factor)
+
+
+def _triton_update_running_stats(*args) -> None:
+    from .triton_sa import triton_update_running_stats
+
+    # one launch instead of six: on a GPU the host's time per launch is most of SA's cost
+    triton_update_running_stats(*args)
+
+
+#: device type -> (forward, backward, BatchNorm running-statistics update) of the op. (The
+#: tests point "cpu" at the Triton kernels to run them under TRITON_INTERPRET=1.)
+KERNELS = {
+    "cpu": (_cpu_forward, _cpu_backward, torch_update_running_stats),
+    "cuda": (_triton_forward, _triton_backward, _triton_update_running_stats),
+}
+
+
+def _forward_impl(x: Tensor, *args) -> _Out:
+    return KERNELS[x.device.type][0](x, *args)
+
+
+def _backward_impl(grad: Tensor, *args) -> _Out:
+    return KERNELS[grad.device.type][1](grad, *args)
+
+
+@torch.library.custom_op("sanet::sa_forward", mutates_args=(), device_types=("cpu", "cuda"))
 def sa_forward(
     x: Tensor,
     shortcut: Optional[Tensor],
@@ -52,13 +129,10 @@ def sa_forward(
     bn_eps: float,
     relu: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, plane mean, plane var, batch mean, batch var); the batch statistics are
-    empty unless ``bn_train``. BatchNorm is fused when ``bn_train`` or when its running
-    statistics ``bn_mean``/``bn_var`` are given."""
-    out, pmean, pvar, bmean, bvar = _cpu_ext().sa_forward(
-        x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, bn_weight,
-        bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
-    return out, pmean, pvar, bmean, bvar
+    """Returns (out, plane mean, plane var, batch mean, batch var). BatchNorm is fused when
+    ``bn_train`` or when its running statistics ``bn_mean``/``bn_var`` are given."""
+    return _forward_impl(x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
+                         bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
 
 
 @sa_forward.register_fake
@@ -70,7 +144,7 @@ def _sa_forward_fake(x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_
     return torch.empty_like(x), stats, stats.clone(), bstats, bstats.clone()
 
 
-@torch.library.custom_op("sanet::sa_backward", mutates_args=())
+@torch.library.custom_op("sanet::sa_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def sa_backward(
     grad: Tensor,
     x: Tensor,
@@ -91,48 +165,26 @@ def sa_backward(
     bn_var: Optional[Tensor],
     bn_train: bool,
     bn_eps: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (grad x, grad before the ReLU (empty without ``out``), S1, S2, d bn_weight,
-    d bn_bias); BatchNorm is part of the op when ``bn_mean``/``bn_var`` are given."""
-    gx, gpre, s1, s2, dw, db = _cpu_ext().sa_backward(
-        grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
-        bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps)
-    if gpre is None:  # the kernel returns an undefined tensor without ReLU
-        gpre = x.new_empty((0,))
-    return gx, gpre, s1, s2, dw, db
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (grad x, grad before the ReLU (empty without ``out``), the six gate parameters'
+    gradients as one (6, C/(2G)) tensor in cweight's dtype (rows in the order of the
+    arguments), d bn_weight, d bn_bias (in bn_weight's dtype)); BatchNorm is part of the op
+    when ``bn_mean``/``bn_var`` (the statistics forward used) are given."""
+    return _backward_impl(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
+                          groups, eps, bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps)
 
 
 @sa_backward.register_fake
 def _sa_backward_fake(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
                       groups, eps, bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps):
-    n, c = x.shape[0], x.shape[1]
-    stats = x.new_empty((n, c), dtype=torch.float64)
-    bn = x.new_empty((c if bn_mean is not None else 0,), dtype=torch.float64)
+    c = x.shape[1]
+    bn = x.new_empty((c if bn_mean is not None else 0,),
+                     dtype=torch.float32 if bn_weight is None else bn_weight.dtype)
     gpre = torch.empty_like(x) if out is not None else x.new_empty((0,))
-    return torch.empty_like(x), gpre, stats, stats.clone(), bn, bn.clone()
+    return torch.empty_like(x), gpre, cweight.new_empty((6, cweight.numel())), bn, bn.clone()
 
 
-def sa_param_grads(s1: Tensor, s2: Tensor, params: Sequence[Tensor], groups: int) -> List[Tensor]:
-    """Gradients of the six gate parameters from the kernels' per-plane sums.
-
-    ``s1[n, ch] = sum(dL/du)`` over the plane (u: gate argument); ``s2`` is ``s1 * mean(z)``
-    on channel-branch channels and ``sum(dL/du * zhat)`` on spatial-branch channels (zhat:
-    GroupNorm's normalised input). Returned in each parameter's shape and dtype.
-    """
-    c = params[0].numel()
-    s1 = s1.reshape(s1.shape[0], groups, 2, c).sum((0, 1))
-    s2 = s2.reshape(s2.shape[0], groups, 2, c).sum((0, 1))
-    sw, gw, gb = (params[i].reshape(-1).to(torch.float64) for i in (2, 4, 5))
-    grads = [
-        s2[0],                    # cweight: dL/du * mean
-        s1[0],                    # cbias
-        gw * s2[1] + gb * s1[1],  # sweight: dL/du * gn(z)
-        s1[1],                    # sbias
-        sw * s2[1],               # gn.weight
-        sw * s1[1],               # gn.bias
-    ]
-    return [g.to(p.dtype).reshape(p.shape) for g, p in zip(grads, params)]
-
+# ---------------------------------------------------------------- autograd (shared)
 
 def _setup_context(ctx, inputs, output):
     (x, shortcut, cw, cb, sw, sb, gw, gb, groups, eps, bn_weight, bn_bias, bn_mean, bn_var,
@@ -150,41 +202,47 @@ def _setup_context(ctx, inputs, output):
     ctx.has_shortcut, ctx.has_bn = shortcut is not None, has_bn
 
 
-def _backward(ctx, g_out, *unused_stat_grads):
+def _backward(ctx, g_out: Tensor, backward_fn) -> tuple:
     x, out, pmean, pvar, *params, bn_weight, bn_bias, bn_mean, bn_var = ctx.saved_tensors
-    gx, gpre, s1, s2, dbw, dbb = sa_backward(
+    gx, gpre, gparams, dbw, dbb = backward_fn(
         g_out.contiguous(), x, out, pmean, pvar, *params, ctx.groups, ctx.eps, bn_weight, bn_bias,
         bn_mean, bn_var, ctx.bn_train, ctx.bn_eps)
     g_shortcut = None
     if ctx.has_shortcut:
         g_shortcut = gpre if out is not None else g_out
-    g_bn_w = dbw.to(bn_weight.dtype) if ctx.has_bn and bn_weight is not None else None
-    g_bn_b = dbb.to(bn_bias.dtype) if ctx.has_bn and bn_bias is not None else None
-    return (gx, g_shortcut, *sa_param_grads(s1, s2, params, ctx.groups), None, None, g_bn_w,
-            g_bn_b, None, None, None, None, None)
+    g_bn_w = dbw if ctx.has_bn and bn_weight is not None else None
+    g_bn_b = dbb if ctx.has_bn and bn_bias is not None else None
+    g_params = [g.view(p.shape) for g, p in zip(gparams.unbind(0), params)]  # any shape of c values
+    return (gx, g_shortcut, *g_params, None, None, g_bn_w, g_bn_b, None, None, None, None, None)
 
 
-sa_forward.register_autograd(_backward, setup_context=_setup_context)
+sa_forward.register_autograd(lambda ctx, g_out, *_: _backward(ctx, g_out, sa_backward),
+                             setup_context=_setup_context)
 
 
-@sa_forward.register_kernel("cuda")
-def _sa_forward_cuda(x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
-                     bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu):
-    if shortcut is not None or bn_train or bn_mean is not None or relu:
-        raise NotImplementedError("sanet: BatchNorm/residual fusion is CPU-only; on CUDA they run as separate ops")
-    from .triton_sa import triton_sa_forward
+class _SAFunction(torch.autograd.Function):
+    """Eager-mode twin of the custom op: the same kernels and autograd rule, no dispatcher.
+    (``forward(ctx, ...)`` rather than a separate ``setup_context``: with one, ``apply``
+    runs ``inspect.signature`` on every call.)"""
 
-    out, pmean, pvar = triton_sa_forward(x, [cweight, cbias, sweight, sbias, gn_weight, gn_bias], groups, eps)
-    empty = pmean.new_empty((0,))
-    return out, pmean, pvar, empty, empty.clone()
+    @staticmethod
+    def forward(ctx, *inputs) -> _Out:
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, g_out, *_):
+        return _backward(ctx, g_out, _backward_impl)
 
 
-@sa_backward.register_kernel("cuda")
-def _sa_backward_cuda(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
-                      groups, eps, bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps):
-    from .triton_sa import triton_sa_backward
-
-    params = [cweight, cbias, sweight, sbias, gn_weight, gn_bias]
-    gx, s1, s2 = triton_sa_backward(grad, x, pmean, pvar, params, groups, eps)
-    empty = pmean.new_empty((0,))
-    return gx, x.new_empty((0,)), s1, s2, empty, empty.clone()
+def sa_op(x: Tensor, shortcut: Optional[Tensor], cweight: Tensor, cbias: Tensor, sweight: Tensor,
+          sbias: Tensor, gn_weight: Tensor, gn_bias: Tensor, groups: int, eps: float,
+          bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], bn_mean: Optional[Tensor],
+          bn_var: Optional[Tensor], bn_train: bool, bn_eps: float, relu: bool) -> _Out:
+    """The fused op (see the module docstring), differentiable; arguments as ``sa_forward``."""
+    args = (x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, bn_weight,
+            bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
+    if torch.compiler.is_compiling():
+        return sa_forward(*args)
+    return _SAFunction.apply(*args)

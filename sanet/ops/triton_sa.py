@@ -1,9 +1,24 @@
-"""Triton kernels for Shuffle Attention on CUDA (forward and backward, one program per plane).
+"""Triton kernels for Shuffle Attention on CUDA: SA alone or as a block tail (BN -> SA -> + -> ReLU).
 
-Same per-channel form as the CPU kernel (SA-NET.md section 5): each program owns one (n, c)
-plane, computes its statistics in fp32, then writes ``x * sigmoid(A x + B)`` into the
-shuffled channel; backward recomputes the gate from ``x`` and the saved statistics.
-BatchNorm/residual fusion is CPU-only; on CUDA those run as separate ops.
+Same per-channel form and the same op contract as the CPU kernel (SA-NET.md section 5;
+``sanet/ops/sa_op.py``): every (n, c) plane gets ``z * sigmoid(A (x - mean) + B)`` with
+``z = a_c x + b_c`` (BatchNorm folded in, or the identity), written to the shuffled channel,
+plus the shortcut and the ReLU. Statistics are computed in fp32 from any input dtype and
+stored as float64, like the CPU kernel's.
+
+A program owns ``ROWS`` whole planes. Planes of up to ``_MAX_TILE`` elements are loaded once
+into registers (``SINGLE``): statistics, gate and output without another read. Larger planes
+are walked in ``BLOCK``-sized chunks, one pass per reduction.
+
+Kernels:
+
+* ``_sa_fwd``: statistics of x per plane (or read them, ``STATS_IN``), then the output.
+  Training BatchNorm runs it twice: statistics only (``STATS_ONLY``), :func:`_batch_merge`
+  for the batch statistics, then the output.
+* ``_sa_bwd``: phase 1, per plane, the sums the gate parameters need (S1, S2) and dL/dz;
+  it writes dL/dx directly unless BatchNorm is in training mode, whose backward needs sums
+  over the batch first (``_batch_merge``, then phase 2).
+* ``_param_grads``: the six gate parameters' gradients from S1, S2 (one launch).
 
 The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (set before importing
 triton), which is how the test suite checks them on machines without a GPU.
@@ -11,12 +26,12 @@ triton), which is how the test suite checks them on machines without a GPU.
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["triton_available", "triton_sa_forward", "triton_sa_backward"]
+__all__ = ["triton_available", "triton_sa_forward", "triton_sa_backward", "triton_update_running_stats"]
 
 try:
     import triton
@@ -25,6 +40,12 @@ try:
     _HAS_TRITON = True
 except Exception:  # pragma: no cover - triton ships with CUDA builds of torch on Linux
     _HAS_TRITON = False
+
+# Planes up to _MAX_TILE elements stay in registers; larger ones are walked in chunks of
+# _LOOP_BLOCK. A program owns about _TILE elements (several small planes, or one plane).
+_MAX_TILE = 4096
+_LOOP_BLOCK = 1024
+_TILE = 2048
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,135 +57,425 @@ def triton_available() -> bool:
 if _HAS_TRITON:
 
     @triton.jit
-    def _gate_coeffs(params_ptr, c, CG, CC, mean, var, eps):
-        # A, B of the gate sigmoid(A (x - mean) + B) for channel c (SA-NET.md section 5);
-        # centring first keeps one-pixel planes exact (A ~ 1/sqrt(eps) there).
-        j = (c % CG) % CC
-        spatial = (c % CG) >= CC
-        cw = tl.load(params_ptr + j)
-        cb = tl.load(params_ptr + CC + j)
-        sw = tl.load(params_ptr + 2 * CC + j)
-        sb = tl.load(params_ptr + 3 * CC + j)
-        gw = tl.load(params_ptr + 4 * CC + j)
-        gb = tl.load(params_ptr + 5 * CC + j)
-        rstd = 1.0 / tl.sqrt(var + eps)
-        a = tl.where(spatial, sw * gw * rstd, 0.0)
-        b = tl.where(spatial, sw * gb + sb, cw * mean + cb)
-        return a, b, rstd, spatial, cw, sw * gw * rstd
+    def _rows(C, M, NC, HALF, ROWS: tl.constexpr):
+        # Planes of this program: index, validity, channel, input and output plane offsets.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < NC
+        ch = rows % C
+        n = rows // C
+        oc = 2 * (ch % HALF) + ch // HALF  # the 2-group channel shuffle
+        return rows, rmask, ch, rows.to(tl.int64) * M, (n * C + oc).to(tl.int64) * M
 
     @triton.jit
-    def _sa_fwd_kernel(x_ptr, out_ptr, mean_ptr, var_ptr, params_ptr, C, M, CG, CC, HALF, eps,
-                       BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        n = pid // C
-        c = pid % C
-        src = pid.to(tl.int64) * M
-        oc = 2 * (c % HALF) + c // HALF
-        dst = (n * C + oc).to(tl.int64) * M
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, M, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            acc += tl.load(x_ptr + src + offs, mask=offs < M, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / M
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, M, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < M
-            v = tl.load(x_ptr + src + offs, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, v - mean, 0.0)
-            acc += d * d
-        var = tl.sum(acc, axis=0) / M
-        tl.store(mean_ptr + pid, mean.to(tl.float64))
-        tl.store(var_ptr + pid, var.to(tl.float64))
-        a, b, rstd, spatial, cw, k = _gate_coeffs(params_ptr, c, CG, CC, mean, var, eps)
-        for start in range(0, M, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < M
-            v = tl.load(x_ptr + src + offs, mask=mask, other=0.0).to(tl.float32)
-            y = v * tl.sigmoid(a * (v - mean) + b)
-            tl.store(out_ptr + dst + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    def _chunk(ptr, base, start, cols, rmask, M):
+        # Elements [start, start + BLOCK) of each of the program's planes, as fp32, and the mask.
+        cm = rmask[:, None] & ((start + cols) < M)[None, :]
+        return tl.load(ptr + base[:, None] + start + cols[None, :], mask=cm, other=0.0).to(tl.float32), cm
 
     @triton.jit
-    def _sa_bwd_kernel(g_ptr, x_ptr, gx_ptr, mean_ptr, var_ptr, s1_ptr, s2_ptr, params_ptr, C, M,
-                       CG, CC, HALF, eps, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        n = pid // C
-        c = pid % C
-        src = pid.to(tl.int64) * M
-        oc = 2 * (c % HALF) + c // HALF
-        gsrc = (n * C + oc).to(tl.int64) * M
-        mean = tl.load(mean_ptr + pid).to(tl.float32)
-        var = tl.load(var_ptr + pid).to(tl.float32)
-        a, b, rstd, spatial, cw, k = _gate_coeffs(params_ptr, c, CG, CC, mean, var, eps)
-        # Pass A: S1 = sum(gu), Sgx = sum(gu * x), gu = dL/du = g * x * s * (1 - s).
-        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, M, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < M
-            v = tl.load(x_ptr + src + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + gsrc + offs, mask=mask, other=0.0).to(tl.float32)
-            s = tl.sigmoid(a * (v - mean) + b)
-            gu = g * v * s * (1.0 - s)
-            acc1 += gu
-            acc2 += gu * v
-        s1 = tl.sum(acc1, axis=0)
-        szh = rstd * (tl.sum(acc2, axis=0) - mean * s1)
-        tl.store(s1_ptr + pid, s1.to(tl.float64))
-        tl.store(s2_ptr + pid, tl.where(spatial, szh, s1 * mean).to(tl.float64))
-        # dL/dx = g*s + k*gu + k0 + kx*x  (k = sw*gw*rstd: GroupNorm backward; channel
-        # branch: the mean's gradient cw*S1/M, uniform over the plane).
-        k = tl.where(spatial & (M > 1), k, 0.0)  # a one-pixel plane's GroupNorm term is 0
-        k0 = tl.where(spatial, -k * s1 / M + k * szh * rstd * mean / M, cw * s1 / M)
-        kx = tl.where(spatial, -k * szh * rstd / M, 0.0)
-        for start in range(0, M, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < M
-            v = tl.load(x_ptr + src + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + gsrc + offs, mask=mask, other=0.0).to(tl.float32)
-            s = tl.sigmoid(a * (v - mean) + b)
-            gu = g * v * s * (1.0 - s)
-            gx = g * s + k * gu + k0 + kx * v
-            tl.store(gx_ptr + src + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    def _bn_affine(ch, rmask, bw, bb, bm, bv, bn_eps, HAS_BN: tl.constexpr, HAS_BW: tl.constexpr,
+                   HAS_BB: tl.constexpr):
+        # BatchNorm as z = a x + b per channel (statistics bm, bv: running or batch), and
+        # its mean and 1/std (for its backward).
+        if HAS_BN:
+            mean = tl.load(bm + ch, mask=rmask, other=0.0).to(tl.float32)
+            invstd = 1.0 / tl.sqrt(tl.load(bv + ch, mask=rmask, other=1.0).to(tl.float32) + bn_eps)
+            w = invstd
+            if HAS_BW:
+                w = tl.load(bw + ch, mask=rmask, other=1.0).to(tl.float32) * invstd
+            b = -mean * w
+            if HAS_BB:
+                b += tl.load(bb + ch, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            mean = tl.zeros_like(ch).to(tl.float32)
+            invstd = mean + 1.0
+            w = invstd
+            b = mean
+        return w, b, mean, invstd
+
+    @triton.jit
+    def _gate(ch, rmask, mx, vx, a, b, cw, cb, sw, sb, gw, gb, eps, CG, CC):
+        # Gate sigmoid(Ax (x - mx) + Bc) of each plane (SA-NET.md section 5): z = a x + b,
+        # channel branch Bc = cw mean(z) + cb, spatial branch GroupNorm(z) inside the
+        # affine. Centred on the plane mean: exact on one-pixel planes, where rz ~ 1/sqrt(eps).
+        j = (ch % CG) % CC
+        spatial = (ch % CG) >= CC
+        pcw = tl.load(cw + j, mask=rmask, other=0.0).to(tl.float32)
+        pcb = tl.load(cb + j, mask=rmask, other=0.0).to(tl.float32)
+        psw = tl.load(sw + j, mask=rmask, other=0.0).to(tl.float32)
+        psb = tl.load(sb + j, mask=rmask, other=0.0).to(tl.float32)
+        pgw = tl.load(gw + j, mask=rmask, other=0.0).to(tl.float32)
+        pgb = tl.load(gb + j, mask=rmask, other=0.0).to(tl.float32)
+        mz = a * mx + b
+        rz = 1.0 / tl.sqrt(a * a * vx + eps)
+        kz = tl.where(spatial, psw * pgw * rz, 0.0)  # d(gate argument) / dz
+        bc = tl.where(spatial, psw * pgb + psb, pcw * mz + pcb)
+        return kz, bc, mz, rz, spatial, pcw
+
+    @triton.jit
+    def _fwd_tile(xv, mx, a, b, kz, bc, sc, obase, cols, mask, HAS_SC: tl.constexpr, RELU: tl.constexpr):
+        z = a[:, None] * xv + b[:, None]
+        y = z * tl.sigmoid((kz * a)[:, None] * (xv - mx[:, None]) + bc[:, None])
+        if HAS_SC:
+            y += tl.load(sc + obase[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        return y
+
+    @triton.jit
+    def _sa_fwd(x, sc, out, pm, pv, cw, cb, sw, sb, gw, gb, bw, bb, bm, bv,
+                NC, C, M, CG, CC, HALF, eps, bn_eps,
+                HAS_BN: tl.constexpr, HAS_BW: tl.constexpr, HAS_BB: tl.constexpr,
+                HAS_SC: tl.constexpr, RELU: tl.constexpr, STATS_IN: tl.constexpr,
+                STATS_ONLY: tl.constexpr, SINGLE: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK: tl.constexpr):
+        rows, rmask, ch, base, obase = _rows(C, M, NC, HALF, ROWS)
+        cols = tl.arange(0, BLOCK)
+        # Statistics of x per plane (two-pass variance).
+        if SINGLE:
+            xv, mask = _chunk(x, base, 0, cols, rmask, M)
+        if STATS_IN:
+            mx = tl.load(pm + rows, mask=rmask, other=0.0).to(tl.float32)
+            vx = tl.load(pv + rows, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            if SINGLE:
+                mx = tl.sum(xv, axis=1) / M
+                d = tl.where(mask, xv - mx[:, None], 0.0)
+                vx = tl.sum(d * d, axis=1) / M
+            else:
+                acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+                for start in range(0, M, BLOCK):
+                    v, _ = _chunk(x, base, start, cols, rmask, M)
+                    acc += v
+                mx = tl.sum(acc, axis=1) / M
+                acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+                for start in range(0, M, BLOCK):
+                    v, cm = _chunk(x, base, start, cols, rmask, M)
+                    d = tl.where(cm, v - mx[:, None], 0.0)
+                    acc += d * d
+                vx = tl.sum(acc, axis=1) / M
+            tl.store(pm + rows, mx.to(tl.float64), mask=rmask)
+            tl.store(pv + rows, vx.to(tl.float64), mask=rmask)
+        if not STATS_ONLY:
+            a, b, _, _ = _bn_affine(ch, rmask, bw, bb, bm, bv, bn_eps, HAS_BN, HAS_BW, HAS_BB)
+            kz, bc, _, _, _, _ = _gate(ch, rmask, mx, vx, a, b, cw, cb, sw, sb, gw, gb, eps, CG, CC)
+            if SINGLE:
+                y = _fwd_tile(xv, mx, a, b, kz, bc, sc, obase, cols, mask, HAS_SC, RELU)
+                tl.store(out + obase[:, None] + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
+            else:
+                for start in range(0, M, BLOCK):
+                    v, cm = _chunk(x, base, start, cols, rmask, M)
+                    y = _fwd_tile(v, mx, a, b, kz, bc, sc, obase + start, cols, cm, HAS_SC, RELU)
+                    tl.store(out + obase[:, None] + start + cols[None, :], y.to(out.dtype.element_ty), mask=cm)
+
+    @triton.jit
+    def _upstream(grad, out, gpre, obase, cols, mask, RELU: tl.constexpr, STORE: tl.constexpr):
+        # Gradient at the SA (+ shortcut) output: through the ReLU, whose mask is out > 0.
+        go = tl.load(grad + obase[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            o = tl.load(out + obase[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            go = tl.where(o > 0.0, go, 0.0)
+            if STORE:
+                tl.store(gpre + obase[:, None] + cols[None, :], go.to(gpre.dtype.element_ty), mask=mask)
+        return go
+
+    @triton.jit
+    def _bwd_sums_tile(go, xv, mx, a, b, kz, bc, mask):
+        # gu = dL/du (u: gate argument): per-plane sum(gu) and sum(gu * (z - mean z)).
+        xc = tl.where(mask, xv - mx[:, None], 0.0)
+        s = tl.sigmoid((kz * a)[:, None] * xc + bc[:, None])
+        gu = go * (a[:, None] * xv + b[:, None]) * s * (1.0 - s)
+        return tl.sum(gu, axis=1), tl.sum(gu * xc, axis=1) * a
+
+    @triton.jit
+    def _grad_z_tile(go, xv, mx, a, b, kz, bc, kgu, k0, kc, mask):
+        # dL/dz = go * s + kgu * gu + k0 + kc * (z - mean z): the gate's own derivative plus
+        # its statistics' (GroupNorm's backward, or the pooled mean's).
+        xc = tl.where(mask, xv - mx[:, None], 0.0)
+        s = tl.sigmoid((kz * a)[:, None] * xc + bc[:, None])
+        gu = go * (a[:, None] * xv + b[:, None]) * s * (1.0 - s)
+        gz = go * s + kgu[:, None] * gu + k0[:, None] + (kc * a)[:, None] * xc
+        return tl.where(mask, gz, 0.0)
+
+    @triton.jit
+    def _sa_bwd(grad, x, out, gpre, gx, pm, pv, s1, s2, sg, sgx, cw, cb, sw, sb, gw, gb, bw, bb, bm, bv,
+                tsg, tsgx, NC, C, M, CG, CC, HALF, eps, bn_eps, NM,
+                HAS_BN: tl.constexpr, HAS_BW: tl.constexpr, HAS_BB: tl.constexpr,
+                BN_TRAIN: tl.constexpr, PHASE: tl.constexpr, RELU_MASK: tl.constexpr,
+                FROM_GPRE: tl.constexpr, SINGLE: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK: tl.constexpr):
+        # Phase 1 applies the ReLU mask (RELU_MASK) and writes gpre; phase 2 reads gpre
+        # (FROM_GPRE) where there is a ReLU.
+        rows, rmask, ch, base, obase = _rows(C, M, NC, HALF, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mx = tl.load(pm + rows, mask=rmask, other=0.0).to(tl.float32)
+        vx = tl.load(pv + rows, mask=rmask, other=0.0).to(tl.float32)
+        a, b, bmean, binv = _bn_affine(ch, rmask, bw, bb, bm, bv, bn_eps, HAS_BN, HAS_BW, HAS_BB)
+        kz, bc, mz, rz, spatial, pcw = _gate(ch, rmask, mx, vx, a, b, cw, cb, sw, sb, gw, gb, eps, CG, CC)
+        up = grad
+        if FROM_GPRE:
+            up = gpre
+        if SINGLE:
+            xv, mask = _chunk(x, base, 0, cols, rmask, M)
+            go = _upstream(up, out, gpre, obase, cols, mask, RELU_MASK, True)
+        if PHASE == 1:
+            if SINGLE:
+                t1, tc = _bwd_sums_tile(go, xv, mx, a, b, kz, bc, mask)
+            else:
+                t1 = tl.zeros([ROWS], dtype=tl.float32)
+                tc = tl.zeros([ROWS], dtype=tl.float32)
+                for start in range(0, M, BLOCK):
+                    v, cm = _chunk(x, base, start, cols, rmask, M)
+                    g = _upstream(up, out, gpre, obase + start, cols, cm, RELU_MASK, True)
+                    p1, pc = _bwd_sums_tile(g, v, mx, a, b, kz, bc, cm)
+                    t1 += p1
+                    tc += pc
+            st2 = tl.where(spatial, rz * tc, t1 * mz)  # sum(gu * zhat), or sum(gu) * mean(z)
+            tl.store(s1 + rows, t1.to(tl.float64), mask=rmask)
+            tl.store(s2 + rows, st2.to(tl.float64), mask=rmask)
+        else:
+            t1 = tl.load(s1 + rows, mask=rmask, other=0.0).to(tl.float32)
+            st2 = tl.load(s2 + rows, mask=rmask, other=0.0).to(tl.float32)
+        # GroupNorm's backward is exactly 0 on a one-pixel plane (gu equals its mean); as a
+        # difference of terms scaled by 1/sqrt(eps) it would only be 0 up to rounding.
+        kgu = tl.where(M > 1, kz, 0.0)
+        k0 = tl.where(spatial, -kgu * t1 / M, pcw * t1 / M)
+        kc = tl.where(spatial, -kgu * st2 * rz / M, 0.0)
+        if PHASE == 2:
+            # Training BatchNorm: gx = a (gz - mean(gz) - xhat mean(gz xhat)), from the sums
+            # over the batch (tsg = sum gz, tsgx = sum gz xhat).
+            cg = tl.load(tsg + ch, mask=rmask, other=0.0).to(tl.float32)
+            cgx = tl.load(tsgx + ch, mask=rmask, other=0.0).to(tl.float32)
+            k1 = -a * cg / NM
+            k2 = -a * binv * cgx / NM
+        if SINGLE:
+            gz = _grad_z_tile(go, xv, mx, a, b, kz, bc, kgu, k0, kc, mask)
+            if PHASE == 1:
+                if HAS_BN:
+                    tl.store(sg + rows, tl.sum(gz, axis=1).to(tl.float64), mask=rmask)
+                    xb = tl.where(mask, xv - bmean[:, None], 0.0)
+                    tl.store(sgx + rows, tl.sum(gz * xb, axis=1).to(tl.float64), mask=rmask)
+                if not BN_TRAIN:
+                    tl.store(gx + base[:, None] + cols[None, :], (a[:, None] * gz).to(gx.dtype.element_ty), mask=mask)
+            else:
+                g = a[:, None] * gz + k1[:, None] + k2[:, None] * (xv - bmean[:, None])
+                tl.store(gx + base[:, None] + cols[None, :], g.to(gx.dtype.element_ty), mask=mask)
+        else:
+            tg = tl.zeros([ROWS], dtype=tl.float32)
+            tgx = tl.zeros([ROWS], dtype=tl.float32)
+            for start in range(0, M, BLOCK):
+                v, cm = _chunk(x, base, start, cols, rmask, M)
+                g = _upstream(up, out, gpre, obase + start, cols, cm, RELU_MASK, False)
+                gz = _grad_z_tile(g, v, mx, a, b, kz, bc, kgu, k0, kc, cm)
+                if PHASE == 1:
+                    if HAS_BN:
+                        tg += tl.sum(gz, axis=1)
+                        tgx += tl.sum(gz * tl.where(cm, v - bmean[:, None], 0.0), axis=1)
+                    if not BN_TRAIN:
+                        gxv = a[:, None] * gz
+                        tl.store(gx + base[:, None] + start + cols[None, :], gxv.to(gx.dtype.element_ty), mask=cm)
+                else:
+                    gxv = a[:, None] * gz + k1[:, None] + k2[:, None] * (v - bmean[:, None])
+                    tl.store(gx + base[:, None] + start + cols[None, :], gxv.to(gx.dtype.element_ty), mask=cm)
+            if PHASE == 1 and HAS_BN:
+                tl.store(sg + rows, tg.to(tl.float64), mask=rmask)
+                tl.store(sgx + rows, tgx.to(tl.float64), mask=rmask)
+
+    @triton.jit
+    def _batch_merge(p, q, out_a, out_b, var, N, C, eps, VAR: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+        # Per channel over the batch, in float64. VAR: (p, q) = per-plane (mean, variance)
+        # -> batch mean and biased variance (exact merge of equal-size planes). Else the sum
+        # of p and the sum of q divided by sqrt(var + eps).
+        chs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = chs < C
+        ns = tl.arange(0, BLOCK_N)
+        ta = tl.zeros([BLOCK_C], dtype=tl.float64)
+        tb = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for start in range(0, N, BLOCK_N):
+            m = ((start + ns) < N)[:, None] & cmask[None, :]
+            offs = (start + ns)[:, None].to(tl.int64) * C + chs[None, :]
+            ta += tl.sum(tl.load(p + offs, mask=m, other=0.0), axis=0)
+            tb += tl.sum(tl.load(q + offs, mask=m, other=0.0), axis=0)
+        if VAR:
+            mean = ta / N
+            tb = tl.zeros([BLOCK_C], dtype=tl.float64)
+            for start in range(0, N, BLOCK_N):
+                m = ((start + ns) < N)[:, None] & cmask[None, :]
+                offs = (start + ns)[:, None].to(tl.int64) * C + chs[None, :]
+                d = tl.load(p + offs, mask=m, other=0.0) - mean[None, :]
+                tb += tl.sum(tl.where(m, tl.load(q + offs, mask=m, other=0.0) + d * d, 0.0), axis=0)
+            ta = mean
+            tb = tb / N
+        else:
+            tb = tb / tl.sqrt(tl.load(var + chs, mask=cmask, other=1.0).to(tl.float64) + eps)
+        tl.store(out_a + chs, ta.to(out_a.dtype.element_ty), mask=cmask)
+        tl.store(out_b + chs, tb.to(out_b.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _running_update(bmean, bvar, rm, rv, nbt, C, momentum, unbias, CUMULATIVE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        # nn.BatchNorm's running statistics, one program: num_batches_tracked += 1, then
+        # r = (1 - f) r + f batch (unbiased variance), f = momentum or 1 / num_batches_tracked.
+        count = tl.load(nbt) + 1
+        tl.store(nbt, count)
+        f = momentum
+        if CUMULATIVE:
+            f = 1.0 / count.to(tl.float64)
+        for start in range(0, C, BLOCK):
+            chs = start + tl.arange(0, BLOCK)
+            m = chs < C
+            old_m = tl.load(rm + chs, mask=m, other=0.0)
+            old_v = tl.load(rv + chs, mask=m, other=0.0)
+            new_m = old_m + f * (tl.load(bmean + chs, mask=m, other=0.0) - old_m)
+            new_v = old_v + f * (tl.load(bvar + chs, mask=m, other=0.0) * unbias - old_v)
+            tl.store(rm + chs, new_m.to(rm.dtype.element_ty), mask=m)
+            tl.store(rv + chs, new_v.to(rv.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _param_grads(s1, s2, sw, gw, gb, gp, R, C, CG, CC, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+        # The six gate parameters' gradients (rows of gp: cweight, cbias, sweight, sbias,
+        # gn.weight, gn.bias) from the per-plane sums, summed over samples and groups.
+        # One program (BLOCK_J >= CC): tiles of BLOCK_R (sample, group) rows accumulate
+        # element-wise and are reduced once at the end.
+        js = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+        jmask = js < CC
+        rs = tl.arange(0, BLOCK_R)
+        a1c = tl.zeros([BLOCK_R, BLOCK_J], dtype=tl.float64)
+        a2c = tl.zeros([BLOCK_R, BLOCK_J], dtype=tl.float64)
+        a1s = tl.zeros([BLOCK_R, BLOCK_J], dtype=tl.float64)
+        a2s = tl.zeros([BLOCK_R, BLOCK_J], dtype=tl.float64)
+        for start in range(0, R, BLOCK_R):  # R = N * G (sample, group) pairs
+            r = start + rs
+            m = (r < R)[:, None] & jmask[None, :]
+            offs = (r // (C // CG)).to(tl.int64)[:, None] * C + (r % (C // CG))[:, None] * CG + js[None, :]
+            a1c += tl.load(s1 + offs, mask=m, other=0.0)
+            a2c += tl.load(s2 + offs, mask=m, other=0.0)
+            a1s += tl.load(s1 + offs + CC, mask=m, other=0.0)
+            a2s += tl.load(s2 + offs + CC, mask=m, other=0.0)
+        t1c = tl.sum(a1c, axis=0)
+        t2c = tl.sum(a2c, axis=0)
+        t1s = tl.sum(a1s, axis=0)
+        t2s = tl.sum(a2s, axis=0)
+        psw = tl.load(sw + js, mask=jmask, other=0.0).to(tl.float64)
+        pgw = tl.load(gw + js, mask=jmask, other=0.0).to(tl.float64)
+        pgb = tl.load(gb + js, mask=jmask, other=0.0).to(tl.float64)
+        ty = gp.dtype.element_ty
+        tl.store(gp + js, t2c.to(ty), mask=jmask)
+        tl.store(gp + CC + js, t1c.to(ty), mask=jmask)
+        tl.store(gp + 2 * CC + js, (pgw * t2s + pgb * t1s).to(ty), mask=jmask)
+        tl.store(gp + 3 * CC + js, t1s.to(ty), mask=jmask)
+        tl.store(gp + 4 * CC + js, (psw * t2s).to(ty), mask=jmask)
+        tl.store(gp + 5 * CC + js, (psw * t1s).to(ty), mask=jmask)
 
 
-def _block(m: int) -> int:
-    return max(16, min(1024, triton.next_power_of_2(m)))
+@functools.lru_cache(maxsize=None)
+def _tiling(m: int) -> dict:
+    """ROWS planes per program, BLOCK elements per row, whole planes in registers or not."""
+    block = max(16, triton.next_power_of_2(m))
+    single = block <= _MAX_TILE
+    if not single:
+        block = _LOOP_BLOCK
+    rows = max(1, _TILE // block)
+    return dict(SINGLE=single, ROWS=rows, BLOCK=block, num_warps=4 if rows * block <= 2048 else 8)
 
 
-def _params32(params: Sequence[Tensor]) -> Tensor:
-    # The six gate parameters as one (6 * c,) fp32 array, rows in the kernel's order.
-    return torch.cat([p.reshape(-1) for p in params]).to(torch.float32).contiguous()
+def _geometry(x: Tensor, groups: int) -> dict:
+    n, c, m = x.shape
+    return dict(NC=n * c, C=c, M=m, CG=c // groups, CC=c // (2 * groups), HALF=c // 2)
 
 
-def _geometry(x: Tensor, groups: int):
-    c = x.shape[1]
-    return c, x.shape[2], c // groups, c // (2 * groups), c // 2
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a jit function: microseconds per call from Python
 
 
-def triton_sa_forward(x: Tensor, params: Sequence[Tensor], groups: int,
-                      eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(N, C, M) contiguous ``x`` -> (out, plane mean, plane var); ``params``: the six gate
-    parameters (cweight, cbias, sweight, sbias, gn.weight, gn.bias)."""
-    n = x.shape[0]
-    C, M, CG, CC, HALF = _geometry(x, groups)
+def _params(params: Sequence[Tensor]) -> dict:
+    # (1, c, 1, 1) and (c,) tensors: contiguous, the kernels only need their pointers
+    return dict(zip(("cw", "cb", "sw", "sb", "gw", "gb"), params))
+
+
+def _bn_args(x: Tensor, bn_weight, bn_bias, bn_mean, bn_var) -> dict:
+    # Absent tensors are passed as x and never read (their HAS_* flag is off).
+    return dict(bw=x if bn_weight is None else bn_weight, bb=x if bn_bias is None else bn_bias,
+                bm=x if bn_mean is None else bn_mean, bv=x if bn_var is None else bn_var,
+                HAS_BN=bn_mean is not None, HAS_BW=bn_weight is not None, HAS_BB=bn_bias is not None)
+
+
+def _merge(p: Tensor, q: Tensor, out_a: Tensor, out_b: Tensor, var: Optional[Tensor] = None,
+           eps: float = 0.0) -> None:
+    n, c = p.shape
+    _batch_merge[(_cdiv(c, 64),)](p, q, out_a, out_b, p if var is None else var, n, c, eps,
+                                        VAR=var is None, BLOCK_N=16, BLOCK_C=64)
+
+
+def triton_sa_forward(x: Tensor, shortcut: Optional[Tensor], params: Sequence[Tensor], groups: int,
+                      eps: float, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+                      bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
+                      bn_train: bool = False, bn_eps: float = 1e-5,
+                      relu: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The ``sanet::sa_forward`` op on (N, C, M) contiguous CUDA tensors; ``params``: the six
+    gate parameters (cweight, cbias, sweight, sbias, gn.weight, gn.bias)."""
+    n, c, _ = x.shape
+    geo, tiling = _geometry(x, groups), _tiling(x.shape[2])
     out = torch.empty_like(x)
-    pmean = x.new_empty((n, C), dtype=torch.float64)
-    pvar = torch.empty_like(pmean)
-    p32 = _params32(params)
-    _sa_fwd_kernel[(n * C,)](x, out, pmean, pvar, p32, C, M, CG, CC, HALF, eps, BLOCK=_block(M))
-    return out, pmean, pvar
+    pm = x.new_empty((n, c), dtype=torch.float64)
+    pv = torch.empty_like(pm)
+    bmean = pm.new_empty((c if bn_train else 0,))
+    bvar = torch.empty_like(bmean)
+    args = dict(x=x, sc=x if shortcut is None else shortcut, out=out, pm=pm, pv=pv, eps=eps,
+                bn_eps=bn_eps, HAS_SC=shortcut is not None, RELU=relu, **_params(params), **geo, **tiling)
+    grid = (_cdiv(geo["NC"], tiling["ROWS"]),)
+    if bn_train:  # batch statistics first: per-plane statistics, merged per channel
+        _sa_fwd[grid](**args, **_bn_args(x, bn_weight, bn_bias, None, None), STATS_IN=False,
+                      STATS_ONLY=True)
+        _merge(pm, pv, bmean, bvar)
+        bn_mean, bn_var = bmean, bvar
+    _sa_fwd[grid](**args, **_bn_args(x, bn_weight, bn_bias, bn_mean, bn_var), STATS_IN=bn_train,
+                  STATS_ONLY=False)
+    return out, pm, pv, bmean, bvar
 
 
-def triton_sa_backward(grad: Tensor, x: Tensor, pmean: Tensor, pvar: Tensor,
-                       params: Sequence[Tensor], groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (grad x, S1, S2) with the same meaning as the CPU kernel's."""
-    n = x.shape[0]
-    C, M, CG, CC, HALF = _geometry(x, groups)
+def triton_sa_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], pm: Tensor, pv: Tensor,
+                       params: Sequence[Tensor], groups: int, eps: float,
+                       bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+                       bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
+                       bn_train: bool = False, bn_eps: float = 1e-5
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The ``sanet::sa_backward`` op: (grad x, grad before the ReLU, the six gate parameters'
+    gradients as one (6, c) tensor in their dtype, BatchNorm's d weight and d bias)."""
+    n, c, _ = x.shape
+    geo, tiling = _geometry(x, groups), _tiling(x.shape[2])
+    has_bn, relu = bn_mean is not None, out is not None
     gx = torch.empty_like(x)
-    s1 = x.new_empty((n, C), dtype=torch.float64)
+    gpre = torch.empty_like(x) if relu else x.new_empty((0,))
+    s1 = pm.new_empty((n, c))
     s2 = torch.empty_like(s1)
-    p32 = _params32(params)
-    _sa_bwd_kernel[(n * C,)](grad, x, gx, pmean, pvar, s1, s2, p32, C, M, CG, CC, HALF, eps,
-                             BLOCK=_block(M))
-    return gx, s1, s2
+    sg, sgx = (torch.empty_like(s1), torch.empty_like(s1)) if has_bn else (s1, s2)  # unused without BN
+    dbw = x.new_empty((c if has_bn else 0,), dtype=torch.float32 if bn_weight is None else bn_weight.dtype)
+    dbb = torch.empty_like(dbw)
+    p = _params(params)
+    args = dict(grad=grad, x=x, out=out if relu else x, gpre=gpre if relu else x, gx=gx, pm=pm, pv=pv,
+                s1=s1, s2=s2, sg=sg, sgx=sgx, tsg=dbb, tsgx=dbw, eps=eps, bn_eps=bn_eps,
+                NM=float(n * geo["M"]), BN_TRAIN=bn_train, **p,
+                **_bn_args(x, bn_weight, bn_bias, bn_mean, bn_var), **geo, **tiling)
+    grid = (_cdiv(geo["NC"], tiling["ROWS"]),)
+    _sa_bwd[grid](**args, PHASE=1, RELU_MASK=relu, FROM_GPRE=False)
+    if has_bn:  # sums over the batch: d bias = sum(gz), d weight = sum(gz * xhat)
+        _merge(sg, sgx, dbb, dbw, bn_var, bn_eps)
+        if bn_train:
+            _sa_bwd[grid](**args, PHASE=2, RELU_MASK=False, FROM_GPRE=relu)
+    gp = params[0].new_empty((6, geo["CC"]))
+    block_j = min(64, 1 << (geo["CC"] - 1).bit_length())  # next power of 2
+    _param_grads[(_cdiv(geo["CC"], block_j),)](s1, s2, p["sw"], p["gw"], p["gb"], gp, n * groups, c, geo["CG"],
+                                                geo["CC"], BLOCK_R=max(1, 1024 // block_j), BLOCK_J=block_j,
+                                                num_warps=8)
+    return gx, gpre, gp, dbw, dbb
+
+
+def triton_update_running_stats(bmean: Tensor, bvar: Tensor, running_mean: Tensor, running_var: Tensor,
+                                num_batches_tracked: Tensor, momentum: Optional[float], count: int) -> None:
+    """``nn.BatchNorm``'s running-statistics update from the batch mean and biased variance,
+    in one launch (as PyTorch ops it is six)."""
+    _running_update[(1,)](bmean, bvar, running_mean, running_var, num_batches_tracked, bmean.numel(),
+                          0.0 if momentum is None else float(momentum), count / (count - 1),
+                          CUMULATIVE=momentum is None, BLOCK=256)

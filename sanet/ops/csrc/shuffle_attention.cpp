@@ -482,32 +482,34 @@ struct PlaneBwd {
   bool const_gate;
 };
 
-// Pass A: the sums (and the sigmoid, kept in sig for pass B).
+// Pass A: the sums (and the sigmoid, kept in sig for pass B). Sgz = sum(gu * (z - mean z))
+// is accumulated centred, as a * (x - mean x): uncentred sums cancel when |mean z| >> std z.
 template <typename T>
 PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g, const T* xr,
                     const T* go, T* sig) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const int64_t M = L.M;
-  const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b)), one(static_cast<T>(1));
+  const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b)), vmx(static_cast<T>(g.mx)),
+      one(static_cast<T>(1));
   PlaneBwd r{0, 0, 0, 0, 0, 0, g.Az == 0.0};
   double Sgz = 0;
   V acc1(static_cast<T>(0)), acc2(static_cast<T>(0));
   int64_t i = 0;
   if (r.const_gate) {
-    // gu = go * z * s(1-s) with constant s: sum go*z (and go*z*z for the spatial branch).
+    // gu = go * z * s(1-s) with constant s: sum go*z (and go*z*(z - mean z) for the spatial branch).
     r.s_const = ssigmoid(g.Bc);
     for (; i + W <= M; i += W) {
-      const V z = at::vec::fmadd(V::loadu(xr + i), va, vb);
-      const V gz = V::loadu(go + i) * z;
+      const V xv = V::loadu(xr + i);
+      const V gz = V::loadu(go + i) * at::vec::fmadd(xv, va, vb);
       acc1 += gz;
-      acc2 = at::vec::fmadd(gz, z, acc2);
+      acc2 = at::vec::fmadd(gz, (xv - vmx) * va, acc2);
     }
     double s1 = hsum<T>(acc1), s2 = hsum<T>(acc2);
     for (; i < M; ++i) {
       const double z = g.a * xr[i] + g.b;
       s1 += double(go[i]) * z;
-      s2 += double(go[i]) * z * z;
+      s2 += double(go[i]) * z * (g.a * (xr[i] - g.mx));
     }
     r.S1 = r.s_const * (1 - r.s_const) * s1;
     Sgz = r.s_const * (1 - r.s_const) * s2;
@@ -520,7 +522,7 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
       s.store(sig + i);
       const V gu = V::loadu(go + i) * z * s * (one - s);
       acc1 += gu;
-      acc2 = at::vec::fmadd(gu, z, acc2);
+      acc2 = at::vec::fmadd(gu, (xv - vmx) * va, acc2);
     }
     r.S1 = hsum<T>(acc1);
     Sgz = hsum<T>(acc2);
@@ -530,12 +532,12 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
       sig[i] = static_cast<T>(s);
       const double gu = double(go[i]) * z * s * (1 - s);
       r.S1 += gu;
-      Sgz += gu * z;
+      Sgz += gu * (g.a * (xr[i] - g.mx));
     }
   }
   const int64_t j = L.param(ch);
   if (L.spatial(ch)) {
-    r.S2 = g.rz * (Sgz - g.mz * r.S1);  // sum(gu * zhat)
+    r.S2 = g.rz * Sgz;  // sum(gu * zhat)
     // GroupNorm backward with gzhat = gu*sw*gw: Kgu * (gu - mean(gu) - zhat * mean(gu*zhat)).
     // On a one-pixel plane that is exactly 0 (gu equals its mean), but as a difference of
     // terms scaled by 1/sqrt(eps) it would only be 0 up to rounding.
@@ -802,8 +804,37 @@ std::vector<Tensor> sa_forward(const Tensor& x, const std::optional<Tensor>& sho
   return {out, pmean, pvar, bmean, bvar};
 }
 
+// Gradients of the six gate parameters (rows: cweight, cbias, sweight, sbias, gn.weight,
+// gn.bias) from the per-plane sums S1, S2, summed over samples and groups.
+Tensor param_grads(const Tensor& s1, const Tensor& s2, const Params& P, int64_t groups) {
+  const int64_t N = s1.size(0), C = s1.size(1), cc = P.cc, cg = C / groups;
+  std::vector<double> t1c(cc, 0.0), t2c(cc, 0.0), t1s(cc, 0.0), t2s(cc, 0.0);
+  const double *a1 = s1.data_ptr<double>(), *a2 = s2.data_ptr<double>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t j = 0; j < cc; ++j) {
+        const int64_t k = n * C + g * cg + j;  // channel branch; spatial branch at k + cc
+        t1c[j] += a1[k];
+        t2c[j] += a2[k];
+        t1s[j] += a1[k + cc];
+        t2s[j] += a2[k + cc];
+      }
+  auto gp = at::empty({6, cc}, s1.options());
+  double* o = gp.data_ptr<double>();
+  for (int64_t j = 0; j < cc; ++j) {
+    o[j] = t2c[j];                                 // cweight: sum(gu) * mean
+    o[cc + j] = t1c[j];                            // cbias
+    o[2 * cc + j] = P.gw(j) * t2s[j] + P.gb(j) * t1s[j];  // sweight: sum(gu * gn(z))
+    o[3 * cc + j] = t1s[j];                        // sbias
+    o[4 * cc + j] = P.sw(j) * t2s[j];              // gn.weight
+    o[5 * cc + j] = P.sw(j) * t1s[j];              // gn.bias
+  }
+  return gp;
+}
+
 // Returns grad x, the gradient before the ReLU (the shortcut's; undefined without ReLU),
-// the per-plane sums S1, S2 for the gate parameters, and BatchNorm's dweight, dbias.
+// the six gate parameters' gradients as one (6, c) tensor in cweight's dtype, and
+// BatchNorm's dweight, dbias in its weight's dtype (float32 without weight).
 // BatchNorm is part of the op when bn_mean/bn_var (the statistics forward used) are given.
 std::vector<Tensor> sa_backward(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& out,
                                 const Tensor& pmean, const Tensor& pvar, const Tensor& cw,
@@ -859,7 +890,9 @@ std::vector<Tensor> sa_backward(const Tensor& grad, const Tensor& x, const std::
       }
     }
   });
-  return {gx, gpre, s1, s2, dbn_w, dbn_b};
+  const auto bn_dtype = defined(bn_w) ? bn_w->scalar_type() : at::kFloat;
+  return {gx, gpre, param_grads(s1, s2, P, groups).to(cw.scalar_type()), dbn_w.to(bn_dtype),
+          dbn_b.to(bn_dtype)};
 }
 
 }  // namespace
