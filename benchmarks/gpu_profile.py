@@ -53,7 +53,7 @@ def layer_costs() -> None:
     cases = {
         "x.clone()": lambda: x.clone(),
         "x + x": lambda: x + x,
-        "triton_sa_forward (kernel launch + allocations)": lambda: triton_sa_forward(x3, None, params, 64, 1e-5),
+        "triton_sa_forward (kernel launch + allocations)": lambda: triton_sa_forward(x3, None, *params, 64, 1e-5),
         "SA fused, no grad": no_grad(sa),
         "SA reference, no grad": no_grad(ref),
         "SA fused fwd+bwd": lambda: sa(xg).sum().backward(),

@@ -33,7 +33,7 @@ if DEVICE.type == "cuda" and not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 def triton_active() -> bool:
-    return sa_op.KERNELS[DEVICE.type][0] is sa_op._triton_forward
+    return sa_op.KERNELS[DEVICE.type][0] is sa_op.KERNELS["cuda"][0]
 
 
 @pytest.fixture(params=["auto", "loop"])

@@ -16,7 +16,7 @@ Two entry points compute it, sharing the autograd rule:
 * :func:`sa_op` (what the layers call): in eager mode an ``autograd.Function`` that calls the
   kernels directly, about 10 microseconds of Python per call instead of ~70 through the
   dispatcher (which matters on a GPU, where the kernels themselves take tens of
-  microseconds); under ``torch.compile`` the custom op below.
+  microseconds); under ``torch.compile`` and ``torch.jit.trace`` the custom op below.
 * ``torch.ops.sanet.sa_forward`` / ``sa_backward``, registered with :mod:`torch.library`
   (autograd via ``register_autograd``, shapes via ``register_fake``), so that
   ``torch.compile`` traces the kernels as opaque ops.
@@ -42,38 +42,23 @@ def _cpu_ext():
     return ext
 
 
-def _cpu_forward(x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
-                 bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu) -> _Out:
-    out, pmean, pvar, bmean, bvar = _cpu_ext().sa_forward(
-        x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, bn_weight,
-        bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
-    return out, pmean, pvar, bmean, bvar
+def _cpu_forward(*args) -> _Out:
+    return tuple(_cpu_ext().sa_forward(*args))
 
 
-def _cpu_backward(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
-                  groups, eps, bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps) -> _Out:
-    gx, gpre, gparams, dw, db = _cpu_ext().sa_backward(
-        grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
-        bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps)
+def _cpu_backward(*args) -> _Out:
+    gx, gpre, gparams, dw, db = _cpu_ext().sa_backward(*args)
     if gpre is None:  # the kernel returns an undefined tensor without ReLU
-        gpre = x.new_empty((0,))
+        gpre = gx.new_empty((0,))
     return gx, gpre, gparams, dw, db
 
 
-def _triton_forward(x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
-                    bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu) -> _Out:
-    from .triton_sa import triton_sa_forward
+def _triton(name: str):
+    def call(*args):
+        from . import triton_sa  # imports triton: only when a CUDA tensor arrives
 
-    return triton_sa_forward(x, shortcut, (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups, eps,
-                             bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
-
-
-def _triton_backward(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
-                     groups, eps, bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps) -> _Out:
-    from .triton_sa import triton_sa_backward
-
-    return triton_sa_backward(grad, x, out, pmean, pvar, (cweight, cbias, sweight, sbias, gn_weight, gn_bias),
-                              groups, eps, bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps)
+        return getattr(triton_sa, name)(*args)
+    return call
 
 
 def torch_update_running_stats(bmean: Tensor, bvar: Tensor, running_mean: Tensor, running_var: Tensor,
@@ -86,18 +71,12 @@ def torch_update_running_stats(bmean: Tensor, bvar: Tensor, running_mean: Tensor
     running_var.lerp_((bvar * (count / (count - 1))).to(running_var.dtype), factor)
 
 
-def _triton_update_running_stats(*args) -> None:
-    from .triton_sa import triton_update_running_stats
-
-    # one launch instead of six: on a GPU the host's time per launch is most of SA's cost
-    triton_update_running_stats(*args)
-
-
-#: device type -> (forward, backward, BatchNorm running-statistics update) of the op. (The
-#: tests point "cpu" at the Triton kernels to run them under TRITON_INTERPRET=1.)
+#: device type -> (forward, backward, BatchNorm running-statistics update) of the op, each
+#: with the arguments of ``sa_forward``, ``sa_backward`` and ``torch_update_running_stats``.
+#: (The tests point "cpu" at the Triton kernels to run them under TRITON_INTERPRET=1.)
 KERNELS = {
     "cpu": (_cpu_forward, _cpu_backward, torch_update_running_stats),
-    "cuda": (_triton_forward, _triton_backward, _triton_update_running_stats),
+    "cuda": (_triton("triton_sa_forward"), _triton("triton_sa_backward"), _triton("triton_update_running_stats")),
 }
 
 
@@ -243,6 +222,6 @@ def sa_op(x: Tensor, shortcut: Optional[Tensor], cweight: Tensor, cbias: Tensor,
     """The fused op (see the module docstring), differentiable; arguments as ``sa_forward``."""
     args = (x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, bn_weight,
             bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return sa_forward(*args)
     return _SAFunction.apply(*args)

@@ -408,13 +408,14 @@ def _merge(p: Tensor, q: Tensor, out_a: Tensor, out_b: Tensor, var: Optional[Ten
                                         VAR=var is None, BLOCK_N=16, BLOCK_C=64)
 
 
-def triton_sa_forward(x: Tensor, shortcut: Optional[Tensor], params: Sequence[Tensor], groups: int,
+def triton_sa_forward(x: Tensor, shortcut: Optional[Tensor], cweight: Tensor, cbias: Tensor,
+                      sweight: Tensor, sbias: Tensor, gn_weight: Tensor, gn_bias: Tensor, groups: int,
                       eps: float, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
                       bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
                       bn_train: bool = False, bn_eps: float = 1e-5,
                       relu: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The ``sanet::sa_forward`` op on (N, C, M) contiguous CUDA tensors; ``params``: the six
-    gate parameters (cweight, cbias, sweight, sbias, gn.weight, gn.bias)."""
+    """The ``sanet::sa_forward`` op (same arguments) on (N, C, M) contiguous CUDA tensors."""
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
     n, c, _ = x.shape
     geo, tiling = _geometry(x, groups), _tiling(x.shape[2])
     out = torch.empty_like(x)
@@ -436,13 +437,15 @@ def triton_sa_forward(x: Tensor, shortcut: Optional[Tensor], params: Sequence[Te
 
 
 def triton_sa_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], pm: Tensor, pv: Tensor,
-                       params: Sequence[Tensor], groups: int, eps: float,
-                       bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
-                       bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
-                       bn_train: bool = False, bn_eps: float = 1e-5
+                       cweight: Tensor, cbias: Tensor, sweight: Tensor, sbias: Tensor, gn_weight: Tensor,
+                       gn_bias: Tensor, groups: int, eps: float, bn_weight: Optional[Tensor] = None,
+                       bn_bias: Optional[Tensor] = None, bn_mean: Optional[Tensor] = None,
+                       bn_var: Optional[Tensor] = None, bn_train: bool = False, bn_eps: float = 1e-5
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The ``sanet::sa_backward`` op: (grad x, grad before the ReLU, the six gate parameters'
-    gradients as one (6, c) tensor in their dtype, BatchNorm's d weight and d bias)."""
+    """The ``sanet::sa_backward`` op (same arguments): (grad x, grad before the ReLU, the six
+    gate parameters' gradients as one (6, c) tensor in their dtype, BatchNorm's d weight and
+    d bias)."""
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
     n, c, _ = x.shape
     geo, tiling = _geometry(x, groups), _tiling(x.shape[2])
     has_bn, relu = bn_mean is not None, out is not None
