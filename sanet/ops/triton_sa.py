@@ -180,20 +180,17 @@ if _HAS_TRITON:
         return go
 
     @triton.jit
-    def _bwd_sums_tile(go, xv, mx, a, b, kz, bc, mask):
-        # gu = dL/du (u: gate argument): per-plane sum(gu) and sum(gu * (z - mean z)).
+    def _gate_grad(go, xv, mx, a, b, kz, bc, mask):
+        # x - mean x (0 in padding), the gate s and gu = dL/du (u: the gate argument).
         xc = tl.where(mask, xv - mx[:, None], 0.0)
         s = tl.sigmoid((kz * a)[:, None] * xc + bc[:, None])
         gu = go * (a[:, None] * xv + b[:, None]) * s * (1.0 - s)
-        return tl.sum(gu, axis=1), tl.sum(gu * xc, axis=1) * a
+        return xc, s, gu
 
     @triton.jit
-    def _grad_z_tile(go, xv, mx, a, b, kz, bc, kgu, k0, kc, mask):
+    def _grad_z(go, xc, s, gu, a, kgu, k0, kc, mask):
         # dL/dz = go * s + kgu * gu + k0 + kc * (z - mean z): the gate's own derivative plus
         # its statistics' (GroupNorm's backward, or the pooled mean's).
-        xc = tl.where(mask, xv - mx[:, None], 0.0)
-        s = tl.sigmoid((kz * a)[:, None] * xc + bc[:, None])
-        gu = go * (a[:, None] * xv + b[:, None]) * s * (1.0 - s)
         gz = go * s + kgu[:, None] * gu + k0[:, None] + (kc * a)[:, None] * xc
         return tl.where(mask, gz, 0.0)
 
@@ -218,18 +215,21 @@ if _HAS_TRITON:
         if SINGLE:
             xv, mask = _chunk(x, base, 0, cols, rmask, M)
             go = _upstream(up, out, gpre, obase, cols, mask, RELU_MASK, True)
+            xc, s, gu = _gate_grad(go, xv, mx, a, b, kz, bc, mask)  # once, for sums and dL/dz
         if PHASE == 1:
+            # per-plane sum(gu) and sum(gu * (z - mean z))
             if SINGLE:
-                t1, tc = _bwd_sums_tile(go, xv, mx, a, b, kz, bc, mask)
+                t1 = tl.sum(gu, axis=1)
+                tc = tl.sum(gu * xc, axis=1) * a
             else:
                 t1 = tl.zeros([ROWS], dtype=tl.float32)
                 tc = tl.zeros([ROWS], dtype=tl.float32)
                 for start in range(0, M, BLOCK):
                     v, cm = _chunk(x, base, start, cols, rmask, M)
                     g = _upstream(up, out, gpre, obase + start, cols, cm, RELU_MASK, True)
-                    p1, pc = _bwd_sums_tile(g, v, mx, a, b, kz, bc, cm)
-                    t1 += p1
-                    tc += pc
+                    vc, _, vgu = _gate_grad(g, v, mx, a, b, kz, bc, cm)
+                    t1 += tl.sum(vgu, axis=1)
+                    tc += tl.sum(vgu * vc, axis=1) * a
             st2 = tl.where(spatial, rz * tc, t1 * mz)  # sum(gu * zhat), or sum(gu) * mean(z)
             tl.store(s1 + rows, t1.to(tl.float64), mask=rmask)
             tl.store(s2 + rows, st2.to(tl.float64), mask=rmask)
@@ -249,7 +249,7 @@ if _HAS_TRITON:
             k1 = -a * cg / NM
             k2 = -a * binv * cgx / NM
         if SINGLE:
-            gz = _grad_z_tile(go, xv, mx, a, b, kz, bc, kgu, k0, kc, mask)
+            gz = _grad_z(go, xc, s, gu, a, kgu, k0, kc, mask)
             if PHASE == 1:
                 if HAS_BN:
                     tl.store(sg + rows, tl.sum(gz, axis=1).to(tl.float64), mask=rmask)
@@ -266,7 +266,8 @@ if _HAS_TRITON:
             for start in range(0, M, BLOCK):
                 v, cm = _chunk(x, base, start, cols, rmask, M)
                 g = _upstream(up, out, gpre, obase + start, cols, cm, RELU_MASK, False)
-                gz = _grad_z_tile(g, v, mx, a, b, kz, bc, kgu, k0, kc, cm)
+                vc, vs, vgu = _gate_grad(g, v, mx, a, b, kz, bc, cm)
+                gz = _grad_z(g, vc, vs, vgu, a, kgu, k0, kc, cm)
                 if PHASE == 1:
                     if HAS_BN:
                         tg += tl.sum(gz, axis=1)
