@@ -91,9 +91,7 @@ def test_fused_matches_reference_fp32(shape, groups, layout):
 
 
 def _op(x, params, groups, *, shortcut=None, w=None, b=None, train=False, relu=False, mean=None, var=None):
-    n, c = x.shape[:2]
-    return sa_forward(x.reshape(n, c, -1), shortcut, *params, groups, 1e-5, w, b, mean, var,
-                      train, 1e-5, relu)[0]
+    return sa_forward(x, shortcut, *params, groups, 1e-5, w, b, mean, var, train, 1e-5, relu)[0]
 
 
 @pytest.mark.parametrize("mode", ["sa", "bn_train", "bn_eval", "bn_train_add_relu", "bn_eval_add_relu"])
@@ -104,7 +102,7 @@ def test_fused_op_gradcheck_fp64(mode):
     params = [torch.randn(C // (2 * G), generator=gen, dtype=torch.float64).requires_grad_() for _ in range(6)]
     w = torch.randn(C, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(C, generator=gen, dtype=torch.float64, requires_grad=True)
-    sc = torch.randn(2, C, 15, generator=gen, dtype=torch.float64, requires_grad=True)
+    sc = torch.randn(2, C, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     mean = torch.randn(C, generator=gen, dtype=torch.float64)
     var = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
     if mode == "sa":
@@ -279,6 +277,36 @@ def test_deterministic():
         y.sum().backward()
         outs.append([y.detach()] + [p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 7, 9), (2, 32, 3, 5, 4), (2, 16, 11)])
+def test_no_grad_forward_equals_grad_forward(shape):
+    """Without grad, sa_op calls the kernel alone (no autograd.Function); same output."""
+    gen = torch.Generator().manual_seed(case_seed(shape))
+    sa = sanet.ShuffleAttention(shape[1], 4, impl="fused")
+    randomize(sa, gen)
+    x = torch.randn(shape, generator=gen)
+    with torch.no_grad():
+        y = sa(x)
+    assert not y.requires_grad and y.shape == x.shape
+    assert torch.equal(y, sa(x).detach())
+
+
+def test_dispatch_modes_see_the_fused_op():
+    """Under a TorchDispatchMode the op goes through the dispatcher: fake tensors get shapes,
+    the memory tracker counts the kernels' outputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sanet.analysis.memory import PeakMemoryTracker
+
+    sa = sanet.ShuffleAttention(64, 8, impl="fused")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        y = sa(mode.from_tensor(torch.randn(2, 64, 5, 6)))
+    assert y.shape == (2, 64, 5, 6)
+    x = torch.randn(4, 64, 16, 16, requires_grad=True)
+    with PeakMemoryTracker() as tracker:
+        sa(x).sum().backward()
+    assert tracker.peak >= 2 * x.numel() * x.element_size()  # the output and grad x at least
 
 
 def test_half_precision_falls_back_on_cpu():

@@ -1,6 +1,6 @@
 """The fused SA kernels as one differentiable op: C++ on CPU, Triton on CUDA.
 
-On (N, C, M) contiguous input ``x`` the op computes::
+On contiguous (N, C, *) input ``x`` (N * C planes of any spatial shape) the op computes::
 
     z   = x                          or BatchNorm(x) (batch or given running statistics)
     s   = ShuffleAttention(z)        (per-channel gate, then the 2-group shuffle)
@@ -14,9 +14,10 @@ with the ReLU, ``out`` (which the next layer keeps anyway): never a full-size in
 Two entry points compute it, sharing the autograd rule:
 
 * :func:`sa_op` (what the layers call): in eager mode an ``autograd.Function`` that calls the
-  kernels directly, about 10 microseconds of Python per call instead of ~70 through the
-  dispatcher (which matters on a GPU, where the kernels themselves take tens of
-  microseconds); under ``torch.compile`` and ``torch.jit.trace`` the custom op below.
+  kernels directly (or, without grad, the kernel alone), about 10 microseconds of Python per
+  call instead of ~70 through the dispatcher (which matters on a GPU, where the kernels
+  themselves take tens of microseconds); under ``torch.compile``, ``torch.jit.trace`` and
+  any ``TorchDispatchMode`` the custom op below.
 * ``torch.ops.sanet.sa_forward`` / ``sa_backward``, registered with :mod:`torch.library`
   (autograd via ``register_autograd``, shapes via ``register_fake``), so that
   ``torch.compile`` traces the kernels as opaque ops.
@@ -222,6 +223,12 @@ def sa_op(x: Tensor, shortcut: Optional[Tensor], cweight: Tensor, cbias: Tensor,
     """The fused op (see the module docstring), differentiable; arguments as ``sa_forward``."""
     args = (x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, bn_weight,
             bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack():
+        # Through the dispatcher: compile and trace record the op, and dispatch modes (fake
+        # tensors, FLOP and memory counters) see it.
         return sa_forward(*args)
+    if not torch.is_grad_enabled():
+        # Nothing to record: skip autograd.Function's bookkeeping (tens of microseconds
+        # when caches are cold, as they are after the convolution in front of SA).
+        return _forward_impl(*args)
     return _SAFunction.apply(*args)

@@ -382,7 +382,8 @@ def _tiling(m: int) -> dict:
 
 
 def _geometry(x: Tensor, groups: int) -> dict:
-    n, c, m = x.shape
+    n, c = x.shape[:2]  # (N, C, *) contiguous: N * C planes of M elements
+    m = x.numel() // (n * c) if n * c else 0
     return dict(NC=n * c, C=c, M=m, CG=c // groups, CC=c // (2 * groups), HALF=c // 2)
 
 
@@ -415,10 +416,11 @@ def triton_sa_forward(x: Tensor, shortcut: Optional[Tensor], cweight: Tensor, cb
                       bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
                       bn_train: bool = False, bn_eps: float = 1e-5,
                       relu: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The ``sanet::sa_forward`` op (same arguments) on (N, C, M) contiguous CUDA tensors."""
+    """The ``sanet::sa_forward`` op (same arguments) on contiguous (N, C, *) CUDA tensors."""
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
-    n, c, _ = x.shape
-    geo, tiling = _geometry(x, groups), _tiling(x.shape[2])
+    n, c = x.shape[:2]
+    geo = _geometry(x, groups)
+    tiling = _tiling(geo["M"])
     out = torch.empty_like(x)
     pm = x.new_empty((n, c), dtype=torch.float64)
     pv = torch.empty_like(pm)
@@ -447,8 +449,9 @@ def triton_sa_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], pm: Tenso
     gate parameters' gradients as one (6, c) tensor in their dtype, BatchNorm's d weight and
     d bias)."""
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
-    n, c, _ = x.shape
-    geo, tiling = _geometry(x, groups), _tiling(x.shape[2])
+    n, c = x.shape[:2]
+    geo = _geometry(x, groups)
+    tiling = _tiling(geo["M"])
     has_bn, relu = bn_mean is not None, out is not None
     gx = torch.empty_like(x)
     gpre = torch.empty_like(x) if relu else x.new_empty((0,))

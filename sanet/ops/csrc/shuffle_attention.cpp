@@ -85,8 +85,9 @@ struct SigmoidOfAffine {
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Same, with 1 / (1 + 2^t), t = -(A (x - m) + B) log2(e) in one FMA, and
-// 2^t = 2^round(t) * p(t - round(t)) by vscalefps; p is the degree-6 Taylor polynomial of
-// 2^f on [-1/2, 1/2] (relative error < 1.2e-7). About half the instructions of exp_u20.
+// 2^t = 2^round(t) * p(t - round(t)) by vscalefps; p is the degree-5 minimax polynomial of
+// 2^f on [-1/2, 1/2] (relative error 8e-8, 2e-7 evaluated in float). About half the
+// instructions of exp_u20.
 template <>
 struct SigmoidOfAffine<float> {
   __m512 A, B, m;
@@ -95,17 +96,17 @@ struct SigmoidOfAffine<float> {
         B(_mm512_set1_ps(static_cast<float>(-b * M_LOG2E))),
         m(_mm512_set1_ps(static_cast<float>(m_))) {}
   Vectorized<float> operator()(const Vectorized<float>& x) const {
-    __m512 t = _mm512_fmadd_ps(_mm512_sub_ps(x, m), A, B);
-    t = _mm512_max_ps(_mm512_min_ps(t, _mm512_set1_ps(126.f)), _mm512_set1_ps(-126.f));
+    // Only the upper side is clamped (2^t must stay finite for recip's Newton step); below,
+    // scalef underflows to 0 and the gate is exactly 1. t is finite: |x - m| <= sqrt(M) std.
+    const __m512 t = _mm512_min_ps(_mm512_fmadd_ps(_mm512_sub_ps(x, m), A, B), _mm512_set1_ps(126.f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381608e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    __m512 p = _mm512_set1_ps(1.3280885586872855e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6770640621393900e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507119869197630e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022086700656310e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314695653010520e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000797972342f));
     return recip<float>(Vectorized<float>(_mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f))));
   }
 };
@@ -202,6 +203,12 @@ inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool
 
 // ---------------------------------------------------------------- SA geometry and gate
 
+// Elements per (n, c) plane of a contiguous (N, C, *) tensor.
+int64_t plane_size(const Tensor& x) {
+  const int64_t planes = x.size(0) * x.size(1);
+  return planes > 0 ? x.numel() / planes : 0;
+}
+
 // G groups of 2c channels; the first c of a group are the channel branch, the last c the
 // spatial branch; the 2-group shuffle sends input channel ch to out_channel(ch).
 // Tabulated once per call: integer divisions per plane are a visible cost on small planes.
@@ -210,7 +217,7 @@ struct Layout {
   std::vector<int64_t> oc, ic, j;
   std::vector<char> sp;
   Layout(const Tensor& x, int64_t groups)
-      : N(x.size(0)), C(x.size(1)), M(x.size(2)), oc(C), ic(C), j(C), sp(C) {
+      : N(x.size(0)), C(x.size(1)), M(plane_size(x)), oc(C), ic(C), j(C), sp(C) {
     const int64_t cg = C / groups, cc = C / (2 * groups), half = C / 2;
     for (int64_t ch = 0; ch < C; ++ch) {
       oc[ch] = 2 * (ch % half) + ch / half;
@@ -326,8 +333,15 @@ void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool 
     });
     return;
   }
-  const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b));
   const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bc, g.mx);
+  if (g.a == 1.0 && g.b == 0.0) {  // no BatchNorm in front: z = x
+    map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
+      const V xv = V::loadu(x + i, n);
+      return finish(xv * sigmoid(xv), i, n);
+    });
+    return;
+  }
+  const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b));
   map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
     const V xv = V::loadu(x + i, n);
     return finish(at::vec::fmadd(xv, va, vb) * sigmoid(xv), i, n);
@@ -356,6 +370,41 @@ struct PlaneCursor {
   PlaneCursor(int64_t k, int64_t C_) : n(k / C_), ch(k % C_), C(C_) {}
   void next() {
     if (++ch == C) { ch = 0; ++n; }
+  }
+};
+
+// Planes [o0, o1) in output order, B at a time, as (sample, input channel) pairs. Each batch
+// also knows the next one, so the forward pass can prefetch the next batch's planes while it
+// writes this batch's outputs: reads then overlap writes instead of waiting for the
+// statistics pass of the next batch (1.2x on cold (8, 1024, 14, 14) input; the same in
+// backward, which reads three planes per plane, measured no gain).
+struct OutputOrderBatches {
+  const Layout& L;
+  const int64_t o1, B;
+  int64_t o, cnt = 0, next_cnt = 0;
+  int64_t ns[kMaxBatch], chs[kMaxBatch], next_ns[kMaxBatch], next_chs[kMaxBatch];
+  PlaneCursor c;
+  OutputOrderBatches(const Layout& L_, int64_t o0, int64_t o1_, int64_t B_)
+      : L(L_), o1(o1_), B(B_), o(o0), c(o0, L_.C) {
+    fill(next_ns, next_chs, next_cnt);
+  }
+  // Advances to the next batch; false when done.
+  bool next() {
+    cnt = next_cnt;
+    std::copy(next_ns, next_ns + cnt, ns);
+    std::copy(next_chs, next_chs + cnt, chs);
+    fill(next_ns, next_chs, next_cnt);
+    return cnt > 0;
+  }
+
+ private:
+  void fill(int64_t* n, int64_t* ch, int64_t& k) {
+    k = std::min(o1 - o, B);
+    for (int64_t i = 0; i < k; ++i, c.next()) {
+      n[i] = c.n;
+      ch[i] = L.in_channel(c.ch);
+    }
+    o += k;
   }
 };
 
@@ -389,26 +438,23 @@ struct Fwd {
     // otherwise scatter them over every other plane) and the reads two.
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t o0, int64_t o1) {
       Gate g[kMaxBatch];
-      int64_t ns[kMaxBatch], chs[kMaxBatch];
-      PlaneCursor c(o0, L.C);
-      for (int64_t ob = o0; ob < o1; ob += B) {
-        const int64_t cnt = std::min(o1 - ob, B);
-        for (int64_t i = 0; i < cnt; ++i, c.next()) {
-          ns[i] = c.n;
-          chs[i] = L.in_channel(c.ch);
-        }
+      OutputOrderBatches b(L, o0, o1, B);
+      while (b.next()) {
         if (!moments_done)
-          for (int64_t i = 0; i < cnt; ++i) {
-            const int64_t k = ns[i] * L.C + chs[i];
-            plane_moments(x + k * L.M, L.M, pm[k], pv[k], L.spatial(chs[i]));
+          for (int64_t i = 0; i < b.cnt; ++i) {
+            const int64_t k = b.ns[i] * L.C + b.chs[i];
+            plane_moments(x + k * L.M, L.M, pm[k], pv[k], L.spatial(b.chs[i]));
           }
-        for (int64_t i = 0; i < cnt; ++i) {
-          const int64_t k = ns[i] * L.C + chs[i];
-          double a, b;
-          bn.at(chs[i], a, b);
-          g[i] = plane_gate(L, P, chs[i], a, b, pm[k], pv[k], eps);
+        for (int64_t i = 0; i < b.cnt; ++i) {
+          const int64_t k = b.ns[i] * L.C + b.chs[i];
+          double a, off;
+          bn.at(b.chs[i], a, off);
+          g[i] = plane_gate(L, P, b.chs[i], a, off, pm[k], pv[k], eps);
         }
-        for (int64_t i = 0; i < cnt; ++i) gate(ns[i], chs[i], g[i]);
+        for (int64_t i = 0; i < b.cnt; ++i) {
+          if (i < b.next_cnt) prefetch(x + (b.next_ns[i] * L.C + b.next_chs[i]) * L.M, L.M * sizeof(T));
+          gate(b.ns[i], b.chs[i], g[i]);
+        }
       }
       if (stream) stream_fence();
     });
@@ -657,16 +703,10 @@ struct Bwd {
       // Output order, as in the forward pass: the incoming gradient and the ReLU mask are
       // read, and the pre-ReLU gradient written, as sequential streams.
       std::vector<T> sig(B * L.M);
-      int64_t ns[kMaxBatch], chs[kMaxBatch];
-      PlaneCursor c(k0, L.C);
-      for (int64_t kb = k0; kb < k1; kb += B) {
-        const int64_t cnt = std::min(k1 - kb, B);
-        for (int64_t i = 0; i < cnt; ++i, c.next()) {
-          ns[i] = c.n;
-          chs[i] = L.in_channel(c.ch);
-        }
-        if (stream && scale_by_a) batch<true>(ns, chs, cnt, bn, true, sig.data());
-        else batch<false>(ns, chs, cnt, bn, scale_by_a, sig.data());
+      OutputOrderBatches b(L, k0, k1, B);
+      while (b.next()) {
+        if (stream && scale_by_a) batch<true>(b.ns, b.chs, b.cnt, bn, true, sig.data());
+        else batch<false>(b.ns, b.chs, b.cnt, bn, scale_by_a, sig.data());
       }
       if (stream) stream_fence();
     });
@@ -752,8 +792,8 @@ struct Bwd {
 // ---------------------------------------------------------------- entry points
 
 void check_planes(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 3 && t.is_contiguous() && t.device().is_cpu(), name,
-              " must be a contiguous CPU tensor of shape (N, C, M)");
+  TORCH_CHECK(t.dim() >= 2 && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous CPU tensor of shape (N, C, *)");
 }
 
 void check_groups(const Tensor& x, int64_t groups) {
@@ -796,7 +836,7 @@ std::vector<Tensor> sa_forward(const Tensor& x, const std::optional<Tensor>& sho
                           out.nbytes() >= kStreamBytes};
     if (!bn_train)
       f.planes(bn);
-    else if (walk_channels<scalar_t>(x.size(2)))
+    else if (walk_channels<scalar_t>(plane_size(x)))
       f.channels(bn, bn_eps, bmean.data_ptr<double>(), bvar.data_ptr<double>());
     else
       f.two_phase(bn, bn_eps, bmean.data_ptr<double>(), bvar.data_ptr<double>());
@@ -869,7 +909,7 @@ std::vector<Tensor> sa_backward(const Tensor& grad, const Tensor& x, const std::
                           has_out ? gpre.data_ptr<scalar_t>() : nullptr, s1.data_ptr<double>(),
                           s2.data_ptr<double>(), has_bn ? sg.data_ptr<double>() : nullptr,
                           has_bn ? sgx.data_ptr<double>() : nullptr, gx.nbytes() >= kStreamBytes};
-    if (bn_train && walk_channels<scalar_t>(x.size(2))) {
+    if (bn_train && walk_channels<scalar_t>(plane_size(x))) {
       b.channels(bn, dbn_w.data_ptr<double>(), dbn_b.data_ptr<double>());
     } else if (bn_train) {
       b.two_phase(bn, dbn_w.data_ptr<double>(), dbn_b.data_ptr<double>());
