@@ -56,6 +56,10 @@ class PeakMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views, in-place and out= ops return (parts of) their inputs, which may predate the
+        # tracker: counting those storages would charge memory that was never allocated.
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 key, nbytes = _storage_key(t)

@@ -1,0 +1,26 @@
+"""The memory accounting the benchmarks report: saved-for-backward and peak live bytes."""
+from __future__ import annotations
+
+import torch
+
+from sanet.analysis.memory import PeakMemoryTracker, saved_tensor_bytes
+
+
+def test_peak_counts_allocations_not_views_of_older_tensors():
+    x = torch.randn(64, 64)  # 16 KiB allocated before the tracker
+    with PeakMemoryTracker() as tracker:
+        v = x.view(4096)[::2]   # views of x: nothing new
+        x.mul_(2.0)             # in place: nothing new
+        torch.mul(x, 2.0, out=x)
+        y = x * 2.0             # a new 16 KiB tensor
+        z = y + 1.0             # and another, alive at the same time
+        del y, z, v
+    assert tracker.peak == 2 * x.numel() * x.element_size()
+    assert tracker.current == 0  # freed storages are subtracted
+
+
+def test_saved_bytes_count_each_storage_once():
+    x = torch.randn(32, 32, requires_grad=True)
+    out = saved_tensor_bytes(lambda: (x * x).sum())  # mul saves x twice: one storage
+    assert out["tensors"] == 2 and out["storages"] == 1
+    assert out["bytes"] == x.numel() * x.element_size()
