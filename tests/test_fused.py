@@ -58,6 +58,7 @@ CASES = [
     ((2, 16, 11), 4, "contiguous"),        # 1-D
     ((2, 32, 3, 5, 4), 8, "contiguous"),   # 3-D
     ((2, 256, 28, 28), 64, "contiguous"),  # planes larger than a vector tail, many groups
+    ((1, 56, 11, 12), 4, "contiguous"),    # plane count not a multiple of either batch size
 ]
 
 

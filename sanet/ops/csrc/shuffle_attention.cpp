@@ -359,6 +359,16 @@ inline int64_t batch_planes(int64_t M) {
   return std::clamp<int64_t>(16384 / std::max<int64_t>(1, M * int64_t(sizeof(T))), 1, kMaxBatch);
 }
 
+// Backward reads two planes and keeps a third (the gates) per plane, so its batches are
+// smaller: 2 KiB of each plane stream (measured 1.1x - 1.2x on cold 14x14 and 28x28 input
+// against the forward's 16 KiB), except planes of 7x7 and below, which keep the forward's
+// batches because their serial per-plane work needs the overlap.
+template <typename T>
+inline int64_t backward_batch_planes(int64_t M) {
+  const int64_t bytes = std::max<int64_t>(1, M * int64_t(sizeof(T)));
+  return bytes <= 256 ? batch_planes<T>(M) : std::clamp<int64_t>(2048 / bytes, 1, kMaxBatch);
+}
+
 // Training BatchNorm walks a channel's N planes together when a plane is large enough for
 // the hardware prefetcher to stream it; smaller planes go in two passes in memory order.
 template <typename T>
@@ -698,7 +708,7 @@ struct Bwd {
   // for the training-BatchNorm finish to transform (scale_by_a false).
   void planes(const Affine& bn, bool scale_by_a = true) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
-    const int64_t B = batch_planes<T>(L.M);
+    const int64_t B = backward_batch_planes<T>(L.M);
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
       // Output order, as in the forward pass: the incoming gradient and the ReLU mask are
       // read, and the pre-ReLU gradient written, as sequential streams.
