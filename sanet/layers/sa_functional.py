@@ -105,18 +105,18 @@ def sa_coefficients(
 ) -> Tuple[Tensor, Tensor]:
     """Per-channel gate coefficients ``A, B`` (SA-NET.md section 5) from plane statistics.
 
-    ``mean``/``var`` have shape (N, G, 2, c) (population variance over spatial positions);
+    ``mean``/``var`` have shape (N * G, 2, c) (population variance over spatial positions);
     returns ``A, B`` of the same shape so that the gate is ``sigmoid(A * (x - mean) + B)``.
     Centring first keeps tiny planes exact: with one pixel, ``1/sqrt(var + eps)`` is huge
     and ``A * x`` would cancel against ``B`` in the uncentred form.
     """
     cw, cb = cweight.reshape(-1), cbias.reshape(-1)
     sw, sb = sweight.reshape(-1), sbias.reshape(-1)
-    m0 = mean[:, :, 0]
-    rstd = torch.rsqrt(var[:, :, 1] + eps)
+    m0 = mean[:, 0]
+    rstd = torch.rsqrt(var[:, 1] + eps)
     a_spatial = sw * gn_weight * rstd
-    a = torch.stack([torch.zeros_like(m0), a_spatial], dim=2)
-    b = torch.stack([cw * m0 + cb, (sw * gn_bias + sb).expand_as(m0)], dim=2)
+    a = torch.stack([torch.zeros_like(m0), a_spatial], dim=1)
+    b = torch.stack([cw * m0 + cb, (sw * gn_bias + sb).expand_as(m0)], dim=1)
     return a, b
 
 
@@ -134,9 +134,10 @@ def shuffle_attention_torch(
     """Per-channel form of SA in eager PyTorch ops (same function as the reference)."""
     n, c_total = x.shape[0], x.shape[1]
     c = c_total // (2 * groups)
-    xc = x.to(_compute_dtype(x)).reshape(n, groups, 2, c, -1)
+    # (N*G, branch, c, M): at most 4-D, so exported graphs suit converters that stop at 4-D.
+    xc = x.to(_compute_dtype(x)).reshape(n * groups, 2, c, -1)
     var, mean = torch.var_mean(xc, dim=-1, correction=0)
     a, b = sa_coefficients(mean, var, cweight, cbias, sweight, sbias, gn_weight, gn_bias, eps)
     y = xc * torch.sigmoid(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), xc - mean.unsqueeze(-1)))
-    # (N, G, 2, c, M) -> channel order g*C/G + branch*c + j, then the 2-group shuffle.
+    # Channel order g*C/G + branch*c + j, then the 2-group shuffle.
     return channel_shuffle(y.reshape(n, c_total, -1), 2).reshape(x.shape).to(x.dtype)

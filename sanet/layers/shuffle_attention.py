@@ -5,7 +5,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from ..ops import fused_sa_supported, shuffle_attention_fused
+from ..ops import fused_sa_supported, portable_trace, shuffle_attention_fused
 from .groups import check_sa_groups, fit_sa_groups
 from .sa_functional import check_sa_input, shuffle_attention_reference, shuffle_attention_torch
 
@@ -100,8 +100,8 @@ class ShuffleAttention(nn.Module):
     @torch.jit.unused
     def _forward_dispatch(self, x: Tensor) -> Tensor:
         impl = self.impl
-        if impl in ("auto", "fused") and torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-            impl = "torch"  # fx records PyTorch ops; the fused op is opaque to it
+        if impl in ("auto", "fused") and portable_trace():
+            impl = "torch"
         if impl == "auto":
             impl = "fused" if fused_sa_supported(x) else "torch"
         elif impl == "fused" and not fused_sa_supported(x):

@@ -8,9 +8,9 @@ the attention layer from ``attn_layer``) and change two things:
 * ``forward`` runs the block's tail, ``bn -> SA -> (+ shortcut) -> ReLU``, as one fused op
   where the kernel supports it (:func:`sanet.ops.bn_shuffle_attention`): one pass over the
   activation instead of five, and backward keeps the conv output BatchNorm keeps anyway
-  instead of BatchNorm's output too. Elsewhere (TorchScript, torch.fx, half precision on
-  CPU, other norm or activation layers, stochastic depth in training) it runs the same ops
-  one by one.
+  instead of BatchNorm's output too. Elsewhere (TorchScript, torch.fx, jit.trace, torch.export,
+  ONNX export, half precision on CPU, other norm or activation layers, stochastic depth in
+  training) it runs the same ops one by one.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
-from ..ops import bn_shuffle_attention, fused_bn_sa_supported
+from ..ops import bn_shuffle_attention, fused_bn_sa_supported, portable_trace
 
 __all__ = ["SABottleneck", "SABasicBlock"]
 
@@ -44,7 +44,7 @@ class _SATailMixin:
             self.sa is None
             or type(act) is not nn.ReLU
             or (self.drop_path is not None and self.training)
-            or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            or portable_trace()
             or not fused_bn_sa_supported(x, bn, self.sa, shortcut)
         ):
             return None

@@ -1,6 +1,12 @@
 """Fused kernels for Shuffle Attention: C++ (CPU) and Triton (CUDA), as PyTorch custom ops."""
 from .cpu_ext import cpu_ext_status, load_cpu_ext
-from .fused import bn_shuffle_attention, fused_bn_sa_supported, fused_sa_supported, shuffle_attention_fused
+from .fused import (
+    bn_shuffle_attention,
+    fused_bn_sa_supported,
+    fused_sa_supported,
+    portable_trace,
+    shuffle_attention_fused,
+)
 
 __all__ = [
     "bn_shuffle_attention",
@@ -8,5 +14,6 @@ __all__ = [
     "fused_bn_sa_supported",
     "fused_sa_supported",
     "load_cpu_ext",
+    "portable_trace",
     "shuffle_attention_fused",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "fused_sa_supported",
     "bn_shuffle_attention",
     "fused_bn_sa_supported",
+    "portable_trace",
 ]
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -40,6 +41,19 @@ def fused_sa_supported(x: Tensor) -> bool:
     if x.device.type == "cuda":
         return x.dtype in _CUDA_DTYPES and _triton_ok()
     return False
+
+
+def portable_trace() -> bool:
+    """Whether a graph is being recorded to run without sanet: ``torch.jit.trace``,
+    ``torch.export``, ONNX export and ``torch.fx`` (which records PyTorch ops only). These get
+    the per-channel PyTorch ops instead of the fused op, so the saved TorchScript file, the
+    ExportedProgram or the ONNX model loads anywhere. ``torch.compile`` still gets the op."""
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_exporting()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
 
 
 def _sa_params(sa: nn.Module):

@@ -17,7 +17,8 @@ Two entry points compute it, sharing the autograd rule:
   kernels directly (or, without grad, the kernel alone), about 10 microseconds of Python per
   call instead of ~70 through the dispatcher (which matters on a GPU, where the kernels
   themselves take tens of microseconds); under ``torch.compile``, ``torch.jit.trace`` and
-  any ``TorchDispatchMode`` the custom op below.
+  any ``TorchDispatchMode`` the custom op below. (The layers themselves use PyTorch ops
+  under ``jit.trace``/``torch.export``/ONNX export: see ``fused.portable_trace``.)
 * ``torch.ops.sanet.sa_forward`` / ``sa_backward``, registered with :mod:`torch.library`
   (autograd via ``register_autograd``, shapes via ``register_fake``), so that
   ``torch.compile`` traces the kernels as opaque ops.

@@ -1,0 +1,102 @@
+"""Deployment traces record PyTorch ops, not the fused op, and run without sanet.
+
+``torch.jit.trace``, ``torch.export`` and ONNX export produce graphs that are loaded elsewhere
+(a process without sanet, C++, an ONNX runtime); a graph holding ``sanet::sa_forward`` would
+load only where sanet is imported. ``torch.compile`` keeps the op (tests/test_fused.py).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import timm
+import torch
+
+import sanet  # noqa: F401  (registers the models)
+
+MODEL = "sa_resnet_test"
+
+
+def _model_and_inputs(seed: int = 0):
+    torch.manual_seed(seed)
+    model = timm.create_model(MODEL).eval()
+    with torch.no_grad():  # gates away from their constant initial value, BN away from identity
+        for name, p in model.named_parameters():
+            if ".sa." in name or "bn" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model, torch.randn(2, 3, 32, 32)
+
+
+def test_jit_trace_records_pytorch_ops_and_loads_without_sanet(tmp_path):
+    model, x = _model_and_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trace's deprecation and shape-constant warnings
+        traced = torch.jit.trace(model, x, check_trace=False)  # compared below, in another process
+    assert "sanet::" not in traced.graph.str()
+    path = tmp_path / "traced.pt"
+    traced.save(str(path))
+    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "io.pt")
+    check = (
+        "import sys, torch\n"
+        f"m = torch.jit.load({str(path)!r})\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)\n"
+        "assert not any(k.startswith('sanet') for k in sys.modules), 'sanet was imported'\n"
+        "torch.testing.assert_close(m(io['x']), io['y'], rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", check], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_torch_export_records_pytorch_ops():
+    model, x = _model_and_inputs(1)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    assert "sanet" not in str(ep.graph)
+    for inp in (x, torch.randn(5, 3, 32, 32)):  # another batch size: not specialised to x's
+        torch.testing.assert_close(ep.module()(inp), model(inp), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-exporter", "torchscript-exporter"])
+def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    model, x = _model_and_inputs(2)
+    path = tmp_path / "model.onnx"
+    kwargs = {"dynamo": dynamo}
+    if not dynamo:
+        # The legacy exporter's constant folding drops initializers of the (1,)-shaped SA
+        # parameters of narrow layers (c = 1); the README says so.
+        kwargs["do_constant_folding"] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), **kwargs)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-5)
+    # No 5-D reshape/transpose for converters that stop at 4-D (SA-NET.md section 4).
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    ranks = [len(v.type.tensor_type.shape.dim) for v in graph.value_info]
+    assert ranks and max(ranks) == 4
+
+
+def test_eager_and_compile_still_use_the_fused_op():
+    from sanet.ops import fused_sa_supported, portable_trace
+
+    x = torch.randn(2, 32, 5, 5)
+    if not fused_sa_supported(x):
+        pytest.skip("no fused CPU kernel on this machine")
+    assert not portable_trace()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(str(gm.graph))
+        return gm.forward
+
+    sa = sanet.ShuffleAttention(32, groups=4)
+    torch.compile(sa, backend=backend, fullgraph=True)(x)
+    assert seen and "sanet.sa_forward" in seen[0]
