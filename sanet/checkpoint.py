@@ -14,7 +14,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from safetensors.torch import load_file as _st_load
@@ -28,6 +28,7 @@ __all__ = [
     "load_checkpoint_file",
     "load_state_dict_file",
     "load_weights",
+    "remove_stale_temps",
     "save_safetensors",
     "sha256_file",
 ]
@@ -57,6 +58,10 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode open() would (0666 minus the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -67,6 +72,16 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(path: PathLike) -> List[Path]:
+    """Delete the temporary files that writes of ``path`` killed mid-way (``kill -9``) left
+    behind; returns them. Only call it when nothing else is writing ``path``."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))  # atomic_write's mkstemp names
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:

@@ -120,6 +120,20 @@ def test_ext_reports_the_kernels(capsys):
     assert "isa" in status and "triton_cuda" in status
 
 
+def test_extension_is_built_from_a_copy_in_its_cache_dir():
+    """Installs at other paths (a checkout, site-packages) share one build instead of
+    rebuilding in turn: cpp_extension rebuilds when the source path in build.ninja changes."""
+    from sanet.ops.cpu_ext import _SRC, cpu_ext_status
+
+    status = cpu_ext_status()
+    if not status["loaded"]:
+        pytest.skip("fused CPU kernel unavailable")
+    build = Path(status["path"])
+    assert (build / _SRC.name).read_bytes() == _SRC.read_bytes()
+    ninja = (build / "build.ninja").read_text()
+    assert str(build / _SRC.name) in ninja and str(_SRC) not in ninja
+
+
 def test_console_script_and_python_m(tmp_path):
     """The installed entry points, as a user runs them (one subprocess each)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -10,6 +10,7 @@ reduction, exactly what a user's run does.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -33,7 +34,8 @@ def test_two_rank_ddp_step_equals_single_process_step(tmp_path):
          *train_argv(data, tmp_path / "ddp", *_NO_AUG, "--json", batch=4)],
         env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "2 process(es) on cpu, global batch 8" in ddp.stdout
+    assert "2 process(es) on cpu, global batch 8" in ddp.stderr  # --json: stdout is the summary
+    assert json.loads(ddp.stdout)["world_size"] == 2
     single = subprocess.run([PYTHON, "-m", "sanet", *train_argv(data, tmp_path / "one", *_NO_AUG, batch=8)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]

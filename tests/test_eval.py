@@ -69,6 +69,8 @@ def test_eval_errors(capsys, trained, tmp_path):
         "not classes of this model": ["--checkpoint", str(run / "last.pt"),
                                       "--data", str(make_imagefolder(tmp_path / "o", classes=("x",)) / "val")],
         "no EMA weights": ["--checkpoint", str(run / "last.pt"), "--ema", "--data", str(data / "val")],
+        f"evaluate one split of it, e.g. --data {data / 'val'}": ["--checkpoint", str(run / "last.pt"),
+                                                                   "--data", str(data)],
     }
     for message, argv in cases.items():
         code, _, err = run_cli(capsys, ["eval", "--workers", "0", *argv])

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 
 import pytest
 import torch
@@ -22,9 +24,10 @@ def _weights(path):
 
 def test_train_writes_checkpoints_logs_and_curves(capsys, tmp_path, data):
     out = tmp_path / "run"
-    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--json", epochs=2))
+    code, stdout, err = run_cli(capsys, train_argv(data, out, "--json", epochs=2))
     assert code == 0
-    summary = last_json(stdout)
+    summary = json.loads(stdout)  # stdout is the JSON object alone; epoch lines go to stderr
+    assert "epoch   2/2" in err
     assert summary["epochs"] == 2 and 0 <= summary["best_top1"] <= 100
     ckpt = load_ckpt(out / "last.pt")  # weights_only=True
     for key in ("model", "optimizer", "scheduler", "epoch", "args", "class_names", "history", "rng", "updates"):
@@ -46,6 +49,9 @@ def test_train_writes_checkpoints_logs_and_curves(capsys, tmp_path, data):
     assert int(rows[-1]["val_images"]) == 12
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "last.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes files
 
 
 def test_resume_continues_and_equals_uninterrupted(capsys, tmp_path, data, monkeypatch):
@@ -84,6 +90,36 @@ def test_resume_can_extend_the_run(capsys, tmp_path, data):
     assert run_cli(capsys, train_argv(data, out, "--resume", epochs=2))[0] == 0
     ckpt = load_ckpt(out / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["updates"] == 12
+
+
+def test_resume_with_another_batch_size_keeps_the_schedule(capsys, tmp_path, data):
+    """The step schedule is a function of epochs: after 2 epochs of 6 updates, a resume at 3
+    updates per epoch must still be past exactly one decay (lr / 10), not two."""
+    out = tmp_path / "run"
+    step = ("--decay-epochs", "2", "--lr", "0.01")
+    assert run_cli(capsys, train_argv(data, out, *step, epochs=2, batch=4))[0] == 0
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, *step, "--resume", epochs=3, batch=8))
+    assert code == 0 and "batch_size (4 -> 8)" in stdout and "global_batch (4 -> 8)" in stdout
+    lrs = [row["lr"] for row in load_ckpt(out / "last.pt")["history"]]
+    assert lrs == pytest.approx([0.01, 0.01, 0.001])
+
+
+def test_resume_keeps_or_refuses_ema(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out, "--model-ema", epochs=1))[0] == 0
+    code, _, err = run_cli(capsys, train_argv(data, out, "--resume", epochs=2))
+    assert code == 2 and "trained with --model-ema; resume it with --model-ema" in err
+    assert load_ckpt(out / "last.pt")["model_ema"] is not None  # nothing thrown away
+
+
+def test_leftovers_of_a_killed_write_are_removed(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out, epochs=1))[0] == 0
+    stale = out / ".last.pt.k9x2ab.tmp"  # what kill -9 during atomic_write leaves
+    stale.write_bytes(b"half a checkpoint")
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--resume", epochs=2))
+    assert code == 0 and "removed .last.pt.k9x2ab.tmp" in stdout
+    assert not stale.exists() and load_ckpt(out / "last.pt")["epoch"] == 2
 
 
 def test_existing_run_is_not_overwritten_silently(capsys, tmp_path, data):
@@ -144,6 +180,7 @@ def test_pretrained_file_fine_tunes_with_new_classifier(capsys, tmp_path, data):
     torch.save(bad, tmp_path / "bad.pt")
     code, _, err = run_cli(capsys, train_argv(two, tmp_path / "ft2", "--pretrained-file", str(tmp_path / "bad.pt")))
     assert code == 2 and "layer4.0.sa.cweight" in err and "missing" in err
+    assert f"--pretrained-file {tmp_path / 'bad.pt'}" in err
 
 
 class _NanGrad(torch.autograd.Function):
@@ -248,6 +285,7 @@ def test_unreadable_image_is_named_with_workers(capsys, tmp_path):
     ("mismatch", "only in train: ['c']"),
     ("big_batch", "exceeds the 24 training images"),
     ("bad_value", "--epochs must be at least 1"),
+    ("batch_one", "--batch-size must be at least 2"),
     ("odd_mixup", "--batch-size must be even"),
     ("no_resume", "last.pt not found"),
 ])
@@ -262,6 +300,7 @@ def test_clear_errors(capsys, tmp_path, data, case, message):
                              (root / "val" / "c").rmdir(), train_argv(root, tmp_path / "r"))[-1],
         "big_batch": lambda: train_argv(data, tmp_path / "r", batch=25),
         "bad_value": lambda: train_argv(data, tmp_path / "r", epochs=0),
+        "batch_one": lambda: train_argv(data, tmp_path / "r", batch=1),
         "odd_mixup": lambda: train_argv(data, tmp_path / "r", "--mixup", "0.2", batch=3),
         "no_resume": lambda: train_argv(data, tmp_path / "r", "--resume"),
     }[case]()
@@ -277,6 +316,13 @@ def test_resume_with_another_architecture_is_refused(capsys, tmp_path, data):
     argv[argv.index("sa_resnet_test")] = "sa_resnet18"
     code, _, err = run_cli(capsys, argv)
     assert code == 2 and "checkpoint of sa_resnet_test, not sa_resnet18" in err
+
+
+def test_unknown_interpolation_is_a_usage_error(capsys, tmp_path, data):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(capsys, train_argv(data, tmp_path / "r", "--interpolation", "foo"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "invalid choice: 'foo'" in err and "bicubic" in err
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(capsys, tmp_path, data):

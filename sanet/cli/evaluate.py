@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.model, args.checkpoint, args.pretrained_file, use_ema=args.ema)
     dataset = open_image_folder(args.data, "evaluation", skip_bad=args.skip_bad_images,
                                 transform=eval_transform(loaded.model, loaded.data_args, args.img_size, args.crop_pct))
+    if {"train", "val"} <= set(dataset.classes):
+        raise ValueError(f"{args.data} holds train/ and val/, a `sanet train --data` folder; evaluate "
+                         f"one split of it, e.g. --data {args.data / 'val'}")
     target_map = target_map_for(dataset.classes, loaded.class_names, loaded.model.num_classes)
     ctx = init_distributed(args.device)
     try:

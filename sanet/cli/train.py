@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 
 from .common import add_json_flag, check_model_name, print_json
 
@@ -39,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from sanet.engine import fit
 
     check_model_name(args.model)
-    summary = fit(args)
+    # With --json, stdout carries the one JSON object; the epoch lines go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        summary = fit(args)
     if summary["world_size"] > 1 and not _is_rank0():
         return 0
     if args.json:

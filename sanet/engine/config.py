@@ -14,11 +14,13 @@ __all__ = ["add_train_args", "plain_args", "to_plain", "validate_train_args", "R
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 SCHED_CHOICES = ("step", "cosine")
+#: The resize modes timm's transforms accept for both training and evaluation.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 #: Arguments that change the result of training; a resume warns when they differ.
-RECIPE_KEYS = ("model", "img_size", "batch_size", "lr", "lr_base", "opt", "momentum", "weight_decay",
-               "sched", "decay_epochs", "decay_rate", "warmup_epochs", "accum_steps", "smoothing",
-               "mixup", "cutmix", "seed", "amp", "no_wd_norm", "model_ema", "drop_path")
+RECIPE_KEYS = ("model", "img_size", "batch_size", "global_batch", "lr", "lr_resolved", "lr_base", "opt",
+               "momentum", "weight_decay", "sched", "decay_epochs", "decay_rate", "warmup_epochs",
+               "accum_steps", "smoothing", "mixup", "cutmix", "seed", "amp", "no_wd_norm", "drop_path")
 
 
 def default_workers() -> int:
@@ -89,7 +91,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                       help="train/eval crop size (default: the model's, 224 for SA-ResNets)")
     data.add_argument("--crop-pct", type=float, default=None,
                       help="eval center-crop fraction (default: the model's, 0.875: resize 256, crop 224)")
-    data.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's)")
+    data.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
+                      help="resize interpolation (default: the model's)")
     data.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
                       help="RandomResizedCrop area range (0.08 1.0)")
     data.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
@@ -141,7 +144,8 @@ def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
 #: (argument, test, what is valid): checked in order by :func:`validate_train_args`.
 _CHECKS = (
     ("epochs", lambda v: v >= 1, "at least 1"),
-    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: v >= 2, "at least 2 (BatchNorm's batch statistics and mixup need two "
+     "images; --accum-steps makes a larger batch from small steps)"),
     ("accum_steps", lambda v: v >= 1, "at least 1"),
     ("workers", lambda v: v >= 0, "0 or more"),
     ("img_size", lambda v: v is None or v >= 8, "at least 8 pixels"),

@@ -79,6 +79,9 @@ def train_one_epoch(state: TrainState, loader, ctx: DistContext, epoch: int, epo
                dynamic_ncols=True, unit="step")
     state.optimizer.zero_grad(set_to_none=True)
     lr_start = float(state.optimizer.param_groups[0]["lr"])  # what this epoch started with
+    # The schedule's clock: optimizer-step slots since the start of training, from the epoch
+    # (as timm's train script counts), so a resume with another batch size stays in place.
+    schedule_start = epoch * math.ceil(steps / state.accum_steps)
     it = iter(loader)
     for step in range(steps):
         try:
@@ -100,7 +103,7 @@ def train_one_epoch(state: TrainState, loader, ctx: DistContext, epoch: int, epo
             raise UnreadableImageError(f"epoch {epoch + 1}, step {step + 1}: fewer than 2 readable "
                                        "images in a batch; remove the unreadable files")
         if last_in_group and pending:
-            _optimizer_step(state)
+            _optimizer_step(state, schedule_start + step // state.accum_steps + 1)
             pending = False
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{loss_sum / max(counted, 1):.4f}", lr=f"{state.optimizer.param_groups[0]['lr']:.3g}",
@@ -133,7 +136,7 @@ def _forward_backward(state: TrainState, images, targets, ctx: DistContext, wher
     return loss_value
 
 
-def _optimizer_step(state: TrainState) -> None:
+def _optimizer_step(state: TrainState, schedule_position: int) -> None:
     if state.clip_grad:
         state.scaler.unscale_(state.optimizer)
         torch.nn.utils.clip_grad_norm_(state.raw.parameters(), state.clip_grad)
@@ -142,6 +145,6 @@ def _optimizer_step(state: TrainState) -> None:
     state.optimizer.zero_grad(set_to_none=True)
     state.updates += 1
     if state.scheduler is not None:
-        state.scheduler.step_update(num_updates=state.updates)
+        state.scheduler.step_update(num_updates=schedule_position)
     if state.ema is not None:
         state.ema.update(state.raw, step=state.updates)

@@ -55,13 +55,17 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     if pretrained_file is None:
         return timm.create_model(name, **kwargs)
     from sanet.checkpoint import load_state_dict_file
+    from sanet.models import CheckpointMismatchError
 
     state_dict = load_state_dict_file(pretrained_file)
     overlay: Dict[str, Any] = dict(state_dict=state_dict)
     file_classes = _classifier_size(state_dict, name)
     if file_classes is not None:
         overlay["num_classes"] = file_classes  # timm keeps the classifier only if this matches
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(f"--pretrained-file {pretrained_file}: {exc}") from None
 
 
 def check_checkpoint_model(ckpt: Dict[str, Any], model_name: Optional[str], source: str) -> str:

@@ -27,6 +27,7 @@ from .logs import RunLogger, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model
 from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
+from ..checkpoint import remove_stale_temps
 from .state import load_resume_checkpoint, optional_state, rng_state, save_training_checkpoint, \
     seed_epoch, seed_everything, set_rng_state
 
@@ -81,6 +82,9 @@ def _prepare_output(out: Path, args: argparse.Namespace, ctx: DistContext) -> No
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        for name in ("last.pt", "best.pt"):  # left by a kill during a write; the files are intact
+            for tmp in remove_stale_temps(out / name):
+                _say(ctx, f"removed {tmp.name}, an unfinished write of {name} from an interrupted run")
 
 
 def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext):
@@ -110,23 +114,26 @@ def _data_config(args: argparse.Namespace, model) -> Dict[str, Any]:
     return cfg
 
 
-def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext) -> None:
+def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, updates_per_epoch: int) -> None:
     from sanet.models import check_state_dict
 
-    check_state_dict(ckpt["model"], state.raw, source=str(args.output / "last.pt"))
+    path = args.output / "last.pt"
+    check_state_dict(ckpt["model"], state.raw, source=str(path))
+    has_ema = ckpt.get("model_ema") is not None
+    if (state.ema is not None) != has_ema:  # best.pt is chosen by EMA top-1 in EMA runs
+        raise ValueError(f"--resume: {path} was trained {'with' if has_ema else 'without'} --model-ema; "
+                         f"resume it {'with' if has_ema else 'without'} --model-ema (or start a new run)")
     state.raw.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
-    # The schedule is rebuilt from the arguments and positioned by the update count (as timm's
-    # train script does), not loaded: timm schedules are functions of the count, and this lets
-    # a resume extend --epochs. The saved scheduler state documents the run.
     if ckpt.get("scaler") is not None:
         state.scaler.load_state_dict(ckpt["scaler"])
     if state.ema is not None:
-        if ckpt.get("model_ema") is None:
-            raise ValueError("--resume --model-ema: the checkpoint has no EMA weights (run without --model-ema)")
         state.ema.module.load_state_dict(ckpt["model_ema"])
     state.updates = int(ckpt["updates"])
-    state.scheduler.step_update(num_updates=state.updates)
+    # The schedule is rebuilt from the arguments and set to the start of the next epoch (as
+    # timm's train script does), not loaded: timm schedules are functions of the position, and
+    # this stays right when --epochs, the batch size or the process count change on resume.
+    state.scheduler.step_update(num_updates=int(ckpt["epoch"]) * updates_per_epoch)
     set_rng_state(ckpt["rng"])
     saved = ckpt.get("args") or {}
     changed = [k for k in RECIPE_KEYS if k in saved and saved[k] != plain_args(args).get(k)]
@@ -148,8 +155,8 @@ def _build_state(args: argparse.Namespace, model, ctx: DistContext, num_classes:
     """Optimizer, schedule, loss, mixup, AMP scaler and EMA for ``model`` (timm's)."""
     from timm.utils import ModelEmaV3
 
-    global_batch = args.batch_size * ctx.world_size * args.accum_steps
-    args.lr_resolved = resolve_lr(args.lr, args.lr_base, args.lr_base_size, global_batch)
+    args.global_batch = args.batch_size * ctx.world_size * args.accum_steps
+    args.lr_resolved = resolve_lr(args.lr, args.lr_base, args.lr_base_size, args.global_batch)
     optimizer = build_optimizer(model, args.opt, args.lr_resolved, args.weight_decay, args.momentum,
                                 args.no_wd_norm)
     mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
@@ -226,14 +233,14 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
 
     start_epoch, best, best_epoch, history = 0, -1.0, 0, []
     if ckpt is not None:
-        _resume(args, ckpt, state, ctx)
+        _resume(args, ckpt, state, ctx, updates_per_epoch)
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
         best, best_epoch = float(ckpt.get("best_top1", -1.0)), int(ckpt.get("best_epoch", 0))
         _say(ctx, f"resumed {out / 'last.pt'}: {start_epoch} epoch(s) done, best top-1 {best:.2f}")
     _wrap(state, args, ctx)
     _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
               f"{ctx.world_size} process(es) on {ctx.device.type}, global batch "
-              f"{args.batch_size * ctx.world_size * args.accum_steps}, lr {args.lr_resolved:.4g}, "
+              f"{args.global_batch}, lr {args.lr_resolved:.4g}, "
               f"{updates_per_epoch} updates/epoch, img {args.img_size}")
 
     logger = RunLogger(out, start_epoch) if ctx.is_main else None

@@ -61,6 +61,18 @@ def _build_dir(name: str) -> Path:
     return path
 
 
+def _source_in(build_dir: Path) -> Path:
+    """The source, copied into the build directory. cpp_extension rebuilds when the source
+    *path* changes, so two installs (a checkout and site-packages) sharing the cache would
+    rebuild in turn; the copy's path is the same for all. (Its content is in the key.)"""
+    src = build_dir / _SRC.name
+    if not src.is_file():
+        tmp = build_dir / f".{_SRC.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(_SRC.read_bytes())
+        os.replace(tmp, src)  # atomic: DDP ranks may start at once
+    return src
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpu_ext() -> Optional[ModuleType]:
     """The compiled extension module, or None if it is disabled or can't be built."""
@@ -79,7 +91,7 @@ def load_cpu_ext() -> Optional[ModuleType]:
         if not any(build_dir.glob("*.so")):
             print("sanet: compiling the fused Shuffle Attention CPU kernels (once, about a "
                   f"minute) into {build_dir}", file=sys.stderr, flush=True)
-        module = load(name=name, sources=[str(_SRC)], extra_cflags=_flags(),
+        module = load(name=name, sources=[str(_source_in(build_dir))], extra_cflags=_flags(),
                       extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler, headers missing, ...
         _status["error"] = f"{type(exc).__name__}: {exc}"
