@@ -11,6 +11,7 @@ from .layers import (
     valid_sa_groups,
 )
 
+from . import checkpoint  # sanet.checkpoint.load_weights etc. after a plain `import sanet`
 from .models import SA_MODELS, CheckpointMismatchError, SABasicBlock, SABottleneck, checkpoint_filter_fn
 
 __version__ = "0.1.0"

@@ -105,12 +105,24 @@ def _unsafe_globals(path: Path) -> str:
     return f" ({', '.join(names[:5])})" if names else ""
 
 
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header size, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
 def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
-    """Load a checkpoint without executing pickled code (safetensors or weights_only)."""
+    """Load a checkpoint without executing pickled code (safetensors or weights_only).
+
+    The format is read from the file's first bytes, not its name: a safetensors file named
+    ``.pth`` loads as safetensors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _is_safetensors(path):
         try:
             return _st_load(str(path), device=str(map_location))
         except Exception as exc:  # safetensors raises its own error types

@@ -25,6 +25,7 @@ from sanet.checkpoint import (
     load_checkpoint_file,
     load_state_dict_file,
     load_weights,
+    save_safetensors,
 )
 from sanet.cli import main as cli_main
 from sanet.models import AUTHORS_URL, CheckpointMismatchError
@@ -288,12 +289,24 @@ def test_deeper_checkpoint_into_shallower_model_is_a_clear_error():
     assert "missing keys" not in msg
 
 
-def test_wrong_classifier_size_without_num_classes_is_an_error(authors_r50, tmp_path):
-    path = _mutated(authors_r50, tmp_path, lambda sd: sd.update({
-        "module.fc.weight": torch.zeros(10, 2048), "module.fc.bias": torch.zeros(10)}))
-    with pytest.raises(RuntimeError, match="fc.weight"):
-        load_pretrained("sa_resnet50", path)
-    assert load_pretrained("sa_resnet50", path, num_classes=10).fc.out_features == 10
+def test_the_file_sets_the_default_classes_and_input_channels(tmp_path):
+    """A 10-class, 1-channel file builds a 10-class, 1-channel model with its own head and
+    stem; explicit kwargs still win (new head), and a stem timm can't convert is a clear error."""
+    src = timm.create_model("sa_resnet_test", num_classes=10, in_chans=1)
+    path = tmp_path / "digits.pth"
+    torch.save(src.state_dict(), path)
+    loaded = load_pretrained("sa_resnet_test", path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), src.state_dict().values()))
+    assert loaded.pretrained_cfg["num_classes"] == 10 and loaded.pretrained_cfg["input_size"][0] == 1
+    new_head = load_pretrained("sa_resnet_test", path, num_classes=4)
+    assert new_head.fc.out_features == 4 and torch.equal(new_head.conv1.weight, src.conv1.weight)
+    with pytest.raises(CheckpointMismatchError, match="conv1.weight has 1 input channels, the model 3"):
+        load_pretrained("sa_resnet_test", path, in_chans=3)
+
+
+def test_pretrained_cfg_does_not_keep_a_copy_of_the_weights(authors_r50):
+    model = load_pretrained("sa_resnet50", authors_r50[1])
+    assert "state_dict" not in model.pretrained_cfg and model.pretrained_cfg["file"] == str(authors_r50[1])
 
 
 # --------------------------------------------------------------------------- no weights file
@@ -402,9 +415,14 @@ def test_the_payload_is_live(tmp_path):
     assert marker.exists()
 
 
-def test_malicious_pickle_refused_by_timm_create_model(tmp_path):
+def test_malicious_pickle_refused_by_timm_create_model(tmp_path, monkeypatch):
+    """Refused whatever timm does with files: here timm's loader is replaced by an unsafe one
+    (timm 1.0.21-1.0.25 used torch.load(weights_only=False)); sanet reads the file itself."""
+    import timm.models._builder as builder
+
     path, marker = _malicious_checkpoint(tmp_path, "timm")
-    with pytest.raises(RuntimeError, match="weights_only=True blocked loading"):
+    monkeypatch.setattr(builder, "load_state_dict", lambda f, *a, **k: torch.load(f, weights_only=False))
+    with pytest.raises(UnsafeCheckpointError, match="refused to load.*executed nothing"):
         load_pretrained("sa_resnet_test", path)
     assert not marker.exists()
 
@@ -425,6 +443,19 @@ def test_malicious_pickle_refused_by_sanet_convert(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "refused to load" in err and "executed nothing" in err
     assert not marker.exists() and not out.exists()
+
+
+def test_format_is_read_from_the_content_not_the_name(tmp_path):
+    model = timm.create_model("sa_resnet_test")
+    path = tmp_path / "weights.pth"  # a safetensors file with a .pth name
+    save_safetensors(model.state_dict(), path)
+    loaded = load_pretrained("sa_resnet_test", path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_missing_pretrained_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"checkpoint not found: {tmp_path / 'nope.pth'}"):
+        load_pretrained("sa_resnet_test", tmp_path / "nope.pth")
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):

@@ -8,11 +8,11 @@ mis-shaped key instead.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from torch import Tensor, nn
 
-__all__ = ["CheckpointMismatchError", "checkpoint_filter_fn", "check_state_dict", "strip_prefix"]
+__all__ = ["CheckpointMismatchError", "checkpoint_filter_fn", "check_state_dict", "strip_prefix", "cfg_from_weights"]
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -75,6 +75,25 @@ def _unwrap(checkpoint: dict) -> Dict[str, Tensor]:
     return checkpoint
 
 
+def cfg_from_weights(checkpoint: dict, classifier: Optional[str] = "fc", first_conv: Optional[str] = "conv1",
+                     input_size: Tuple[int, int, int] = (3, 224, 224)) -> Dict[str, Any]:
+    """``num_classes`` and ``input_size`` (its channel count) as the weights have them.
+
+    Given to timm as ``pretrained_cfg`` entries, they become ``create_model``'s defaults, so a
+    10-class file builds a 10-class model and keeps its classifier; an explicit
+    ``num_classes``/``in_chans`` still wins (timm then drops the classifier / converts the conv).
+    """
+    state_dict = strip_prefix(_unwrap(checkpoint))
+    cfg: Dict[str, Any] = {}
+    head = state_dict.get(f"{classifier}.weight")
+    if isinstance(head, Tensor) and head.dim() == 2:
+        cfg["num_classes"] = int(head.shape[0])
+    conv = state_dict.get(f"{first_conv}.weight")
+    if isinstance(conv, Tensor) and conv.dim() == 4:
+        cfg["input_size"] = (int(conv.shape[1]), *input_size[1:])
+    return cfg
+
+
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, Tensor]:
     """Authors' layout (or ours) -> this model's state_dict, checked strictly.
 
@@ -84,8 +103,28 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, Tensor
     state_dict = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     exempt = []
-    for name in (cfg.get("classifier"), cfg.get("first_conv")):
-        if isinstance(name, str):
-            exempt += [f"{name}.weight", f"{name}.bias"]
+    # Shapes timm adapts after this filter: it drops the classifier when num_classes differs
+    # from the pretrained config's, and converts a 3-channel first conv for another in_chans.
+    # Any other difference would reach load_state_dict's generic error: say what to pass.
+    classifier, first_conv = cfg.get("classifier"), cfg.get("first_conv")
+    if isinstance(classifier, str):
+        if model.num_classes != cfg.get("num_classes"):
+            exempt += [f"{classifier}.weight", f"{classifier}.bias"]
+        else:
+            _check_dim(state_dict, f"{classifier}.weight", 0, model.num_classes, "classes", "num_classes")
+    if isinstance(first_conv, str):
+        in_chans = model.get_submodule(first_conv).in_channels
+        if in_chans != 3:
+            exempt += [f"{first_conv}.weight"]
+        else:
+            _check_dim(state_dict, f"{first_conv}.weight", 1, in_chans, "input channels", "in_chans")
     check_state_dict(state_dict, model, shape_exempt=exempt)
     return state_dict
+
+
+def _check_dim(state_dict: Dict[str, Tensor], key: str, dim: int, expected: int, what: str, kwarg: str) -> None:
+    w = state_dict.get(key)
+    if w is not None and w.dim() > dim and w.shape[dim] != expected:
+        raise CheckpointMismatchError(
+            f"checkpoint does not match the model: its {key} has {w.shape[dim]} {what}, the model "
+            f"{expected}. Leave {kwarg} at its default to load it as it is")

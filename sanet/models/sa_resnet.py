@@ -22,9 +22,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
+from ..checkpoint import load_checkpoint_file
 from ..layers import ShuffleAttention
 from .blocks import SABasicBlock, SABottleneck
-from .checkpoint_filter import checkpoint_filter_fn
+from .checkpoint_filter import CheckpointMismatchError, cfg_from_weights, checkpoint_filter_fn
 
 __all__ = ["SA_MODELS", "AUTHORS_URL", "weights_help"]
 
@@ -95,9 +96,27 @@ def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: boo
         cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
         if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
             raise RuntimeError(weights_help(variant))
-    return build_model_with_cfg(
+        overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+        state_dict = cfg.state_dict
+        if cfg.file and not state_dict:
+            # Read the file ourselves (weights_only / safetensors) and hand timm the tensors:
+            # timm before 1.0.26 opened pretrained files with torch.load(weights_only=False).
+            state_dict = overlay["state_dict"] = load_checkpoint_file(cfg.file)
+            if not isinstance(state_dict, dict):
+                raise CheckpointMismatchError(f"{cfg.file}: expected a checkpoint dict or state_dict, "
+                                              f"found {type(state_dict).__name__}")
+        if state_dict:  # the weights, not the registry, set the default head and input channels
+            overlay = {**cfg_from_weights(state_dict, cfg.classifier, cfg.first_conv, cfg.input_size), **overlay}
+        kwargs["pretrained_cfg_overlay"] = overlay
+    model = build_model_with_cfg(
         ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         block_args=block_args, **kwargs)
+    # timm keeps the overlay in model.pretrained_cfg: a state_dict there would keep a second
+    # copy of the weights alive as long as the model.
+    for cfg in (model.pretrained_cfg, getattr(model, "default_cfg", None)):
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)
+    return model
 
 
 def _bottleneck(layers, **extra) -> Dict[str, Any]:
