@@ -273,6 +273,18 @@ def test_1d_and_3d_inputs(impl, shape):
     check_against(module, lambda x: authors_sa_nd(x, named, 4), ref_params, torch.randn(shape))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(0, 32, 4, 4), (0, 32, 9), (0, 32, 2, 3, 3)], ids=["2d", "1d", "3d"])
+def test_empty_batch(impl, shape):
+    require_fused(impl)
+    x = torch.randn(shape, requires_grad=True)
+    module = ShuffleAttention(32, 4, impl=impl)
+    y = module(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in module.parameters())
+
+
 @pytest.mark.parametrize("impl", ["reference", "torch", "fused"])
 def test_gradcheck_fp64(impl):
     require_fused(impl)
@@ -355,8 +367,9 @@ def test_construction_error_names_valid_groups(channels, groups, valid):
     (16, 2.0, "positive int"), (True, 1, "positive int"),
 ])
 def test_construction_error_bad_values(channels, groups, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(ValueError, match=needle) as info:
         ShuffleAttention(channels, groups)
+    assert "fit_sa_groups" not in str(info.value)  # it can't help here
 
 
 def test_construction_error_bad_impl():

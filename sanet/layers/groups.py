@@ -26,16 +26,15 @@ def check_sa_groups(channels: int, groups: int) -> None:
     if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
         raise ValueError(f"ShuffleAttention: groups must be a positive int, got {groups!r}")
     if channels % (2 * groups) != 0:
-        valid = valid_sa_groups(channels)
-        hint = (
-            f"valid groups for {channels} channels: {valid}"
-            if valid
-            else f"{channels} channels is odd, so no group count works (C must be even)"
-        )
+        if channels % 2:
+            hint = (f"{channels} channels is odd, so no group count works: SA splits every group "
+                    "into two halves (use an even channel count)")
+        else:
+            hint = (f"valid groups for {channels} channels: {valid_sa_groups(channels)}. "
+                    f"sanet.fit_sa_groups({channels}, {groups}) picks the largest valid one")
         raise ValueError(
             f"ShuffleAttention: channels ({channels}) must be divisible by 2 * groups "
-            f"(2 * {groups} = {2 * groups}); {hint}. "
-            f"sanet.fit_sa_groups({channels}, {groups}) picks the largest valid one."
+            f"(2 * {groups} = {2 * groups}); {hint}."
         )
 
 

@@ -47,8 +47,8 @@ def check_sa_input(x: Tensor, channels: int) -> None:
 
 def channel_shuffle(x: Tensor, groups: int = 2) -> Tensor:
     """ShuffleNet channel shuffle: ``out[:, g' * groups + i] = x[:, i * C/groups + g']``."""
-    n, c = x.shape[0], x.shape[1]
-    return x.reshape(n, groups, c // groups, -1).transpose(1, 2).reshape(x.shape)
+    # unflatten, not reshape(..., -1): -1 is ambiguous for an empty batch
+    return x.unflatten(1, (groups, x.shape[1] // groups)).transpose(1, 2).reshape(x.shape)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -79,7 +79,9 @@ def shuffle_attention_reference(
     n, c_total = xc.shape[0], xc.shape[1]
     c = c_total // (2 * groups)
     # 1. (N*G, C/G, M), then the two halves of each group.
-    xg = xc.reshape(n * groups, c_total // groups, -1)
+    xf = xc.flatten(2)  # (N, C, M); explicit sizes below, as -1 is ambiguous for N = 0
+    m = xf.shape[2]
+    xg = xf.reshape(n * groups, c_total // groups, m)
     x0, x1 = xg.chunk(2, dim=1)
     # 2. Channel branch: global average pool, per-channel affine, sigmoid gate.
     s = x0.mean(dim=-1, keepdim=True)
@@ -88,7 +90,7 @@ def shuffle_attention_reference(
     gn = F.group_norm(x1, c, gn_weight.to(xc.dtype), gn_bias.to(xc.dtype), eps)
     x1 = x1 * torch.sigmoid(sweight.reshape(1, c, 1) * gn + sbias.reshape(1, c, 1))
     # 4. Concatenate and view back; 5. channel shuffle with 2 groups.
-    y = torch.cat([x0, x1], dim=1).reshape(n, c_total, -1)
+    y = torch.cat([x0, x1], dim=1).reshape(n, c_total, m)
     return channel_shuffle(y, 2).reshape(x.shape).to(out_dtype)
 
 
@@ -135,9 +137,11 @@ def shuffle_attention_torch(
     n, c_total = x.shape[0], x.shape[1]
     c = c_total // (2 * groups)
     # (N*G, branch, c, M): at most 4-D, so exported graphs suit converters that stop at 4-D.
-    xc = x.to(_compute_dtype(x)).reshape(n * groups, 2, c, -1)
+    xf = x.to(_compute_dtype(x)).flatten(2)  # (N, C, M); explicit sizes: -1 is ambiguous for N = 0
+    m = xf.shape[2]
+    xc = xf.reshape(n * groups, 2, c, m)
     var, mean = torch.var_mean(xc, dim=-1, correction=0)
     a, b = sa_coefficients(mean, var, cweight, cbias, sweight, sbias, gn_weight, gn_bias, eps)
     y = xc * torch.sigmoid(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), xc - mean.unsqueeze(-1)))
     # Channel order g*C/G + branch*c + j, then the 2-group shuffle.
-    return channel_shuffle(y.reshape(n, c_total, -1), 2).reshape(x.shape).to(x.dtype)
+    return channel_shuffle(y.reshape(n, c_total, m), 2).reshape(x.shape).to(x.dtype)

@@ -185,6 +185,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_out: Tensor, backward_fn) -> tuple:
     x, out, pmean, pvar, *params, bn_weight, bn_bias, bn_mean, bn_var = ctx.saved_tensors
+    if torch.is_grad_enabled():  # backward(create_graph=True): gradients must be differentiable
+        return _backward_differentiable(ctx, g_out, x, out, params, bn_weight, bn_bias, bn_mean, bn_var)
     gx, gpre, gparams, dbw, dbb = backward_fn(
         g_out.contiguous(), x, out, pmean, pvar, *params, ctx.groups, ctx.eps, bn_weight, bn_bias,
         bn_mean, bn_var, ctx.bn_train, ctx.bn_eps)
@@ -195,6 +197,34 @@ def _backward(ctx, g_out: Tensor, backward_fn) -> tuple:
     g_bn_b = dbb if ctx.has_bn and bn_bias is not None else None
     g_params = [g.view(p.shape) for g, p in zip(gparams.unbind(0), params)]  # any shape of c values
     return (gx, g_shortcut, *g_params, None, None, g_bn_w, g_bn_b, None, None, None, None, None)
+
+
+def _backward_differentiable(ctx, g_out: Tensor, x: Tensor, out: Optional[Tensor], params, bn_weight,
+                             bn_bias, bn_mean, bn_var) -> tuple:
+    """Backward for double differentiation (gradient penalties, Hessian-vector products).
+
+    The kernels' gradients are plain tensors, so autograd could not differentiate them again:
+    recompute ``sa(bn(x))`` in PyTorch ops (the saved inputs still carry their graph) and
+    differentiate that with ``create_graph=True``. The ReLU enters as its mask from ``out``
+    (its second derivative is zero), the shortcut's gradient is the masked ``g_out``.
+    """
+    import torch.nn.functional as F
+
+    from ..layers.sa_functional import shuffle_attention_torch  # layers import ops: import late
+
+    g = g_out if out is None else g_out * (out > 0).to(g_out.dtype)
+    z = x
+    if ctx.has_bn:  # training: batch statistics recomputed; eval: the running statistics forward used
+        z = F.batch_norm(x, None if ctx.bn_train else bn_mean, None if ctx.bn_train else bn_var,
+                         bn_weight, bn_bias, training=ctx.bn_train, eps=ctx.bn_eps)
+    s = shuffle_attention_torch(z, *params, ctx.groups, ctx.eps)
+    inputs = [x, *params, bn_weight, bn_bias]
+    needed = [t is not None and t.requires_grad for t in inputs]
+    found = iter(torch.autograd.grad(s, [t for t, n in zip(inputs, needed) if n], g,
+                                     create_graph=True, allow_unused=True))
+    gx, *g_params, g_bn_w, g_bn_b = [next(found) if n else None for n in needed]
+    return (gx, g if ctx.has_shortcut else None, *g_params, None, None, g_bn_w, g_bn_b,
+            None, None, None, None, None)
 
 
 sa_forward.register_autograd(lambda ctx, g_out, *_: _backward(ctx, g_out, sa_backward),
