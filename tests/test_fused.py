@@ -214,11 +214,10 @@ def _plain_twin(name: str) -> nn.Module:
     return ResNet(**args)
 
 
-def test_block_fusion_matches_unfused_model_fp64():
-    """A whole SA network: fused tails vs the same weights run op by op (reference SA)."""
+def _fused_and_unfused_models(num_classes: int, gen: torch.Generator):
+    """sa_resnet_test in fp64 with random SA parameters, and a copy that runs op by op."""
     torch.manual_seed(0)
-    fused = timm.create_model("sa_resnet_test", num_classes=10).double()
-    gen = torch.Generator().manual_seed(5)
+    fused = timm.create_model("sa_resnet_test", num_classes=num_classes).double()
     for m in fused.modules():
         if isinstance(m, sanet.ShuffleAttention):
             randomize(m, gen)
@@ -226,6 +225,13 @@ def test_block_fusion_matches_unfused_model_fp64():
     for m in unfused.modules():
         if isinstance(m, sanet.ShuffleAttention):
             m.impl = "reference"  # reference SA never fuses with BatchNorm
+    return fused, unfused
+
+
+def test_block_fusion_matches_unfused_model_fp64():
+    """A whole SA network: fused tails vs the same weights run op by op (reference SA)."""
+    gen = torch.Generator().manual_seed(5)
+    fused, unfused = _fused_and_unfused_models(10, gen)
     x = torch.randn(3, 3, 48, 48, dtype=torch.float64, generator=gen)
     for train in (True, False):
         fused.train(train)
@@ -261,16 +267,8 @@ def test_second_order_gradients_fp64(train, relu):
 def test_gradient_penalty_matches_reference_model_fp64():
     """An input-gradient penalty (R1-style) through a whole fused model: every parameter's
     gradient equals the op-by-op reference model's (second-order terms of SA and BN)."""
-    torch.manual_seed(0)
-    fused = timm.create_model("sa_resnet_test", num_classes=4).double()
     gen = torch.Generator().manual_seed(12)
-    for m in fused.modules():
-        if isinstance(m, sanet.ShuffleAttention):
-            randomize(m, gen)
-    unfused = copy.deepcopy(fused)
-    for m in unfused.modules():
-        if isinstance(m, sanet.ShuffleAttention):
-            m.impl = "reference"
+    fused, unfused = _fused_and_unfused_models(4, gen)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=gen)  # layer4 at 2x2 (1x1 planes: 0 vs 1e-12)
     results = []
     for model in (fused, unfused):
