@@ -73,7 +73,11 @@ def shuffle_attention_reference(
     groups: int,
     eps: float = 1e-5,
 ) -> Tensor:
-    """The authors' formulation of SA (SA-NET.md section 1), one step per line."""
+    """The authors' formulation of SA (SA-NET.md section 1), one step per line.
+
+    Like the authors' ``nn.GroupNorm``, it raises for G = 1 on a single sample of 1x1 planes
+    (``F.group_norm`` wants more than one value per group there); the other impls compute
+    the formula there (a one-value plane normalises to 0)."""
     out_dtype = x.dtype
     xc = x.to(_compute_dtype(x))
     n, c_total = xc.shape[0], xc.shape[1]
