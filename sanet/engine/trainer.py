@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List
 
 import torch
 
+from ..checkpoint import remove_stale_temps
 from .config import RECIPE_KEYS, plain_args, to_plain, validate_train_args
 from .data import build_eval_loader, build_train_loader, build_transform, open_train_val, reseed_loader
 from .distributed import DistContext, broadcast_buffers, cleanup_distributed, init_distributed
@@ -27,7 +28,6 @@ from .logs import RunLogger, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model
 from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
-from ..checkpoint import remove_stale_temps
 from .state import load_resume_checkpoint, optional_state, rng_state, save_training_checkpoint, \
     seed_epoch, seed_everything, set_rng_state
 
