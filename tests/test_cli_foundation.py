@@ -134,6 +134,33 @@ def test_extension_is_built_from_a_copy_in_its_cache_dir():
     assert str(build / _SRC.name) in ninja and str(_SRC) not in ninja
 
 
+def test_extension_builds_and_is_exact_for_avx2(tmp_path):
+    """Machines without AVX-512 get the AVX2 build (ATen picks the ISA at run time): build it
+    here too, in a fresh cache, and check it against the reference (NaN included)."""
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this machine's own build is already the AVX2 (or another) one")
+    check = (
+        "import torch, sanet\n"
+        "from sanet.ops import cpu_ext_status\n"
+        "st = cpu_ext_status(); assert st['loaded'] and st['isa'] == 'AVX2', st\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(2, 64, 9, 13); x[1, 40, 2, 3] = float('nan')\n"
+        "sa = sanet.ShuffleAttention(64, 8)\n"
+        "for p in sa.parameters(): p.data.normal_()\n"
+        "ref = sanet.ShuffleAttention(64, 8, impl='reference'); ref.load_state_dict(sa.state_dict())\n"
+        "y, r = sa(x), ref(x)\n"
+        "assert torch.equal(y.isnan(), r.isnan())\n"
+        "torch.testing.assert_close(y.nan_to_num(), r.nan_to_num(), rtol=1e-5, atol=1e-6)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), ATEN_CPU_CAPABILITY="avx2",
+               SANET_EXT_DIR=str(tmp_path), SANET_REQUIRE_EXT="1")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_console_script_and_python_m(tmp_path):
     """The installed entry points, as a user runs them (one subprocess each)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -98,7 +98,9 @@ struct SigmoidOfAffine<float> {
   Vectorized<float> operator()(const Vectorized<float>& x) const {
     // Only the upper side is clamped (2^t must stay finite for recip's Newton step); below,
     // scalef underflows to 0 and the gate is exactly 1. t is finite: |x - m| <= sqrt(M) std.
-    const __m512 t = _mm512_min_ps(_mm512_fmadd_ps(_mm512_sub_ps(x, m), A, B), _mm512_set1_ps(126.f));
+    // min(126, t), not min(t, 126): vminps returns its second operand when either is NaN, and
+    // a NaN must reach the output as the reference's would.
+    const __m512 t = _mm512_min_ps(_mm512_set1_ps(126.f), _mm512_fmadd_ps(_mm512_sub_ps(x, m), A, B));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
     __m512 p = _mm512_set1_ps(1.3280885586872855e-3f);
@@ -165,6 +167,36 @@ template <>
 inline double hsum(const Vectorized<float>& v) { return _mm512_reduce_add_ps(v); }
 #endif
 
+// A vector sum over a plane, moved into a double every kFlush additions. A float accumulator
+// alone drifts by up to ~M/W ulps over a large plane (512x512: 1e-3 relative), which the
+// cancelling gradient sums turn into visible errors; in blocks it stays near pairwise-sum
+// accuracy, as PyTorch's reductions are.
+template <typename T>
+struct PlaneSum {
+  static constexpr int kFlush = 64;
+  Vectorized<T> v{static_cast<T>(0)};
+  double total = 0;
+  int count = 0;
+  void add(const Vectorized<T>& x) {
+    v += x;
+    bump();
+  }
+  void fmadd(const Vectorized<T>& a, const Vectorized<T>& b) {
+    v = at::vec::fmadd(a, b, v);
+    bump();
+  }
+  double sum() const { return total + hsum<T>(v); }
+
+ private:
+  void bump() {
+    if (++count == kFlush) {
+      total += hsum<T>(v);
+      v = Vectorized<T>(static_cast<T>(0));
+      count = 0;
+    }
+  }
+};
+
 // Mean and population variance of one plane: two passes (the second hits L1). The last
 // partial vector is loaded masked (zero-filled), and masked again where zeros would count.
 // Without need_var (a channel-branch plane, which only pools) var is set to 0.
@@ -173,32 +205,31 @@ inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const V zero(static_cast<T>(0));
-  V a0 = zero, a1 = zero;
+  PlaneSum<T> a0, a1;
   int64_t i = 0;
   for (; i + 2 * W <= M; i += 2 * W) {
-    a0 += V::loadu(p + i);
-    a1 += V::loadu(p + i + W);
+    a0.add(V::loadu(p + i));
+    a1.add(V::loadu(p + i + W));
   }
-  for (; i < M; i += W) a0 += V::loadu(p + i, std::min<int64_t>(W, M - i));
-  mean = hsum<T>(a0 + a1) / M;
+  for (; i < M; i += W) a0.add(V::loadu(p + i, std::min<int64_t>(W, M - i)));
+  mean = (a0.sum() + a1.sum()) / M;
   if (!need_var) {
     var = 0.0;
     return;
   }
   const V vm(static_cast<T>(mean));
-  a0 = zero;
-  a1 = zero;
+  PlaneSum<T> q0, q1;
   for (i = 0; i + 2 * W <= M; i += 2 * W) {
     const V d0 = V::loadu(p + i) - vm, d1 = V::loadu(p + i + W) - vm;
-    a0 = at::vec::fmadd(d0, d0, a0);
-    a1 = at::vec::fmadd(d1, d1, a1);
+    q0.fmadd(d0, d0);
+    q1.fmadd(d1, d1);
   }
   for (; i < M; i += W) {
     const int64_t n = std::min<int64_t>(W, M - i);
     const V d = V::set(zero, V::loadu(p + i, n) - vm, n);
-    a0 = at::vec::fmadd(d, d, a0);
+    q0.fmadd(d, d);
   }
-  var = hsum<T>(a0 + a1) / M;
+  var = (q0.sum() + q1.sum()) / M;
 }
 
 // ---------------------------------------------------------------- SA geometry and gate
@@ -549,8 +580,9 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
   const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b)), vmx(static_cast<T>(g.mx)),
       one(static_cast<T>(1));
   PlaneBwd r{0, 0, 0, 0, 0, 0, g.Az == 0.0};
+  if (M == 0) return r;  // no pixels: no gradient (the statistics are 0/0)
   double Sgz = 0;
-  V acc1(static_cast<T>(0)), acc2(static_cast<T>(0));
+  PlaneSum<T> acc1, acc2;
   int64_t i = 0;
   if (r.const_gate) {
     // gu = go * z * s(1-s) with constant s: sum go*z (and go*z*(z - mean z) for the spatial branch).
@@ -558,10 +590,10 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
     for (; i + W <= M; i += W) {
       const V xv = V::loadu(xr + i);
       const V gz = V::loadu(go + i) * at::vec::fmadd(xv, va, vb);
-      acc1 += gz;
-      acc2 = at::vec::fmadd(gz, (xv - vmx) * va, acc2);
+      acc1.add(gz);
+      acc2.fmadd(gz, (xv - vmx) * va);
     }
-    double s1 = hsum<T>(acc1), s2 = hsum<T>(acc2);
+    double s1 = acc1.sum(), s2 = acc2.sum();
     for (; i < M; ++i) {
       const double z = g.a * xr[i] + g.b;
       s1 += double(go[i]) * z;
@@ -577,11 +609,11 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
       const V s = sigmoid(xv);
       s.store(sig + i);
       const V gu = V::loadu(go + i) * z * s * (one - s);
-      acc1 += gu;
-      acc2 = at::vec::fmadd(gu, (xv - vmx) * va, acc2);
+      acc1.add(gu);
+      acc2.fmadd(gu, (xv - vmx) * va);
     }
-    r.S1 = hsum<T>(acc1);
-    Sgz = hsum<T>(acc2);
+    r.S1 = acc1.sum();
+    Sgz = acc2.sum();
     for (; i < M; ++i) {
       const double z = g.a * xr[i] + g.b;
       const double s = ssigmoid<double>(g.Ax() * (xr[i] - g.mx) + g.Bc);
@@ -673,16 +705,16 @@ struct Bwd {
       map_plane<T, Stream>(gx + k * L.M, L.M, [&](int64_t i, int64_t m) { return gz_at(i, m) * vscale; });
       return;
     }
-    V accg(static_cast<T>(0)), accgx(static_cast<T>(0));
+    PlaneSum<T> accg, accgx;
     map_plane<T, Stream>(gx + k * L.M, L.M, [&](int64_t i, int64_t m) {
       const V gz = gz_at(i, m);
       const V gzm = m == V::size() ? gz : V::set(V(static_cast<T>(0)), gz, m);  // drop padding
-      accg += gzm;
-      accgx = at::vec::fmadd(gzm, V::loadu(xr + i, m), accgx);
+      accg.add(gzm);
+      accgx.fmadd(gzm, V::loadu(xr + i, m));
       return gz * vscale;
     });
-    Sg[k] = hsum<T>(accg);
-    Sgx[k] = hsum<T>(accgx);
+    Sg[k] = accg.sum();
+    Sgx[k] = accgx.sum();
   }
 
   // A batch of planes: gates and pass A for all, then pass B for all.
