@@ -85,12 +85,12 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo):
 
 
 def test_eager_and_compile_still_use_the_fused_op():
-    from sanet.ops import fused_sa_supported, portable_trace
+    from sanet.ops import fused_sa_supported, needs_pytorch_ops
 
     x = torch.randn(2, 32, 5, 5)
     if not fused_sa_supported(x):
         pytest.skip("no fused CPU kernel on this machine")
-    assert not portable_trace()
+    assert not needs_pytorch_ops()
     seen = []
 
     def backend(gm, example_inputs):

@@ -472,3 +472,48 @@ def test_planes_without_pixels_have_zero_gradients():
     sa(x).sum().backward()
     assert x.grad.shape == x.shape
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in sa.parameters())
+
+
+def test_auto_without_a_kernel_runs_the_authors_formulation(monkeypatch):
+    """Where no kernel exists (no compiler, bf16 on CPU) "auto" runs the reference: faster and
+    leaner than the per-channel PyTorch form (docs/benchmarks.md)."""
+    import sanet.layers.shuffle_attention as sa_mod
+
+    calls = []
+    real = sa_mod._IMPL_FNS["reference"]
+    monkeypatch.setattr(sa_mod, "fused_sa_supported", lambda x: False)
+    monkeypatch.setitem(sa_mod._IMPL_FNS, "reference", lambda *a: calls.append(1) or real(*a))
+    sanet.ShuffleAttention(32, 4)(torch.randn(2, 32, 5, 5))
+    assert calls == [1]
+
+
+def test_torch_func_and_forward_ad_match_the_reference():
+    """torch.func (grad, vmap, jvp: per-sample gradients) and forward-mode AD run the default
+    layer and model (through PyTorch ops: the kernels have no batching or jvp rule)."""
+    from torch.autograd import forward_ad as fwAD
+    from torch.func import functional_call, grad, jvp, vmap
+
+    gen = torch.Generator().manual_seed(13)
+    sa = sanet.ShuffleAttention(32, 4)
+    randomize(sa, gen)
+    ref = copy.deepcopy(sa)
+    ref.impl = "reference"
+    x, t = torch.randn(3, 32, 5, 6, generator=gen), torch.randn(3, 32, 5, 6, generator=gen)
+    for fn in (lambda m: vmap(grad(lambda xi: m(xi[None]).square().sum()))(x),
+               lambda m: jvp(m, (x,), (t,))[1]):
+        torch.testing.assert_close(fn(sa), fn(ref), rtol=1e-5, atol=1e-6)
+    with fwAD.dual_level():
+        tangents = [fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent for m in (sa, ref)]
+    torch.testing.assert_close(*tangents, rtol=1e-5, atol=1e-6)
+
+    model = timm.create_model("sa_resnet_test", num_classes=3).eval()  # per-sample gradients
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    imgs, labels = torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0])
+
+    def loss(p, img, label):
+        return nn.functional.cross_entropy(functional_call(model, p, (img[None],)), label[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, imgs, labels)
+    first = torch.autograd.grad(loss(dict(model.named_parameters()), imgs[0], labels[0]), list(model.parameters()))
+    for (name, _), g in zip(model.named_parameters(), first):
+        torch.testing.assert_close(per_sample[name][0], g, rtol=1e-4, atol=1e-6)

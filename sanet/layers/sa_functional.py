@@ -7,8 +7,8 @@ Two formulations of the same function (SA-NET.md sections 1 and 5):
   and the baseline of the benchmarks.
 * :func:`shuffle_attention_torch` uses the per-channel form: every output channel is
   ``x * sigmoid(A * x + B)`` of one input channel, with per-(sample, channel) ``A`` and ``B``,
-  followed by the fixed shuffle permutation. It is the portable fallback of the fused
-  kernels and the path used under ``torch.jit.script`` and ``torch.fx``.
+  followed by the fixed shuffle permutation. It is the path used where a graph must hold
+  PyTorch ops (TorchScript, ``torch.fx``, ``jit.trace``, export) and under ``torch.func``.
 
 Both accept (N, C, L), (N, C, H, W) and (N, C, D, H, W): spatial dims are flattened, which
 changes nothing because every statistic is over all spatial positions. Half-precision input

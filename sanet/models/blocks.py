@@ -20,7 +20,7 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
-from ..ops import bn_shuffle_attention, fused_bn_sa_supported, portable_trace
+from ..ops import bn_shuffle_attention, fused_bn_sa_supported, needs_pytorch_ops
 
 __all__ = ["SABottleneck", "SABasicBlock"]
 
@@ -44,7 +44,7 @@ class _SATailMixin:
             self.sa is None
             or type(act) is not nn.ReLU
             or (self.drop_path is not None and self.training)
-            or portable_trace()
+            or needs_pytorch_ops()
             or not fused_bn_sa_supported(x, bn, self.sa, shortcut)
         ):
             return None

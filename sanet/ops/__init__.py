@@ -4,7 +4,7 @@ from .fused import (
     bn_shuffle_attention,
     fused_bn_sa_supported,
     fused_sa_supported,
-    portable_trace,
+    needs_pytorch_ops,
     shuffle_attention_fused,
 )
 
@@ -14,6 +14,6 @@ __all__ = [
     "fused_bn_sa_supported",
     "fused_sa_supported",
     "load_cpu_ext",
-    "portable_trace",
+    "needs_pytorch_ops",
     "shuffle_attention_fused",
 ]

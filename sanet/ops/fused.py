@@ -14,7 +14,7 @@ __all__ = [
     "fused_sa_supported",
     "bn_shuffle_attention",
     "fused_bn_sa_supported",
-    "portable_trace",
+    "needs_pytorch_ops",
 ]
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -43,16 +43,23 @@ def fused_sa_supported(x: Tensor) -> bool:
     return False
 
 
-def portable_trace() -> bool:
-    """Whether a graph is being recorded to run without sanet: ``torch.jit.trace``,
-    ``torch.export``, ONNX export and ``torch.fx`` (which records PyTorch ops only). These get
-    the per-channel PyTorch ops instead of the fused op, so the saved TorchScript file, the
-    ExportedProgram or the ONNX model loads anywhere. ``torch.compile`` still gets the op."""
+def needs_pytorch_ops() -> bool:
+    """Whether SA must run as PyTorch ops instead of the fused op, because
+
+    * a graph is being recorded to run without sanet (``torch.jit.trace``, ``torch.export``,
+      ONNX export) or by ``torch.fx`` (which records PyTorch ops only): the saved TorchScript
+      file, ExportedProgram or ONNX model then loads anywhere; or
+    * a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``...) or forward-mode AD is active:
+      the kernels have no batching or forward-derivative rule.
+
+    ``torch.compile`` and ordinary (double) backward keep the fused op."""
     return (
         torch.jit.is_tracing()
         or torch.compiler.is_exporting()
         or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
         or torch.onnx.is_in_onnx_export()
+        or torch._C._are_functorch_transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0
     )
 
 

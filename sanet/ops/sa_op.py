@@ -18,7 +18,7 @@ Two entry points compute it, sharing the autograd rule:
   call instead of ~70 through the dispatcher (which matters on a GPU, where the kernels
   themselves take tens of microseconds); under ``torch.compile``, ``torch.jit.trace`` and
   any ``TorchDispatchMode`` the custom op below. (The layers themselves use PyTorch ops
-  under ``jit.trace``/``torch.export``/ONNX export: see ``fused.portable_trace``.)
+  under ``jit.trace``/``torch.export``/ONNX export: see ``fused.needs_pytorch_ops``.)
 * ``torch.ops.sanet.sa_forward`` / ``sa_backward``, registered with :mod:`torch.library`
   (autograd via ``register_autograd``, shapes via ``register_fake``), so that
   ``torch.compile`` traces the kernels as opaque ops.
