@@ -40,6 +40,7 @@ if os.environ.get("SANET_TEST_TRITON_ON_CPU", "") == "1":
 
     _sa_op.KERNELS["cpu"] = _sa_op.KERNELS["cuda"]
     _fused._cpu_ext_ok = lambda: True
+    _fused._CPU_DTYPES = _fused._CUDA_DTYPES  # the Triton kernels' fp16/bf16 paths too
 
 
 def case_seed(*case) -> int:

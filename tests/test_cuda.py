@@ -4,7 +4,7 @@ On a GPU machine: ``python -m pytest tests/test_cuda.py`` (``benchmarks/gpu_chec
 it). Without one, ``tests/test_triton_interpreter.py`` runs this file on the CPU with the
 Triton kernels under ``TRITON_INTERPRET=1`` (``SANET_TEST_DEVICE=cpu
 SANET_TEST_TRITON_ON_CPU=1``, see conftest.py); ``SANET_TEST_DEVICE=cpu`` alone runs it on
-the C++ kernels. The half-precision cases take the PyTorch fallback on the CPU.
+the C++ kernels (the half-precision cases then take the PyTorch fallback).
 
 Oracle: the step-by-step reference of ``test_layer.py`` in float64 on the same device, with
 the same parameter values. Every case checks the output and the gradients of the input and
@@ -218,6 +218,26 @@ def test_bn_sa_tail_matches_oracle(train, relu, momentum, affine, hw, tiling):
         assert rel_err(bn_f.running_mean, bn_64.running_mean) <= 1e-6
         assert rel_err(bn_f.running_var, bn_64.running_var) <= 1e-6
         assert bn_f.num_batches_tracked.item() == (step + 1 if train else 0)
+
+
+def test_strided_gate_parameters():
+    """Parameters that are views with other strides (slices of a larger tensor) give the same
+    output and gradients as contiguous ones: the kernels index them as dense vectors."""
+    from sanet.ops import shuffle_attention_fused
+
+    gen = torch.Generator().manual_seed(21)
+    c, groups = 4, 8
+    big = [torch.randn(1, 2 * c, 1, 1, generator=gen).to(DEVICE).requires_grad_(True) for _ in range(4)]
+    big += [torch.randn(2 * c, generator=gen).to(DEVICE).requires_grad_(True) for _ in range(2)]
+    strided = [t[:, ::2] if t.dim() == 4 else t[::2] for t in big]
+    dense = [t.detach().clone().requires_grad_(True) for t in strided]
+    x = torch.randn(2, 2 * c * groups, 5, 6, generator=gen).to(DEVICE)
+    g = torch.randn(x.shape, generator=gen).to(DEVICE)
+    outs = [shuffle_attention_fused(x, *p, groups) for p in (strided, dense)]
+    grads = [torch.autograd.grad(o, p, g) for o, p in zip(outs, (strided, dense))]
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

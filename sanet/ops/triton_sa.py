@@ -361,13 +361,15 @@ if _HAS_TRITON:
         psw = tl.load(sw + js, mask=jmask, other=0.0).to(tl.float64)
         pgw = tl.load(gw + js, mask=jmask, other=0.0).to(tl.float64)
         pgb = tl.load(gb + js, mask=jmask, other=0.0).to(tl.float64)
+        # Through fp32 to the parameters' dtype: a direct float64 -> bf16 conversion is not
+        # supported everywhere (the interpreter returns 0).
         ty = gp.dtype.element_ty
-        tl.store(gp + js, t2c.to(ty), mask=jmask)
-        tl.store(gp + CC + js, t1c.to(ty), mask=jmask)
-        tl.store(gp + 2 * CC + js, (pgw * t2s + pgb * t1s).to(ty), mask=jmask)
-        tl.store(gp + 3 * CC + js, t1s.to(ty), mask=jmask)
-        tl.store(gp + 4 * CC + js, (psw * t2s).to(ty), mask=jmask)
-        tl.store(gp + 5 * CC + js, (psw * t1s).to(ty), mask=jmask)
+        tl.store(gp + js, t2c.to(tl.float32).to(ty), mask=jmask)
+        tl.store(gp + CC + js, t1c.to(tl.float32).to(ty), mask=jmask)
+        tl.store(gp + 2 * CC + js, (pgw * t2s + pgb * t1s).to(tl.float32).to(ty), mask=jmask)
+        tl.store(gp + 3 * CC + js, t1s.to(tl.float32).to(ty), mask=jmask)
+        tl.store(gp + 4 * CC + js, (psw * t2s).to(tl.float32).to(ty), mask=jmask)
+        tl.store(gp + 5 * CC + js, (psw * t1s).to(tl.float32).to(ty), mask=jmask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,8 +394,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _params(params: Sequence[Tensor]) -> dict:
-    # (1, c, 1, 1) and (c,) tensors: contiguous, the kernels only need their pointers
-    return dict(zip(("cw", "cb", "sw", "sb", "gw", "gb"), params))
+    # (1, c, 1, 1) and (c,) tensors; the kernels index them as dense vectors (a view with
+    # other strides, e.g. a slice of a larger tensor, is copied: c values)
+    return dict(zip(("cw", "cb", "sw", "sb", "gw", "gb"), (p.contiguous() for p in params)))
 
 
 def _bn_args(x: Tensor, bn_weight, bn_bias, bn_mean, bn_var) -> dict:
