@@ -290,16 +290,22 @@ def test_fused_layer_keeps_only_its_input():
 
 
 def test_model_saved_bytes_close_to_plain_resnet():
-    """SA-ResNet with fused tails keeps at most 5% more for backward than the plain net."""
-    x = torch.randn(4, 3, 64, 64)
-    sa_model = timm.create_model("sa_resnet_test").train()
-    plain = _plain_twin("sa_resnet_test").train()
-    reference = timm.create_model("sa_resnet_test", sa_impl="reference").train()
-    sa_bytes = saved_tensor_bytes(lambda: sa_model(x).sum())["bytes"]
-    plain_bytes = saved_tensor_bytes(lambda: plain(x).sum())["bytes"]
-    ref_bytes = saved_tensor_bytes(lambda: reference(x).sum())["bytes"]
-    assert sa_bytes <= 1.05 * plain_bytes
-    assert ref_bytes > 1.05 * plain_bytes  # the authors' formulation would fail the bound
+    """SA-ResNet with fused tails keeps at most 5% more for backward than the plain net, in
+    either layout: with channels_last the op saves the channels_last tensors the layers around
+    it keep anyway, not contiguous copies (sa_resnet50 went from 1.16x to 1.002x)."""
+    ratios = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 3, 64, 64).to(memory_format=fmt)
+        sa_model = timm.create_model("sa_resnet_test").train().to(memory_format=fmt)
+        plain = _plain_twin("sa_resnet_test").train().to(memory_format=fmt)
+        reference = timm.create_model("sa_resnet_test", sa_impl="reference").train().to(memory_format=fmt)
+        sa_bytes = saved_tensor_bytes(lambda: sa_model(x).sum())["bytes"]
+        plain_bytes = saved_tensor_bytes(lambda: plain(x).sum())["bytes"]
+        ref_bytes = saved_tensor_bytes(lambda: reference(x).sum())["bytes"]
+        ratios[fmt] = sa_bytes / plain_bytes
+        assert sa_bytes <= 1.05 * plain_bytes
+        assert ref_bytes > 1.05 * plain_bytes  # the authors' formulation would fail the bound
+    assert ratios[torch.channels_last] == pytest.approx(ratios[torch.contiguous_format], abs=1e-3)
 
 
 def test_deterministic():
@@ -342,8 +348,10 @@ def test_dispatch_modes_see_the_fused_op():
         y = sa(mode.from_tensor(torch.randn(2, 64, 5, 6)))
     assert y.shape == (2, 64, 5, 6)
     x = torch.randn(4, 64, 16, 16, requires_grad=True)
+    g = torch.randn_like(x)
     with PeakMemoryTracker() as tracker:
-        sa(x).sum().backward()
+        y = sa(x)
+        y.backward(g)
     assert tracker.peak >= 2 * x.numel() * x.element_size()  # the output and grad x at least
 
 

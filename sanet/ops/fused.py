@@ -67,13 +67,6 @@ def _sa_params(sa: nn.Module):
     return sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias
 
 
-def _like(out: Tensor, x: Tensor) -> Tensor:
-    # The kernels see x.contiguous(); give channels_last input a channels_last output.
-    if not x.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
 def shuffle_attention_fused(
     x: Tensor,
     cweight: Tensor,
@@ -86,9 +79,8 @@ def shuffle_attention_fused(
     eps: float = 1e-5,
 ) -> Tensor:
     """Shuffle Attention with the fused kernels (same function as the reference)."""
-    out = sa_op(x.contiguous(), None, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
-                groups, eps, None, None, None, None, False, 0.0, False)[0]
-    return _like(out, x)
+    return sa_op(x, None, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
+                 groups, eps, None, None, None, None, False, 0.0, False)[0]
 
 
 def fused_bn_sa_supported(x: Tensor, bn: nn.Module, sa: nn.Module, shortcut: Optional[Tensor] = None) -> bool:
@@ -122,12 +114,12 @@ def bn_shuffle_attention(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
     out, _, _, bmean, bvar = sa_op(
-        x.contiguous(), None if shortcut is None else shortcut.contiguous(), *_sa_params(sa),
+        x, shortcut, *_sa_params(sa),
         sa.groups, sa.gn.eps, bn.weight, bn.bias, None if use_batch_stats else bn.running_mean,
         None if use_batch_stats else bn.running_var, use_batch_stats, bn.eps, relu)
     if bn.training and bn.track_running_stats:
         _update_running_stats(bn, bmean, bvar, n * m)
-    return _like(out, x)
+    return out
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The fused SA kernels as one differentiable op: C++ on CPU, Triton on CUDA.
 
-On contiguous (N, C, *) input ``x`` (N * C planes of any spatial shape) the op computes::
+On (N, C, *) input ``x`` (N * C planes of any spatial shape, any layout) the op computes::
 
     z   = x                          or BatchNorm(x) (batch or given running statistics)
     s   = ShuffleAttention(z)        (per-channel gate, then the 2-group shuffle)
@@ -82,12 +82,26 @@ KERNELS = {
 }
 
 
-def _forward_impl(x: Tensor, *args) -> _Out:
-    return KERNELS[x.device.type][0](x, *args)
+def _like(out: Tensor, x: Tensor) -> Tensor:
+    """The kernels' contiguous result in ``x``'s layout, as ``torch.empty_like(x)`` lays it
+    out (channels_last stays channels_last), so the fake kernel's strides are the real ones."""
+    if x.is_contiguous():
+        return out
+    res = torch.empty_like(x)
+    return out if res.is_contiguous() else res.copy_(out)
 
 
-def _backward_impl(grad: Tensor, *args) -> _Out:
-    return KERNELS[grad.device.type][1](grad, *args)
+def _forward_impl(x: Tensor, shortcut: Optional[Tensor], *args) -> _Out:
+    # The kernels walk contiguous planes. The op takes any layout and returns x's, so autograd
+    # saves the tensors the layers around keep anyway (a channels_last x and out), not copies.
+    out, *stats = KERNELS[x.device.type][0](x.contiguous(), None if shortcut is None else shortcut.contiguous(),
+                                            *args)
+    return (_like(out, x), *stats)
+
+
+def _backward_impl(grad: Tensor, x: Tensor, out: Optional[Tensor], *args) -> _Out:
+    return KERNELS[grad.device.type][1](grad.contiguous(), x.contiguous(),
+                                        None if out is None else out.contiguous(), *args)
 
 
 @torch.library.custom_op("sanet::sa_forward", mutates_args=(), device_types=("cpu", "cuda"))
@@ -161,8 +175,8 @@ def _sa_backward_fake(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias,
     c = x.shape[1]
     bn = x.new_empty((c if bn_mean is not None else 0,),
                      dtype=torch.float32 if bn_weight is None else bn_weight.dtype)
-    gpre = torch.empty_like(x) if out is not None else x.new_empty((0,))
-    return torch.empty_like(x), gpre, cweight.new_empty((6, cweight.numel())), bn, bn.clone()
+    gpre = x.new_empty(x.shape) if out is not None else x.new_empty((0,))  # contiguous, as the kernels'
+    return x.new_empty(x.shape), gpre, cweight.new_empty((6, cweight.numel())), bn, bn.clone()
 
 
 # ---------------------------------------------------------------- autograd (shared)
@@ -188,7 +202,7 @@ def _backward(ctx, g_out: Tensor, backward_fn) -> tuple:
     if torch.is_grad_enabled():  # backward(create_graph=True): gradients must be differentiable
         return _backward_differentiable(ctx, g_out, x, out, params, bn_weight, bn_bias, bn_mean, bn_var)
     gx, gpre, gparams, dbw, dbb = backward_fn(
-        g_out.contiguous(), x, out, pmean, pvar, *params, ctx.groups, ctx.eps, bn_weight, bn_bias,
+        g_out, x, out, pmean, pvar, *params, ctx.groups, ctx.eps, bn_weight, bn_bias,
         bn_mean, bn_var, ctx.bn_train, ctx.bn_eps)
     g_shortcut = None
     if ctx.has_shortcut:
