@@ -220,6 +220,18 @@ def test_bn_sa_tail_matches_oracle(train, relu, momentum, affine, hw, tiling):
         assert bn_f.num_batches_tracked.item() == (step + 1 if train else 0)
 
 
+@pytest.mark.parametrize("shape", [(0, 32, 4, 4), (2, 32, 0, 5)], ids=["no-samples", "no-pixels"])
+def test_empty_inputs(shape):
+    """Empty batches and planes without pixels: empty output and gradient, zero parameter
+    gradients (the planes' statistics are 0/0, which must not reach the sums)."""
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    sa = sanet.ShuffleAttention(32, 4).to(DEVICE)
+    y = sa(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in sa.parameters())
+
+
 def test_strided_gate_parameters():
     """Parameters that are views with other strides (slices of a larger tensor) give the same
     output and gradients as contiguous ones: the kernels index them as dense vectors."""

@@ -463,6 +463,8 @@ def triton_sa_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], pm: Tenso
     sg, sgx = (torch.empty_like(s1), torch.empty_like(s1)) if has_bn else (s1, s2)  # unused without BN
     dbw = x.new_empty((c if has_bn else 0,), dtype=torch.float32 if bn_weight is None else bn_weight.dtype)
     dbb = torch.empty_like(dbw)
+    if geo["M"] == 0:  # planes without pixels: nothing to sum, and their statistics are 0/0
+        return gx, gpre, params[0].new_zeros((6, geo["CC"])), dbw.zero_(), dbb.zero_()
     p = _params(params)
     args = dict(grad=grad, x=x, out=out if relu else x, gpre=gpre if relu else x, gx=gx, pm=pm, pv=pv,
                 s1=s1, s2=s2, sg=sg, sgx=sgx, tsg=dbb, tsgx=dbw, eps=eps, bn_eps=bn_eps,
