@@ -35,6 +35,11 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
+# The process's umask, read once at import: os.umask can only be read by setting it, which
+# would briefly change it for every thread.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class UnsafeCheckpointError(RuntimeError):
     """The file holds pickled objects beyond plain tensors/containers; it was not executed."""
@@ -58,10 +63,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the mode open() would (0666 minus the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the mode open() would
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

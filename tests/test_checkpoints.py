@@ -291,7 +291,7 @@ def test_deeper_checkpoint_into_shallower_model_is_a_clear_error():
 
 def test_the_file_sets_the_default_classes_and_input_channels(tmp_path):
     """A 10-class, 1-channel file builds a 10-class, 1-channel model with its own head and
-    stem; explicit kwargs still win (new head), and a stem timm can't convert is a clear error."""
+    stem; explicit kwargs still win: a new head, or a stem timm converts from 1 channel."""
     src = timm.create_model("sa_resnet_test", num_classes=10, in_chans=1)
     path = tmp_path / "digits.pth"
     torch.save(src.state_dict(), path)
@@ -300,8 +300,15 @@ def test_the_file_sets_the_default_classes_and_input_channels(tmp_path):
     assert loaded.pretrained_cfg["num_classes"] == 10 and loaded.pretrained_cfg["input_size"][0] == 1
     new_head = load_pretrained("sa_resnet_test", path, num_classes=4)
     assert new_head.fc.out_features == 4 and torch.equal(new_head.conv1.weight, src.conv1.weight)
-    with pytest.raises(CheckpointMismatchError, match="conv1.weight has 1 input channels, the model 3"):
-        load_pretrained("sa_resnet_test", path, in_chans=3)
+    rgb = load_pretrained("sa_resnet_test", path, in_chans=3)  # timm spreads the channel over 3
+    torch.testing.assert_close(rgb.conv1.weight.sum(1, keepdim=True), src.conv1.weight)
+    headless = load_pretrained("sa_resnet_test", path, num_classes=0)  # a feature extractor
+    assert headless.num_classes == 0 and torch.equal(headless.conv1.weight, src.conv1.weight)
+    rgb_file = tmp_path / "rgb.pth"  # an explicit pretrained_cfg that contradicts the file
+    torch.save(timm.create_model("sa_resnet_test").state_dict(), rgb_file)
+    with pytest.raises(CheckpointMismatchError, match="fc.weight has 1000 classes, the model 7"):
+        timm.create_model("sa_resnet_test", pretrained=True, num_classes=7,
+                          pretrained_cfg_overlay=dict(file=str(rgb_file), num_classes=7))
 
 
 def test_pretrained_cfg_does_not_keep_a_copy_of_the_weights(authors_r50):

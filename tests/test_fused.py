@@ -264,6 +264,19 @@ def test_second_order_gradients_fp64(train, relu):
     assert gradgradcheck(lambda x, sc: bn_shuffle_attention(x, bn, sa, sc if relu else None, relu=relu), (x, sc))
 
 
+def test_second_order_with_only_the_shortcut_requiring_grad():
+    gen = torch.Generator().manual_seed(14)
+    bn, sa, _, _ = _bn_sa_pair(16, 2, gen, torch.float64)
+    for p in [*bn.parameters(), *sa.parameters()]:
+        p.requires_grad_(False)
+    x = torch.randn(2, 16, 3, 4, generator=gen, dtype=torch.float64)
+    sc = torch.randn(2, 16, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = bn_shuffle_attention(x, bn, sa, sc, relu=True)
+    (g,) = torch.autograd.grad(y.square().sum(), sc, create_graph=True)
+    torch.testing.assert_close(g, 2 * y)  # relu(z + sc): d/dsc of sum(y^2) = 2y where y > 0, else 0
+    assert g.requires_grad
+
+
 def test_gradient_penalty_matches_reference_model_fp64():
     """An input-gradient penalty (R1-style) through a whole fused model: every parameter's
     gradient equals the op-by-op reference model's (second-order terms of SA and BN)."""

@@ -237,6 +237,25 @@ def test_single_pixel_planes(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_one_value_per_group(impl):
+    """G = 1, one sample, 1x1 planes: GroupNorm sees one value per group. nn.GroupNorm
+    refuses that input; the formula is defined (the value normalises to 0), and every impl
+    computes it, so "auto" without a kernel (which runs the reference) works there too."""
+    require_fused(impl)
+    module = randomize_sa_(ShuffleAttention(4, 1, impl=impl))
+    x = torch.randn(1, 4, 1, 1, requires_grad=True)
+    y = module(x)
+    y.sum().backward()
+    x0, x1 = x.detach()[0, :2, 0, 0], x.detach()[0, 2:, 0, 0]
+    p = {n: t.detach().reshape(-1) for n, t in module.named_parameters()}
+    want = torch.empty(4)
+    want[0::2] = x0 * torch.sigmoid(p["cweight"] * x0 + p["cbias"])           # channel branch
+    want[1::2] = x1 * torch.sigmoid(p["sweight"] * p["gn.bias"] + p["sbias"])  # spatial: gn(x1) = gn.bias
+    torch.testing.assert_close(y.detach().reshape(-1), want, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_channels_last_input(impl):
     module, ref = make_pair(64, 8, impl)
     x = torch.randn(2, 64, 5, 7).to(memory_format=torch.channels_last)

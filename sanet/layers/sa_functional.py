@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -73,11 +72,7 @@ def shuffle_attention_reference(
     groups: int,
     eps: float = 1e-5,
 ) -> Tensor:
-    """The authors' formulation of SA (SA-NET.md section 1), one step per line.
-
-    Like the authors' ``nn.GroupNorm``, it raises for G = 1 on a single sample of 1x1 planes
-    (``F.group_norm`` wants more than one value per group there); the other impls compute
-    the formula there (a one-value plane normalises to 0)."""
+    """The authors' formulation of SA (SA-NET.md section 1), one step per line."""
     out_dtype = x.dtype
     xc = x.to(_compute_dtype(x))
     n, c_total = xc.shape[0], xc.shape[1]
@@ -91,7 +86,9 @@ def shuffle_attention_reference(
     s = x0.mean(dim=-1, keepdim=True)
     x0 = x0 * torch.sigmoid(cweight.reshape(1, c, 1) * s + cbias.reshape(1, c, 1))
     # 3. Spatial branch: GroupNorm(c, c) (one channel per group), affine, sigmoid gate.
-    gn = F.group_norm(x1, c, gn_weight.to(xc.dtype), gn_bias.to(xc.dtype), eps)
+    # torch.group_norm is F.group_norm without its Python-side check, which rejects one value
+    # per group (G = 1, one sample, 1x1 planes) where the formula is well defined.
+    gn = torch.group_norm(x1, c, gn_weight.to(xc.dtype), gn_bias.to(xc.dtype), eps)
     x1 = x1 * torch.sigmoid(sweight.reshape(1, c, 1) * gn + sbias.reshape(1, c, 1))
     # 4. Concatenate and view back; 5. channel shuffle with 2 groups.
     y = torch.cat([x0, x1], dim=1).reshape(n, c_total, m)

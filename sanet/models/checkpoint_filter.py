@@ -36,16 +36,18 @@ def check_state_dict(
     model: nn.Module,
     *,
     shape_exempt: Iterable[str] = (),
+    missing_ok: Iterable[str] = (),
     source: str = "checkpoint",
 ) -> None:
     """Raise :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys.
 
-    ``shape_exempt`` names keys whose shape may differ (timm adapts the classifier and the
-    first conv afterwards for another ``num_classes``/``in_chans``).
+    ``shape_exempt`` names keys whose shape may differ (timm adapts the first conv afterwards
+    for another ``in_chans``), ``missing_ok`` keys the model may keep as initialised (a new
+    classifier).
     """
     expected = model.state_dict()
-    exempt = set(shape_exempt)
-    missing = [k for k in expected if k not in state_dict]
+    exempt, optional = set(shape_exempt), set(missing_ok)
+    missing = [k for k in expected if k not in state_dict and k not in optional]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched: List[Tuple[str, tuple, tuple]] = [
         (k, tuple(state_dict[k].shape), tuple(v.shape))
@@ -102,23 +104,26 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, Tensor
     state_dict = strip_prefix(_unwrap(state_dict))
     state_dict = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    exempt = []
-    # Shapes timm adapts after this filter: it drops the classifier when num_classes differs
-    # from the pretrained config's, and converts a 3-channel first conv for another in_chans.
-    # Any other difference would reach load_state_dict's generic error: say what to pass.
+    exempt: List[str] = []
+    head: List[str] = []
+    # What timm adapts after this filter: it discards the file's classifier when num_classes
+    # differs from the pretrained config's (a new head, or none with num_classes=0), and
+    # converts the first conv when in_chans differs from the config's input channels. Any
+    # other difference would reach load_state_dict's generic error: say what to pass.
     classifier, first_conv = cfg.get("classifier"), cfg.get("first_conv")
     if isinstance(classifier, str):
         if model.num_classes != cfg.get("num_classes"):
-            exempt += [f"{classifier}.weight", f"{classifier}.bias"]
+            head = [f"{classifier}.weight", f"{classifier}.bias"]
+            state_dict = {k: v for k, v in state_dict.items() if k not in head}
         else:
             _check_dim(state_dict, f"{classifier}.weight", 0, model.num_classes, "classes", "num_classes")
     if isinstance(first_conv, str):
         in_chans = model.get_submodule(first_conv).in_channels
-        if in_chans != 3:
-            exempt += [f"{first_conv}.weight"]
+        if in_chans != (cfg.get("input_size") or (3,))[0]:
+            exempt.append(f"{first_conv}.weight")
         else:
             _check_dim(state_dict, f"{first_conv}.weight", 1, in_chans, "input channels", "in_chans")
-    check_state_dict(state_dict, model, shape_exempt=exempt)
+    check_state_dict(state_dict, model, shape_exempt=exempt, missing_ok=head)
     return state_dict
 
 

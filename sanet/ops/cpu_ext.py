@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -67,9 +68,12 @@ def _source_in(build_dir: Path) -> Path:
     rebuild in turn; the copy's path is the same for all. (Its content is in the key.)"""
     src = build_dir / _SRC.name
     if not src.is_file():
-        tmp = build_dir / f".{_SRC.name}.{os.getpid()}.tmp"
-        tmp.write_bytes(_SRC.read_bytes())
-        os.replace(tmp, src)  # atomic: DDP ranks may start at once
+        # A unique temporary name, then an atomic rename: processes (DDP ranks) and threads
+        # may start at once; each writes the same bytes.
+        fd, tmp = tempfile.mkstemp(prefix=f".{_SRC.name}.", suffix=".tmp", dir=build_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_SRC.read_bytes())
+        os.replace(tmp, src)
     return src
 
 

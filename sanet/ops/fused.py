@@ -88,6 +88,7 @@ def fused_bn_sa_supported(x: Tensor, bn: nn.Module, sa: nn.Module, shortcut: Opt
     CUDA) and a shortcut of x's dtype (``x + shortcut`` would otherwise promote)."""
     return (
         type(bn) is nn.BatchNorm2d
+        and x.numel() > 0  # empty batches: nn.BatchNorm2d's own handling (statistics untouched)
         and getattr(sa, "impl", None) in ("auto", "fused")
         and (shortcut is None or shortcut.dtype == x.dtype)
         and fused_sa_supported(x)

@@ -234,8 +234,8 @@ def _backward_differentiable(ctx, g_out: Tensor, x: Tensor, out: Optional[Tensor
     s = shuffle_attention_torch(z, *params, ctx.groups, ctx.eps)
     inputs = [x, *params, bn_weight, bn_bias]
     needed = [t is not None and t.requires_grad for t in inputs]
-    found = iter(torch.autograd.grad(s, [t for t, n in zip(inputs, needed) if n], g,
-                                     create_graph=True, allow_unused=True))
+    wrt = [t for t, n in zip(inputs, needed) if n]  # empty when only the shortcut needs a gradient
+    found = iter(torch.autograd.grad(s, wrt, g, create_graph=True, allow_unused=True) if wrt else ())
     gx, *g_params, g_bn_w, g_bn_b = [next(found) if n else None for n in needed]
     return (gx, g if ctx.has_shortcut else None, *g_params, None, None, g_bn_w, g_bn_b,
             None, None, None, None, None)
