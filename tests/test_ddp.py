@@ -77,3 +77,18 @@ def test_ddp_with_batchnorm_and_uneven_val_shards(tmp_path, capsys):
     result = last_json(out)
     assert result["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
     assert result["top1"] == pytest.approx(row["val_top1"], abs=1e-3)
+
+
+def test_ddp_skips_a_short_batch_on_every_rank_together(tmp_path):
+    """--skip-bad-images under DDP: the step where one rank has a single readable image is
+    skipped by both ranks (else the other would wait in backward's gradient sync)."""
+    data = make_imagefolder(tmp_path / "data", splits={"train": 4, "val": 2})  # 12 train: 3 steps of 2 per rank
+    (data / "train" / "b" / "001.png").write_bytes(b"not an image")
+    run = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sanet",
+         *train_argv(data, tmp_path / "ddp", "--skip-bad-images", batch=2)],
+        env=subprocess_env(threads=1), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = load_ckpt(tmp_path / "ddp" / "last.pt")
+    assert ckpt["history"][0]["train_skipped"] == 1
+    assert ckpt["updates"] == 2 and ckpt["history"][0]["train_images"] == 8  # one step skipped by both

@@ -150,3 +150,26 @@ def test_rng_state_roundtrip_through_weights_only(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_a_group_with_skipped_micro_batches_averages_over_the_used_ones():
+    """Each backward divides by the full group size; when micro-batches were skipped (all
+    unreadable), the step must see the mean over the ones used, as a group of that size."""
+    from types import SimpleNamespace
+
+    from sanet.engine.distributed import DistContext
+    from sanet.engine.loop import _complete_group_gradients
+
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    (model(x).square().mean() / 4).backward()  # 1 of a group of 4 micro-batches ran
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().mean().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (model(x).square().mean() / 4).backward()
+    _complete_group_gradients(SimpleNamespace(raw=model), DistContext(), used=1, group_size=4, synced=True)
+    for p, w, g in zip(model.parameters(), want, got):
+        torch.testing.assert_close(p.grad, w)
+        assert not torch.allclose(g, w)

@@ -115,11 +115,33 @@ def test_resume_keeps_or_refuses_ema(capsys, tmp_path, data):
 def test_leftovers_of_a_killed_write_are_removed(capsys, tmp_path, data):
     out = tmp_path / "run"
     assert run_cli(capsys, train_argv(data, out, epochs=1))[0] == 0
-    stale = out / ".last.pt.k9x2ab.tmp"  # what kill -9 during atomic_write leaves
-    stale.write_bytes(b"half a checkpoint")
+    stale = [out / ".last.pt.k9x2ab.tmp", out / ".log.csv.3kd9s1.tmp"]  # what kill -9 during atomic_write leaves
+    for path in stale:
+        path.write_bytes(b"half a file")
     code, stdout, _ = run_cli(capsys, train_argv(data, out, "--resume", epochs=2))
-    assert code == 0 and "removed .last.pt.k9x2ab.tmp" in stdout
-    assert not stale.exists() and load_ckpt(out / "last.pt")["epoch"] == 2
+    assert code == 0 and "removed .last.pt.k9x2ab.tmp" in stdout and "removed .log.csv.3kd9s1.tmp" in stdout
+    assert not any(p.exists() for p in stale) and load_ckpt(out / "last.pt")["epoch"] == 2
+
+
+def test_resume_reports_every_changed_option(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--min-lr", "0.001",
+                                      "--interpolation", "box", epochs=1))[0] == 0
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--resume", "--workers", "1",
+                                                 epochs=2))
+    assert code == 0 and "min_lr (0.001 -> 0.0)" in stdout and "interpolation (box -> bilinear)" in stdout
+    assert "workers" not in stdout.split("warning: resuming with different")[1].splitlines()[0]
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--min-lr", "0.001",
+                                                 "--interpolation", "box", "--resume", epochs=2))
+    assert code == 0 and "nothing to train" in stdout
+
+
+def test_json_error_is_one_json_object(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out))[0] == 0
+    code, stdout, err = run_cli(capsys, train_argv(data, out, "--json"))  # the run exists
+    assert code == 2 and "already holds a run" in err
+    assert json.loads(stdout) == {"error": err.split("error: ", 1)[1].strip(), "command": "train"}
 
 
 def test_existing_run_is_not_overwritten_silently(capsys, tmp_path, data):
@@ -286,6 +308,7 @@ def test_unreadable_image_is_named_with_workers(capsys, tmp_path):
     ("big_batch", "exceeds the 24 training images"),
     ("bad_value", "--epochs must be at least 1"),
     ("batch_one", "--batch-size must be at least 2"),
+    ("bad_seed", "--seed must be in [0, 2**32), got -1"),
     ("odd_mixup", "--batch-size must be even"),
     ("no_resume", "last.pt not found"),
 ])
@@ -301,6 +324,7 @@ def test_clear_errors(capsys, tmp_path, data, case, message):
         "big_batch": lambda: train_argv(data, tmp_path / "r", batch=25),
         "bad_value": lambda: train_argv(data, tmp_path / "r", epochs=0),
         "batch_one": lambda: train_argv(data, tmp_path / "r", batch=1),
+        "bad_seed": lambda: train_argv(data, tmp_path / "r", "--seed", "-1"),
         "odd_mixup": lambda: train_argv(data, tmp_path / "r", "--mixup", "0.2", batch=3),
         "no_resume": lambda: train_argv(data, tmp_path / "r", "--resume"),
     }[case]()

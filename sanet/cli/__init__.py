@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 from typing import List, Optional
 
@@ -56,4 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, "debug", False):
             raise
         print(f"sanet {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(args, "json", False) and os.environ.get("RANK", "0") == "0":
+            # A machine reading stdout gets one JSON object on failure too.
+            print(json.dumps({"error": str(exc), "command": args.command}), flush=True)
         return 2

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict
 
-__all__ = ["add_train_args", "plain_args", "to_plain", "validate_train_args", "RECIPE_KEYS", "AMP_CHOICES",
+__all__ = ["add_train_args", "plain_args", "to_plain", "validate_train_args", "RUN_CONTROL_KEYS", "AMP_CHOICES",
            "SCHED_CHOICES"]
 
 AMP_CHOICES = ("none", "bf16", "fp16")
@@ -17,10 +17,10 @@ SCHED_CHOICES = ("step", "cosine")
 #: The resize modes timm's transforms accept for both training and evaluation.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
-#: Arguments that change the result of training; a resume warns when they differ.
-RECIPE_KEYS = ("model", "img_size", "batch_size", "global_batch", "lr", "lr_resolved", "lr_base", "opt",
-               "momentum", "weight_decay", "sched", "decay_epochs", "decay_rate", "warmup_epochs",
-               "accum_steps", "smoothing", "mixup", "cutmix", "seed", "amp", "no_wd_norm", "drop_path")
+#: Arguments that say how to run, not what to train: a resume compares every other saved
+#: argument (resolved defaults included) and reports the ones that differ.
+RUN_CONTROL_KEYS = frozenset({"command", "data", "debug", "device", "epochs", "json", "no_progress", "output",
+                              "overwrite", "pretrained_file", "resume", "workers"})
 
 
 def default_workers() -> int:
@@ -154,6 +154,7 @@ _CHECKS = (
     ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("hflip", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("model_ema_decay", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("scale", lambda v: 0 < v[0] <= v[1] <= 1, "0 < MIN <= MAX <= 1"),
 )
 

@@ -5,7 +5,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ class TrainState:
     clip_grad: Optional[float] = None
     amp: Optional[str] = None
     channels_last: bool = False
+    skip_bad_images: bool = False
     updates: int = 0
 
 
@@ -73,7 +74,7 @@ def train_one_epoch(state: TrainState, loader, ctx: DistContext, epoch: int, epo
     """Train over ``loader`` once; returns ``train_loss``, ``lr``, image counts and speed."""
     state.model.train()
     steps = len(loader)
-    loss_sum, images_seen, skipped_total, counted, pending = 0.0, 0, 0, 0, False
+    loss_sum, images_seen, skipped_total, counted, used = 0.0, 0, 0, 0, 0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and ctx.is_main),
                dynamic_ncols=True, unit="step")
@@ -92,19 +93,20 @@ def train_one_epoch(state: TrainState, loader, ctx: DistContext, epoch: int, epo
         group_start = step - step % state.accum_steps
         group_size = min(state.accum_steps, steps - group_start)
         last_in_group = step == group_start + group_size - 1
-        if len(targets) >= 2:
-            loss_value = _forward_backward(state, images, targets, ctx, (epoch, step, steps),
-                                           group_size, last_in_group)
-            pending = True
+        if step == group_start:
+            used = 0
+        ran = _usable(len(targets), state, ctx)
+        if ran:
+            loss_value, n_images = _forward_backward(state, images, targets, ctx, (epoch, step, steps),
+                                                     group_size, last_in_group)
+            used += 1
             loss_sum += loss_value
             counted += 1
-            images_seen += len(targets)
-        elif ctx.distributed:  # the other ranks would wait for this one's gradients forever
-            raise UnreadableImageError(f"epoch {epoch + 1}, step {step + 1}: fewer than 2 readable "
-                                       "images in a batch; remove the unreadable files")
-        if last_in_group and pending:
+            images_seen += n_images
+        if last_in_group and used:
+            if used < group_size:  # micro-batches of unreadable images were skipped
+                _complete_group_gradients(state, ctx, used, group_size, synced=ran)
             _optimizer_step(state, schedule_start + step // state.accum_steps + 1)
-            pending = False
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{loss_sum / max(counted, 1):.4f}", lr=f"{state.optimizer.param_groups[0]['lr']:.3g}",
                         img_s=f"{images_seen * ctx.world_size / max(elapsed, 1e-9):.0f}", refresh=False)
@@ -123,9 +125,33 @@ def train_one_epoch(state: TrainState, loader, ctx: DistContext, epoch: int, epo
     }
 
 
+def _usable(readable: int, state: TrainState, ctx: DistContext) -> bool:
+    """Whether to train on a micro-batch: BatchNorm and mixup need 2 images. Only
+    ``--skip-bad-images`` leaves fewer, and then under DDP every rank skips together (they
+    meet in backward's gradient sync): one small all-reduce, only with that flag."""
+    if not (ctx.distributed and state.skip_bad_images):
+        return readable >= 2
+    short = torch.tensor([float(readable < 2)], device=ctx.device)
+    return all_reduce_sum(short, ctx).item() == 0
+
+
+def _complete_group_gradients(state: TrainState, ctx: DistContext, used: int, group_size: int,
+                              synced: bool) -> None:
+    """A group with skipped micro-batches: scale the gradients to the mean over the ones used
+    (each backward divided by the full group size), and under DDP average them across ranks
+    when the group's last micro-batch, whose backward would have, did not run."""
+    grads = [p.grad for p in state.raw.parameters() if p.grad is not None]
+    if ctx.distributed and not synced:
+        for g in grads:
+            all_reduce_sum(g, ctx)
+        torch._foreach_div_(grads, ctx.world_size)
+    torch._foreach_mul_(grads, group_size / used)
+
+
 def _forward_backward(state: TrainState, images, targets, ctx: DistContext, where, group_size: int,
-                      last_in_group: bool) -> float:
-    """Forward + backward of one micro-batch; DDP syncs gradients only on the group's last."""
+                      last_in_group: bool) -> Tuple[float, int]:
+    """Forward + backward of one micro-batch; DDP syncs gradients only on the group's last.
+    Returns the loss and the number of images trained on."""
     images, targets = _batch(images, targets, state, ctx)
     sync = state.ddp.no_sync() if state.ddp is not None and not last_in_group else nullcontext()
     with sync:
@@ -133,7 +159,7 @@ def _forward_backward(state: TrainState, images, targets, ctx: DistContext, wher
             loss = state.loss_fn(state.model(images), targets)
         loss_value = _check_finite(loss, ctx, *where, state.updates)
         state.scaler.scale(loss / group_size).backward()
-    return loss_value
+    return loss_value, len(images)
 
 
 def _optimizer_step(state: TrainState, schedule_position: int) -> None:

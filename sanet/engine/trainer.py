@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 
 from ..checkpoint import remove_stale_temps
-from .config import RECIPE_KEYS, plain_args, to_plain, validate_train_args
+from .config import RUN_CONTROL_KEYS, plain_args, to_plain, validate_train_args
 from .data import build_eval_loader, build_train_loader, build_transform, open_train_val, reseed_loader
 from .distributed import DistContext, broadcast_buffers, cleanup_distributed, init_distributed
 from .evaluate import evaluate
@@ -82,7 +82,7 @@ def _prepare_output(out: Path, args: argparse.Namespace, ctx: DistContext) -> No
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("last.pt", "best.pt"):  # left by a kill during a write; the files are intact
+        for name in ("last.pt", "best.pt", "log.csv"):  # left by a kill during a write; the files are intact
             for tmp in remove_stale_temps(out / name):
                 _say(ctx, f"removed {tmp.name}, an unfinished write of {name} from an interrupted run")
 
@@ -135,11 +135,14 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
     # this stays right when --epochs, the batch size or the process count change on resume.
     state.scheduler.step_update(num_updates=int(ckpt["epoch"]) * updates_per_epoch)
     set_rng_state(ckpt["rng"])
-    saved = ckpt.get("args") or {}
-    changed = [k for k in RECIPE_KEYS if k in saved and saved[k] != plain_args(args).get(k)]
+    saved, now = ckpt.get("args") or {}, plain_args(args)
+    changed = [k for k in saved if k not in RUN_CONTROL_KEYS and saved[k] != now.get(k)]
     if changed:
         _say(ctx, "warning: resuming with different " + ", ".join(
-            f"{k} ({saved[k]} -> {plain_args(args).get(k)})" for k in changed))
+            f"{k} ({saved[k]} -> {now.get(k)})" for k in changed))
+    if int(ckpt["epoch"]) >= args.epochs:
+        _say(ctx, f"warning: {path} has {ckpt['epoch']} epoch(s) done and --epochs is {args.epochs}: "
+                  "nothing to train (raise --epochs to continue)")
 
 
 def _epoch_line(row: Dict[str, Any], epochs: int, is_best: bool, eta_s: float) -> str:
@@ -169,7 +172,7 @@ def _build_state(args: argparse.Namespace, model, ctx: DistContext, num_classes:
         scaler=torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
         mixup=mixup, ema=ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None,
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, amp=args.amp,
-        channels_last=args.channels_last)
+        channels_last=args.channels_last, skip_bad_images=args.skip_bad_images)
 
 
 def _wrap(state: TrainState, args: argparse.Namespace, ctx: DistContext) -> None:
