@@ -31,6 +31,7 @@ __all__ = [
     "remove_stale_temps",
     "save_safetensors",
     "sha256_file",
+    "state_dict_from",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -148,9 +149,13 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
 
 def load_state_dict_file(path: PathLike) -> Dict[str, Tensor]:
     """The model weights inside a checkpoint (authors' layout, ours, or a bare state_dict)."""
+    return state_dict_from(load_checkpoint_file(path), path)
+
+
+def state_dict_from(obj: Any, path: PathLike) -> Dict[str, Tensor]:
+    """The model weights inside a loaded checkpoint ``obj`` (read from ``path``)."""
     from .models.checkpoint_filter import strip_prefix
 
-    obj = load_checkpoint_file(path)
     if not isinstance(obj, dict):
         raise RuntimeError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     for key in ("state_dict", "model"):

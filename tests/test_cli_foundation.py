@@ -106,8 +106,12 @@ def test_info_text_and_options(capsys):
                                   ("convert", "a.pth", "b.safetensors", "--model", "nope")])
 def test_unknown_model_is_exit_code_2_with_a_message(capsys, argv):
     code, out, err = run_cli(capsys, *argv)
-    assert code == 2 and out == ""
-    assert f"unknown model {argv[1] if argv[0] == 'info' else 'nope'!r}" in err
+    message = f"unknown model {argv[1] if argv[0] == 'info' else 'nope'!r}"
+    assert code == 2 and message in err
+    if "--json" in argv:  # stdout holds the error as one JSON object
+        assert json.loads(out)["error"].startswith(message)
+    else:
+        assert out == ""
     assert "sa_resnet50" in err  # lists the family
     assert "Traceback" not in err
 

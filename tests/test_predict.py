@@ -1,7 +1,10 @@
 """``sanet predict``: top-k with the checkpoint's class names or ImageNet's, JSON, errors."""
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from test_engine_helpers import last_json, make_imagefolder, one_thread, run_cli, train_argv  # noqa: F401
 
@@ -63,6 +66,14 @@ def test_predict_imagenet_names_for_1000_classes(capsys, tmp_path, trained):
     lines = out.strip().splitlines()[1:]
     assert len(lines) == 5 and all(line.split("%", 1)[1].strip() in names for line in lines)
     assert "tench, Tinca tinca" in names
+    # the authors' layout names its architecture ('arch'): --model may be left out
+    authors = tmp_path / "model_best.pth.tar"
+    sd = {f"module.{k}": v for k, v in timm.create_model("sa_resnet_test").state_dict().items()}
+    torch.save({"epoch": 90, "arch": "sa_resnet_test", "state_dict": sd, "best_acc1": 1.0, "optimizer": {}}, authors)
+    code, out, err = run_cli(capsys, ["predict", "--pretrained-file", str(authors), "--img-size", "32",
+                                      "--json", str(data / "val" / "b" / "000.png")])
+    assert code == 0, err
+    assert json.loads(out)["model"] == "sa_resnet_test"
 
 
 def test_predict_errors(capsys, trained, tmp_path):
@@ -73,5 +84,7 @@ def test_predict_errors(capsys, trained, tmp_path):
     assert code == 2 and f"cannot read image {bad}" in err
     code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), str(tmp_path / "missing.png")])
     assert code == 2 and "image not found" in err
-    code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(run / "last.pt"), str(bad)])
+    bare = tmp_path / "bare.pth"  # a state_dict alone names no architecture
+    torch.save(torch.load(run / "last.pt", weights_only=True)["model"], bare)
+    code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(bare), str(bad)])
     assert code == 2 and "needs --model" in err

@@ -22,7 +22,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                     "torch = per-channel form in PyTorch ops, fused = our kernels) next to x.clone(), "
                     "and SA-ResNet-50 (fused and reference SA) next to timm's resnet50: inference, "
                     "SGD training step, bytes saved for backward, peak live bytes. Variants run "
-                    "interleaved in one process; ratios are between medians of the same run.")
+                    "interleaved in one process; ratios are per-round paired medians (see docs/benchmarks.md).")
     p.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, metavar="NxCxHxW",
                    help=f"layer input shapes (default: {' '.join(DEFAULT_SHAPES)}); 3-D/5-D shapes work too")
     p.add_argument("--impls", nargs="*", default=["reference", "torch", "fused"],

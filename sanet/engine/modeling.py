@@ -37,6 +37,14 @@ def _classifier_size(state_dict: Dict[str, torch.Tensor], model_name: str) -> Op
     return None if weight is None else int(weight.shape[0])
 
 
+def _registered_arch(checkpoint: Any) -> Optional[str]:
+    """The ``arch`` an authors'-layout file records, if it is a model timm knows."""
+    import timm
+
+    arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+    return arch if isinstance(arch, str) and arch in timm.list_models() else None
+
+
 def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional[Path] = None,
                        drop_path: float = 0.0, model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """``timm.create_model`` for training, optionally starting from a weights file.
@@ -105,7 +113,7 @@ def load_for_inference(model_name: Optional[str], checkpoint: Optional[Path] = N
     import timm
 
     import sanet  # noqa: F401
-    from sanet.checkpoint import load_checkpoint_file, load_state_dict_file
+    from sanet.checkpoint import load_checkpoint_file, state_dict_from
     from sanet.models import check_state_dict, strip_prefix
 
     if (checkpoint is None) == (pretrained_file is None):
@@ -127,11 +135,14 @@ def load_for_inference(model_name: Optional[str], checkpoint: Optional[Path] = N
         model_kwargs = dict(args.get("model_kwargs") or {})
         num_classes = len(class_names)
     else:
-        if model_name is None:
-            raise ValueError("--pretrained-file needs --model (the file does not name its architecture)")
         if use_ema:
             raise ValueError("--ema applies to --checkpoint files of runs trained with --model-ema")
-        name, state_dict = model_name, load_state_dict_file(pretrained_file)
+        raw = load_checkpoint_file(pretrained_file)
+        name = model_name or _registered_arch(raw)
+        if name is None:
+            raise ValueError("--pretrained-file needs --model: the file names no registered architecture "
+                             "(the authors' files name theirs in 'arch')")
+        state_dict = state_dict_from(raw, pretrained_file)
         num_classes = _classifier_size(state_dict, name) or 1000
         class_names = imagenet_class_names() if num_classes == 1000 else None
         data_args, model_kwargs = {}, {}
