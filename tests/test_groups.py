@@ -68,3 +68,28 @@ def test_every_valid_group_count_constructs_and_others_fail():
         else:
             with pytest.raises(ValueError, match=re.escape(f"valid groups for 48 channels: {sorted(valid)}")):
                 ShuffleAttention(channels, g)
+
+
+# --------------------------------------------------------------------------- construction errors
+@pytest.mark.parametrize("channels,groups,valid", [
+    (96, 64, "[1, 2, 3, 4, 6, 8, 12, 16, 24, 48]"),
+    (64, 64, "[1, 2, 4, 8, 16, 32]"),
+    (200, 64, "[1, 2, 4, 5, 10, 20, 25, 50, 100]"),
+])
+def test_construction_error_names_valid_groups(channels, groups, valid):
+    with pytest.raises(ValueError) as info:
+        ShuffleAttention(channels, groups)
+    msg = str(info.value)
+    assert f"channels ({channels})" in msg and f"2 * {groups}" in msg
+    assert f"valid groups for {channels} channels: {valid}" in msg
+    assert "fit_sa_groups" in msg
+
+
+@pytest.mark.parametrize("channels,groups,needle", [
+    (7, 1, "odd"), (0, 1, "positive"), (-4, 1, "positive"), (16, 0, "positive"),
+    (16, 2.0, "positive int"), (True, 1, "positive int"),
+])
+def test_construction_error_bad_values(channels, groups, needle):
+    with pytest.raises(ValueError, match=needle) as info:
+        ShuffleAttention(channels, groups)
+    assert "fit_sa_groups" not in str(info.value)  # it can't help here

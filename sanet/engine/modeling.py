@@ -42,7 +42,7 @@ def _registered_arch(checkpoint: Any) -> Optional[str]:
     import timm
 
     arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
-    return arch if isinstance(arch, str) and arch in timm.list_models() else None
+    return arch if isinstance(arch, str) and timm.is_model(arch) else None
 
 
 def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional[Path] = None,
