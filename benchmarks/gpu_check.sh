@@ -6,7 +6,8 @@
 #      a model in training mode and under autocast;
 #   2. sanet bench on the GPU, fp32 and bf16 (layers: reference / torch / fused / x.clone();
 #      models: sa_resnet50 vs resnet50 at batch 64);
-#   3. benchmarks/gpu_profile.py: host time per call, kernel time of a training step;
+#   3. benchmarks/gpu_profile.py: host time per call, kernel time of a training step, the step
+#      captured in a CUDA graph;
 #   4. a short sanet train run with --amp bf16 --channels-last --compile, then sanet eval --json.
 # Logs and JSON go to $OUT (default /tmp/sanet-gpu). The CPU extension is not built here.
 set -uo pipefail
@@ -17,29 +18,29 @@ PY="${PYTHON:-python3}"
 WORK=$(mktemp -d)
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 
-echo "== environment"
+echo "== environment (${SECONDS}s)"
 $PY -c "import torch, timm, triton; print('torch', torch.__version__, '| timm', timm.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv,noheader
 
-echo "== tests/test_cuda.py"
+echo "== tests/test_cuda.py (${SECONDS}s)"
 timeout 130 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
-echo "== sanet bench, fp32"
+echo "== sanet bench, fp32 (${SECONDS}s)"
 SHAPES="8x256x56x56 8x1024x14x14 64x256x56x56 64x1024x14x14 64x2048x7x7"
 timeout 70 $PY -m sanet bench --device cuda --shapes $SHAPES --rounds 50 --batch-size 64 \
     --model-rounds 15 --output "$OUT/bench-cuda-fp32.json"
-echo "== sanet bench, bf16"
+echo "== sanet bench, bf16 (${SECONDS}s)"
 timeout 70 $PY -m sanet bench --device cuda --dtype bf16 --shapes $SHAPES --rounds 50 --batch-size 64 \
     --model-rounds 15 --output "$OUT/bench-cuda-bf16.json"
 
-echo "== benchmarks/gpu_profile.py"
-timeout 90 $PY benchmarks/gpu_profile.py --out "$OUT"
+echo "== benchmarks/gpu_profile.py (${SECONDS}s)"
+timeout 150 $PY benchmarks/gpu_profile.py --out "$OUT"
 
-echo "== sanet train --amp bf16 --channels-last --compile (2 epochs), then sanet eval --json"
+echo "== sanet train --amp bf16 --channels-last --compile (2 epochs), then sanet eval --json (${SECONDS}s)"
 $PY -c "from pathlib import Path; from sanet.demo import write_digits_imagefolder as w; print(w(Path('$WORK/digits')))"
 timeout 90 $PY -m sanet train --model sa_resnet_test --data "$WORK/digits" --output "$WORK/amp" \
     --img-size 32 --batch-size 64 --epochs 2 --lr 0.1 --workers 4 --amp bf16 --channels-last --compile \
     --no-progress --overwrite \
   && timeout 40 $PY -m sanet eval --checkpoint "$WORK/amp/last.pt" --data "$WORK/digits/val" \
     --amp bf16 --channels-last --json
-echo "== done"
+echo "== done (${SECONDS}s)"

@@ -14,6 +14,7 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import sanet
@@ -43,6 +44,7 @@ def layer_costs() -> None:
     ref = sanet.ShuffleAttention(256, impl="reference").cuda()
     bn = nn.BatchNorm2d(256).cuda().train()
     x3 = x.reshape(8, 256, -1)
+    xcl = x.to(memory_format=torch.channels_last).requires_grad_(True)
     params = [p.detach() for p in sa.parameters()]
     def no_grad(module):
         def run():
@@ -57,6 +59,7 @@ def layer_costs() -> None:
         "SA fused, no grad": no_grad(sa),
         "SA reference, no grad": no_grad(ref),
         "SA fused fwd+bwd": lambda: sa(xg).sum().backward(),
+        "SA fused fwd+bwd, channels_last input": lambda: sa(xcl).sum().backward(),
         "SA reference fwd+bwd": lambda: ref(xg).sum().backward(),
         "BN(train) fwd+bwd": lambda: bn(xg).sum().backward(),
         "BN+SA+add+ReLU fused (train) fwd+bwd": lambda: sanet.ops.bn_shuffle_attention(
@@ -67,7 +70,8 @@ def layer_costs() -> None:
         print(f"  {name:<48} {host:8.1f} {wall:8.1f}")
 
 
-def step_profile(out: Path) -> None:
+def train_steps():
+    """(name, SGD training step at batch 64, fp32) for ResNet-50 and SA-ResNet-50."""
     x = torch.randn(64, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (64,), device="cuda")
     for name in ("resnet50", "sa_resnet50"):
@@ -79,18 +83,45 @@ def step_profile(out: Path) -> None:
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
 
+        yield name, step
+
+
+def step_profile(out: Path) -> None:
+    for name, step in train_steps():
         host, wall = host_and_device_us(step, n=10)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
         events = prof.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in events) / 3
+        # Kernels only: an operator's (or autograd.Function's) self device time is its
+        # kernels' time, counted again.
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 3
         print(f"{name}: train step batch 64 fp32: host enqueue {host / 1e3:.1f} ms, wall {wall / 1e3:.1f} ms, "
               f"GPU kernel time {gpu_us / 1e3:.1f} ms")
         (out / f"profile-{name}.txt").write_text(
             events.table(sort_by="self_device_time_total", row_limit=25) + "\n"
             + events.table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def graphed_steps() -> None:
+    """A training step captured whole in a CUDA graph (PyTorch's "whole network capture"
+    recipe): what the step costs once the host no longer enqueues each kernel."""
+    for name, step in train_steps():
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            host, wall = host_and_device_us(graph.replay, n=20)
+            print(f"{name}: train step batch 64 fp32 as one CUDA graph: wall {wall / 1e3:.2f} ms per replay")
+        except Exception as e:  # report and go on: the eager numbers above still stand
+            print(f"{name}: CUDA graph capture failed: {type(e).__name__}: {e}")
 
 
 def main() -> None:
@@ -101,6 +132,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     layer_costs()
     step_profile(args.out)
+    graphed_steps()
 
 
 if __name__ == "__main__":

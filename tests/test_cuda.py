@@ -283,9 +283,14 @@ def test_compile_fullgraph_matches_eager():
     out, grads = fwd_bwd(sa, x, g)
     compiled = torch.compile(sa, fullgraph=True)
     out_c, grads_c = fwd_bwd(compiled, x, g)
+    # Compiled and eager call the same kernels, but need not round alike (an H100 run gave
+    # 1.9e-6 on one parameter gradient): both are held to the fp64 oracle's bound.
+    out64, grads64 = oracle(sa, x, g)
     assert rel_err(out_c, out) <= 1e-6
-    for a, b in zip(grads_c, grads):
-        assert rel_err(a, b) <= 1e-6
+    assert rel_err(out_c, out64) <= 1e-5
+    assert rel_err(grads_c[0], grads64[0]) <= 1e-5
+    assert_param_grads_close(grads_c[1:], grads64[1:])
+    assert_param_grads_close(grads_c[1:], grads[1:])
 
 
 def test_deterministic():

@@ -177,6 +177,21 @@ def test_recipe_options_run(capsys, tmp_path, data):
     assert ckpt["scheduler"]["warmup_t"] == 3  # 1 epoch of updates
 
 
+@pytest.mark.parametrize("flags, mode", [(["--compile"], None),
+                                         (["--compile-mode", "reduce-overhead"], "reduce-overhead")])
+def test_compile_flags_reach_torch_compile(capsys, tmp_path, data, monkeypatch, flags, mode):
+    """--compile compiles with torch's default mode; --compile-mode implies --compile and
+    passes the mode (compiling itself is left out here: minutes on 2 cores)."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "run", *flags))
+    assert code == 0, err
+    assert seen == [mode]
+    with pytest.raises(SystemExit) as exc:
+        run_cli(capsys, train_argv(data, tmp_path / "bad", "--compile-mode", "fastest"))
+    assert exc.value.code == 2 and "reduce-overhead" in capsys.readouterr().err
+
+
 def test_step_schedule_divides_lr_by_10(capsys, tmp_path, data):
     out = tmp_path / "run"
     code, _, _ = run_cli(capsys, train_argv(data, out, "--decay-epochs", "1", "--lr", "0.01", epochs=2))

@@ -14,6 +14,8 @@ __all__ = ["add_train_args", "plain_args", "to_plain", "validate_train_args", "R
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 SCHED_CHOICES = ("step", "cosine")
+#: torch.compile's modes (``torch.compile(mode=...)``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The resize modes timm's transforms accept for both training and evaluation.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
@@ -117,6 +119,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     run.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision (none)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                     help="torch.compile mode (implies --compile; default: torch's default)")
     run.add_argument("--sync-bn", action="store_true",
                      help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")

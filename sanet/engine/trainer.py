@@ -181,8 +181,8 @@ def _wrap(state: TrainState, args: argparse.Namespace, ctx: DistContext) -> None
         state.ddp = torch.nn.parallel.DistributedDataParallel(
             state.raw, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         state.model = state.ddp
-    if args.compile:
-        state.model = torch.compile(state.model)
+    if args.compile or args.compile_mode:
+        state.model = torch.compile(state.model, mode=args.compile_mode)
 
 
 def _validate(state: TrainState, loader, ctx: DistContext, args: argparse.Namespace,
