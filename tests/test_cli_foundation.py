@@ -100,6 +100,8 @@ def test_info_text_and_options(capsys):
     assert f"{sum(p.numel() for p in model.parameters()):,}" in out
     assert "counter: torch.utils.flop_counter.FlopCounterMode" in out
     assert "no pretrained weights exist" in out
+    code, _, err = run_cli(capsys, "info", "sa_resnet_test", "--num-classes", "-3")
+    assert code == 2 and "--num-classes must be 0 (no classifier) or more, got -3" in err
 
 
 @pytest.mark.parametrize("argv", [("info", "sa_resnet5O"), ("info", "nope", "--json"),
@@ -157,6 +159,17 @@ def test_extension_builds_and_is_exact_for_avx2(tmp_path):
         "y, r = sa(x), ref(x)\n"
         "assert torch.equal(y.isnan(), r.isnan())\n"
         "torch.testing.assert_close(y.nan_to_num(), r.nan_to_num(), rtol=1e-5, atol=1e-6)\n"
+        "# saturated gates (arguments past -88, where exp overflows), forward and backward\n"
+        "for m in (sa, ref): m.sweight.data.mul_(20); m.gn.weight.data.mul_(20)\n"
+        "import copy; ref64 = copy.deepcopy(ref).double()\n"
+        "x, g = torch.randn(2, 64, 9, 13), torch.randn(2, 64, 9, 13)\n"
+        "def run(m, dt):\n"
+        "    xx = x.to(dt).requires_grad_(True); o = m(xx)\n"
+        "    return [o, *torch.autograd.grad(o, [xx, m.sweight], g.to(dt))]\n"
+        "fused, fp32, fp64 = run(sa, torch.float32), run(ref, torch.float32), run(ref64, torch.float64)\n"
+        "assert all(t.isfinite().all() for t in fused)\n"
+        "rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()\n"
+        "for a, r, b in zip(fused, fp32, fp64): assert rel(a, b) <= max(1e-5, 1.5 * rel(r, b)), (rel(a, b), rel(r, b))\n"
         "print('ok')\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), ATEN_CPU_CAPABILITY="avx2",

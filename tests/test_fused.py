@@ -428,6 +428,32 @@ def test_large_planes_against_fp64(C, G, block):
         assert err <= max(1e-5, 3 * err_ref), (name, err, err_ref)
 
 
+def test_saturated_gates_against_fp64():
+    """Gate weights x400 push the spatial gate's argument far past +-88: exp overflows, the
+    gate saturates at 0 or 1. The outputs stay finite and every gradient keeps fp32 accuracy
+    (a saturated gate must have slope 0; AVX2's reciprocal estimate gave it 6e-8, see
+    test_extension_builds_and_is_exact_for_avx2 for that build)."""
+    gen = torch.Generator().manual_seed(5)
+    sa = sanet.ShuffleAttention(64, 8, impl="fused")
+    randomize(sa, gen)
+    with torch.no_grad():
+        sa.sweight.mul_(20)
+        sa.gn.weight.mul_(20)
+    ref32, ref64 = copy.deepcopy(sa), copy.deepcopy(sa).double()
+    ref32.impl = ref64.impl = "reference"
+    x, g = torch.randn(2, 64, 9, 13, generator=gen), torch.randn(2, 64, 9, 13, generator=gen)
+    results = []
+    for module, dtype in ((sa, torch.float32), (ref32, torch.float32), (ref64, torch.float64)):
+        xi = x.to(dtype).requires_grad_(True)
+        y = module(xi)
+        results.append([y, *grads(y, [xi, *module.parameters()], g.to(dtype))])
+    assert all(t.isfinite().all() for t in results[0])
+    names = ["out", "input"] + [n for n, _ in sa.named_parameters()]
+    for name, fused, f32, f64 in zip(names, *results):
+        err, err_ref = rel(fused.double(), f64), rel(f32.double(), f64)
+        assert err <= max(1e-5, 1.5 * err_ref), (name, err, err_ref)
+
+
 def test_nan_reaches_the_output_like_the_reference():
     """A NaN pixel makes its plane's statistics NaN: the whole plane's output is NaN, in both
     branches (the vector exp must not clamp NaN to a finite number)."""

@@ -43,8 +43,9 @@ constexpr int64_t kStreamBytes = 8 << 20;
 
 // ---------------------------------------------------------------- vector helpers
 
-// 1 / d. For float: the hardware estimate plus one Newton step (relative error ~1e-7),
-// a fraction of a division's cost. d >= 1 here, so no zero or denormal cases.
+// 1 / d. For float on AVX-512: the 14-bit hardware estimate plus one Newton step (relative
+// error ~1e-7; saturated gates are checked by the tests), a fraction of a division's cost.
+// d >= 1 and finite there (its caller clamps), so no zero, denormal or infinite cases.
 template <typename T>
 inline Vectorized<T> recip(const Vectorized<T>& d) {
   return Vectorized<T>(static_cast<T>(1)) / d;
@@ -55,16 +56,14 @@ inline Vectorized<float> recip(const Vectorized<float>& d) {
   const __m512 r = _mm512_rcp14_ps(d);
   return Vectorized<float>(_mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
 }
-#elif defined(CPU_CAPABILITY_AVX2)
-template <>
-inline Vectorized<float> recip(const Vectorized<float>& d) {
-  const __m256 r = _mm256_rcp_ps(d);
-  return Vectorized<float>(_mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f))));
-}
 #endif
+// (No AVX2 estimate: _mm256_rcp_ps has 12 bits, and after one Newton step 1 / 1 comes out as
+// 1 - 6e-8. A saturated gate then has a spurious slope s (1 - s) that, times large gate
+// weights, was 2e-4 relative error in sweight's gradient. AVX2 divides.)
 
-// sigmoid(u). exp_u20 is ATen's polynomial exp (<= 20 ulp, saturating, no overflow) for
-// float and the exact exp for double.
+// sigmoid(u). exp_u20 is ATen's polynomial exp (<= 20 ulp) for float and the exact exp for
+// double; past u < -88 it is inf, and the division makes the gate 0 (an estimate-plus-Newton
+// reciprocal would make it NaN: 0 * inf).
 template <typename T>
 inline Vectorized<T> vsigmoid(const Vectorized<T>& u) {
   const Vectorized<T> one(static_cast<T>(1));
