@@ -119,6 +119,33 @@ def test_sa_position_after_last_bn_before_residual_add(name):
 
 
 @pytest.mark.parametrize("name", ["sa_resnet_test", "sa_resnet18"])
+def test_hooks_on_the_fused_tail_modules_run(name):
+    """With the default (fused) blocks, hooks on bn, sa and the ReLU still fire, and a forward
+    pre-hook that changes SA's parameters (how torch.nn.utils.prune works) takes effect: the
+    block then runs its modules one by one."""
+    model = randomize_sa_(create(name).eval())
+    block = model.layer2[0]
+    last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+    act = block.act3 if isinstance(block, Bottleneck) else block.act2
+    seen = []
+    for tag, module in (("bn", last_bn), ("sa", block.sa), ("act", act)):
+        module.register_forward_hook(lambda m, i, o, tag=tag: seen.append(tag))
+    x = torch.randn(2, 3, 64, 64)
+    model(x)
+    assert seen == ["bn", "sa", "act"]
+    from torch.nn.utils import prune
+
+    ref = create(name, sa_impl="reference").eval()
+    ref.load_state_dict(model.state_dict())
+    before = model(x)
+    for m in (model, ref):
+        prune.l1_unstructured(m.layer2[0].sa, "cweight", amount=1.0)  # may be 1 value
+    after = model(x)
+    assert rel_err(after, before) > 1e-4  # pruning changed the function...
+    assert rel_err(after, ref(x)) <= 1e-5  # ...in the fused model as in the reference
+
+
+@pytest.mark.parametrize("name", ["sa_resnet_test", "sa_resnet18"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_fused_block_tail_equals_unfused(name, train):
     """The default blocks run bn -> SA -> add -> ReLU as one kernel; same function, same

@@ -20,7 +20,7 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
-from ..ops import bn_shuffle_attention, fused_bn_sa_supported, needs_pytorch_ops
+from ..ops import bn_shuffle_attention, fused_bn_sa_supported, has_hooks, needs_pytorch_ops
 
 __all__ = ["SABottleneck", "SABasicBlock"]
 
@@ -45,6 +45,7 @@ class _SATailMixin:
             or type(act) is not nn.ReLU
             or (self.drop_path is not None and self.training)
             or needs_pytorch_ops()
+            or has_hooks(bn, self.sa, act)  # the fused op calls none of them
             or not fused_bn_sa_supported(x, bn, self.sa, shortcut)
         ):
             return None

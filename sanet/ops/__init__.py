@@ -4,6 +4,7 @@ from .fused import (
     bn_shuffle_attention,
     fused_bn_sa_supported,
     fused_sa_supported,
+    has_hooks,
     needs_pytorch_ops,
     shuffle_attention_fused,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "cpu_ext_status",
     "fused_bn_sa_supported",
     "fused_sa_supported",
+    "has_hooks",
     "load_cpu_ext",
     "needs_pytorch_ops",
     "shuffle_attention_fused",

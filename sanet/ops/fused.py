@@ -63,6 +63,19 @@ def needs_pytorch_ops() -> bool:
     )
 
 
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run hooks (theirs or global ones): forward hooks
+    (activation capture, ``torch.nn.utils.prune``, old-style weight/spectral norm) and
+    module backward hooks. A fused op that replaces the module calls would skip them."""
+    from torch.nn.modules import module as m
+
+    if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+            or m._global_backward_pre_hooks):
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
+               for mod in modules)
+
+
 def _sa_params(sa: nn.Module):
     return sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias
 
