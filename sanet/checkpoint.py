@@ -117,6 +117,18 @@ def _is_safetensors(path: Path) -> bool:
     return 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
+def _head(path: Path, n: int = 16) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _starts_like_torch_save(path: Path) -> bool:
+    """A zip archive (torch.save's format since 1.6) or a binary pickle (legacy format: the
+    PROTO opcode first). Anything else fails to unpickle because it is not a checkpoint."""
+    head = _head(path, 4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
     """Load a checkpoint without executing pickled code (safetensors or weights_only).
 
@@ -133,6 +145,12 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
+        if not _starts_like_torch_save(path):
+            raise RuntimeError(
+                f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a binary "
+                f"pickle; this file starts with {_head(path)!r}: a web page or an interrupted "
+                "download?)"
+            ) from None
         raise UnsafeCheckpointError(
             f"{path}: refused to load. The file contains pickled objects other than tensors "
             f"and plain containers{_unsafe_globals(path)}, which could run code; sanet loads "

@@ -276,6 +276,15 @@ def test_strict_loading_lists_what_is_wrong(authors_r50, tmp_path, mutate, expec
         load_weights(timm.create_model("sa_resnet50", device="meta"), path)
 
 
+def test_headless_file_gets_the_num_classes_0_hint(authors_r50, tmp_path):
+    path = _mutated(authors_r50, tmp_path, lambda sd: (sd.pop("module.fc.weight"), sd.pop("module.fc.bias")))
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_pretrained("sa_resnet50", path)
+    assert "missing keys (2): fc.weight, fc.bias" in str(info.value) and "num_classes=0" in str(info.value)
+    assert "another architecture" not in str(info.value)
+    assert load_pretrained("sa_resnet50", path, num_classes=0).num_classes == 0
+
+
 def test_deeper_checkpoint_into_shallower_model_is_a_clear_error():
     sd101 = {f"module.{k}": torch.zeros(v.shape) for k, v in
              timm.create_model("sa_resnet101", device="meta").state_dict().items()}
@@ -364,6 +373,22 @@ def test_convert_round_trip(authors_r50, tmp_path, capsys):
     with torch.no_grad():
         ref = theirs(x)
         assert rel_err(ours(x), ref) <= 1e-5 and rel_err(via_sanet(x), ref) <= 1e-5
+
+
+def test_convert_keeps_the_files_input_channels_and_classes(tmp_path, capsys):
+    """A 1-channel, 7-class model in the authors' layout ('module.' keys): convert builds the
+    model the file holds, and the result loads into create_model(in_chans=1, num_classes=7)."""
+    theirs = timm.create_model("sa_resnet_test", in_chans=1, num_classes=7).eval()
+    src = tmp_path / "gray.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, src)
+    out = tmp_path / "gray.safetensors"
+    assert cli_main(["convert", str(src), str(out), "--model", "sa_resnet_test", "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["in_chans"] == 1 and card["num_classes"] == 7
+    ours = load_weights(timm.create_model("sa_resnet_test", in_chans=1, num_classes=7), out).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
 
 
 def test_convert_rejects_a_mismatching_model(authors_r50, tmp_path, capsys):
@@ -465,12 +490,17 @@ def test_missing_pretrained_file_is_named(tmp_path):
         load_pretrained("sa_resnet_test", tmp_path / "nope.pth")
 
 
-def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("content", [b"this is not a checkpoint", b"<!DOCTYPE html><html>",
+                                     b"PK\x03\x04 truncated zip"])
+def test_not_a_checkpoint_is_a_clear_error(tmp_path, content):
+    """Text, a web page saved as .pth.tar, a damaged zip: "not a PyTorch checkpoint", not the
+    warning about pickled code meant for real pickles."""
     path = tmp_path / "junk.pth"
-    path.write_bytes(b"this is not a checkpoint")
-    with pytest.raises((RuntimeError, UnsafeCheckpointError)) as info:
+    path.write_bytes(content)
+    with pytest.raises(RuntimeError) as info:
         load_checkpoint_file(path)
-    assert str(path) in str(info.value)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+    assert str(path) in str(info.value) and "not a PyTorch checkpoint" in str(info.value)
 
 
 # --------------------------------------------------------------------------- atomic saves

@@ -93,3 +93,10 @@ def test_construction_error_bad_values(channels, groups, needle):
     with pytest.raises(ValueError, match=needle) as info:
         ShuffleAttention(channels, groups)
     assert "fit_sa_groups" not in str(info.value)  # it can't help here
+
+
+def test_numpy_integer_channel_counts_are_accepted():
+    """Channel counts often come from array shapes (numpy integers); they are stored as int."""
+    np = pytest.importorskip("numpy")
+    sa = ShuffleAttention(np.int64(64), np.int32(8))
+    assert type(sa.channels) is int and type(sa.groups) is int and sa.cweight.shape == (1, 4, 1, 1)

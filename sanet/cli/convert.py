@@ -28,20 +28,26 @@ def run(args: argparse.Namespace) -> int:
 
     from sanet.checkpoint import load_state_dict_file, model_card, save_safetensors, write_json_atomic
     from sanet.models import check_state_dict
+    from sanet.models.checkpoint_filter import cfg_from_weights
 
     check_model_name(args.model)
     if args.output.suffix != ".safetensors":
         raise ValueError(f"output must end in .safetensors, got {args.output}")
     state_dict = load_state_dict_file(args.input)
-    num_classes = args.num_classes
-    if num_classes is None and "fc.weight" in state_dict:
-        num_classes = state_dict["fc.weight"].shape[0]
-    model = timm.create_model(args.model, device="meta", **({} if num_classes is None else {"num_classes": num_classes}))
+    # The model the file holds: its classifier size and input channels (e.g. a 1-channel stem)
+    found = cfg_from_weights(state_dict)
+    kwargs = {"num_classes": args.num_classes if args.num_classes is not None else found.get("num_classes")}
+    if "input_size" in found:
+        kwargs["in_chans"] = found["input_size"][0]
+    model = timm.create_model(args.model, device="meta", **{k: v for k, v in kwargs.items() if v is not None})
     check_state_dict(state_dict, model, source=str(args.input))
-    metadata = {"model": args.model, "num_classes": str(model.num_classes), "source": args.input.name}
+    in_chans = found["input_size"][0] if "input_size" in found else 3
+    metadata = {"model": args.model, "num_classes": str(model.num_classes), "in_chans": str(in_chans),
+                "source": args.input.name}
     save_safetensors(state_dict, args.output, metadata=metadata)
     card = model_card(args.model, args.input, args.output, sum(p.numel() for p in model.parameters()))
     card["num_classes"] = model.num_classes
+    card["in_chans"] = in_chans
     card_path = args.output.with_suffix(".json")
     write_json_atomic(card, card_path)
     if args.json:

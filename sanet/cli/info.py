@@ -22,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from sanet.models import SA_MODELS, weights_help
 
     check_model_name(args.model)
+    if args.num_classes is not None and args.num_classes < 0:
+        raise ValueError(f"--num-classes must be 0 (no classifier) or more, got {args.num_classes}")
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     info = model_summary(args.model, **kwargs)
     base = args.model.split(".")[0]  # without a pretrained tag

@@ -6,6 +6,7 @@ authors advise 32 or 16 when channels are few.
 """
 from __future__ import annotations
 
+import numbers
 from typing import List
 
 __all__ = ["valid_sa_groups", "fit_sa_groups", "check_sa_groups"]
@@ -21,9 +22,10 @@ def valid_sa_groups(channels: int) -> List[int]:
 
 def check_sa_groups(channels: int, groups: int) -> None:
     """Raise ``ValueError`` naming the valid choices when ``channels`` can't be split into ``groups``."""
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
+    # numbers.Integral: numpy integers too (channel counts often come from array shapes)
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels <= 0:
         raise ValueError(f"ShuffleAttention: channels must be a positive int, got {channels!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups <= 0:
         raise ValueError(f"ShuffleAttention: groups must be a positive int, got {groups!r}")
     if channels % (2 * groups) != 0:
         if channels % 2:

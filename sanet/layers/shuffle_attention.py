@@ -58,6 +58,7 @@ class ShuffleAttention(nn.Module):
         if impl not in SA_IMPLS:
             raise ValueError(f"ShuffleAttention: impl must be one of {SA_IMPLS}, got {impl!r}")
         dd = {"device": device, "dtype": dtype}
+        channels, groups = int(channels), int(groups)  # plain ints for TorchScript and the kernels
         self.channels = channels
         self.groups = groups
         self.impl = impl

@@ -65,7 +65,13 @@ def check_state_dict(
     if mismatched:
         shown = [f"{k} {a} vs model {b}" for k, a, b in mismatched]
         lines.append(f"  shape mismatches ({len(mismatched)}): {_fmt(shown)}")
-    lines.append("  (is this a checkpoint of another architecture or depth?)")
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if missing and not unexpected and not mismatched and classifier and all(
+            k.startswith(f"{classifier}.") for k in missing):
+        lines.append("  (the file has no classifier: load it headless with num_classes=0, or "
+                     "--num-classes 0)")
+    else:
+        lines.append("  (is this a checkpoint of another architecture or depth?)")
     raise CheckpointMismatchError("\n".join(lines))
 
 
