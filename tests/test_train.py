@@ -28,7 +28,7 @@ def test_train_writes_checkpoints_logs_and_curves(capsys, tmp_path, data):
     assert code == 0
     summary = json.loads(stdout)  # stdout is the JSON object alone; epoch lines go to stderr
     assert "epoch   2/2" in err
-    assert summary["epochs"] == 2 and 0 <= summary["best_top1"] <= 100
+    assert summary["epochs"] == 2 and 0 <= summary["best_top1"] <= 100 and summary["best_of"] == "model"
     ckpt = load_ckpt(out / "last.pt")  # weights_only=True
     for key in ("model", "optimizer", "scheduler", "epoch", "args", "class_names", "history", "rng", "updates"):
         assert key in ckpt, key
@@ -162,12 +162,13 @@ def test_recipe_options_run(capsys, tmp_path, data):
     32 px, not 16: at 16 px layer4's stride-2 3x3 conv sees a 1x1 input, and PyTorch's CPU bf16
     convolution (torch 2.14, oneDNN 3.12) returns garbage weight gradients for that shape."""
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, train_argv(
+    code, stdout, err = run_cli(capsys, train_argv(
         data, out, "--img-size", "32", "--sched", "cosine", "--warmup-epochs", "1", "--smoothing", "0.1", "--mixup", "0.2",
         "--cutmix", "1.0", "--model-ema", "--model-ema-decay", "0.9", "--accum-steps", "2",
         "--no-wd-norm", "--amp", "bf16", "--channels-last", "--clip-grad", "5", "--opt", "adamw",
         "--lr", "1e-3", epochs=1))
     assert code == 0, err
+    assert "best val top-1 of the EMA" in stdout and "(EMA " in stdout  # best.pt is chosen on the EMA
     ckpt = load_ckpt(out / "last.pt")
     assert ckpt["updates"] == 3  # 6 micro-batches / 2
     assert ckpt["model_ema"] is not None
@@ -218,6 +219,12 @@ def test_pretrained_file_fine_tunes_with_new_classifier(capsys, tmp_path, data):
     code, _, err = run_cli(capsys, train_argv(two, tmp_path / "ft2", "--pretrained-file", str(tmp_path / "bad.pt")))
     assert code == 2 and "layer4.0.sa.cweight" in err and "missing" in err
     assert f"--pretrained-file {tmp_path / 'bad.pt'}" in err
+    # the same for a plain timm model (no SA checkpoint filter): one line naming the file
+    argv = train_argv(two, tmp_path / "ft3", "--pretrained-file", str(src / "last.pt"))
+    argv[argv.index("sa_resnet_test")] = "resnet10t"
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2 and f"--pretrained-file {src / 'last.pt'}: checkpoint does not match resnet10t" in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 class _NanGrad(torch.autograd.Function):
@@ -273,6 +280,24 @@ class _Wrap(torch.nn.Module):
         return self.fn(logits, target)
 
 
+def test_last_checkpoint_is_written_after_everything_else_of_its_epoch(capsys, tmp_path, data, monkeypatch):
+    """last.pt is what a resume continues from: the log and best.pt of an epoch are written
+    before it, so a kill between two writes redoes the epoch rather than leaving best.pt or
+    log.csv behind last.pt."""
+    import sanet.checkpoint as ckpt_mod
+    import sanet.engine.logs as logs_mod
+
+    order = []
+    real_save, real_csv = ckpt_mod.atomic_torch_save, logs_mod.write_csv
+    monkeypatch.setattr(ckpt_mod, "atomic_torch_save", lambda obj, path: order.append(path.name) or real_save(obj, path))
+    monkeypatch.setattr(logs_mod, "write_csv", lambda rows, path: order.append(path.name) or real_csv(rows, path))
+    assert run_cli(capsys, train_argv(data, tmp_path / "run", epochs=2))[0] == 0
+    epochs = [order[: order.index("last.pt") + 1], order[order.index("last.pt") + 1:]]
+    for names in epochs:
+        assert names[-1] == "last.pt" and names[0] == "log.csv" and names.count("last.pt") == 1, order
+    assert "best.pt" in epochs[0]
+
+
 def test_interrupted_checkpoint_write_keeps_previous(capsys, tmp_path, data, monkeypatch):
     out = tmp_path / "run"
     real_save = torch.save
@@ -326,6 +351,12 @@ def test_unreadable_image_is_named_with_workers(capsys, tmp_path):
     ("bad_seed", "--seed must be in [0, 2**32), got -1"),
     ("odd_mixup", "--batch-size must be even"),
     ("no_resume", "last.pt not found"),
+    ("zero_base", "--lr-base-size must be at least 1, got 0"),
+    ("zero_decay", "--decay-epochs must be positive, got 0.0"),
+    ("ratio", "--ratio must be 0 < MIN <= MAX"),
+    ("mixup_prob", "--mixup-prob must be a probability in [0, 1], got 2.0"),
+    ("warmup", "--warmup-epochs must be 0 or more, got -1.0"),
+    ("accum", "--accum-steps 100 exceeds the 6 batches of an epoch"),
 ])
 def test_clear_errors(capsys, tmp_path, data, case, message):
     root = tmp_path / "d"
@@ -342,6 +373,12 @@ def test_clear_errors(capsys, tmp_path, data, case, message):
         "bad_seed": lambda: train_argv(data, tmp_path / "r", "--seed", "-1"),
         "odd_mixup": lambda: train_argv(data, tmp_path / "r", "--mixup", "0.2", batch=3),
         "no_resume": lambda: train_argv(data, tmp_path / "r", "--resume"),
+        "zero_base": lambda: train_argv(data, tmp_path / "r", "--lr-base-size", "0"),
+        "zero_decay": lambda: train_argv(data, tmp_path / "r", "--decay-epochs", "0"),
+        "ratio": lambda: train_argv(data, tmp_path / "r", "--ratio", "2", "1"),
+        "mixup_prob": lambda: train_argv(data, tmp_path / "r", "--mixup-prob", "2"),
+        "warmup": lambda: train_argv(data, tmp_path / "r", "--warmup-epochs", "-1"),
+        "accum": lambda: train_argv(data, tmp_path / "r", "--accum-steps", "100"),
     }[case]()
     code, _, err = run_cli(capsys, argv)
     assert code == 2 and message in err, err

@@ -49,8 +49,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
         return 0
+    ema = summary["best_of"] == "ema"
+    last = f"last {summary['last_top1']:.2f}%"
+    if ema and summary["last_top1_ema"] is not None:
+        last += f" (EMA {summary['last_top1_ema']:.2f}%)"
     print(f"done: {summary['epochs']} epoch(s) in {summary['seconds']:.0f} s; best val top-1 "
-          f"{summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), last {summary['last_top1']:.2f}%")
+          f"{'of the EMA ' if ema else ''}{summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), {last}")
     print(f"checkpoints: {summary['last_checkpoint']}, {summary['best_checkpoint']}; "
           f"curves: {summary['curves']}")
     return 0

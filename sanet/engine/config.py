@@ -160,6 +160,21 @@ _CHECKS = (
     ("model_ema_decay", lambda v: 0 < v < 1, "in (0, 1)"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("scale", lambda v: 0 < v[0] <= v[1] <= 1, "0 < MIN <= MAX <= 1"),
+    ("ratio", lambda v: 0 < v[0] <= v[1], "0 < MIN <= MAX"),
+    ("crop_pct", lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
+    ("lr_base_size", lambda v: v >= 1, "at least 1"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("decay_epochs", lambda v: v > 0, "positive"),
+    ("decay_rate", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("warmup_epochs", lambda v: v >= 0, "0 or more"),
+    ("warmup_lr", lambda v: v >= 0, "0 or more"),
+    ("min_lr", lambda v: v >= 0, "0 or more"),
+    ("clip_grad", lambda v: v is None or v > 0, "positive"),
+    ("mixup", lambda v: v >= 0, "0 (off) or a positive alpha"),
+    ("cutmix", lambda v: v >= 0, "0 (off) or a positive alpha"),
+    ("mixup_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("mixup_switch_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("reprob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
 )
 
 

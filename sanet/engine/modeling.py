@@ -74,6 +74,15 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"--pretrained-file {pretrained_file}: {exc}") from None
+    except RuntimeError as exc:
+        # Models without our checkpoint filter (any other timm model): PyTorch's strict load
+        # lists every key over many lines; keep its first, shortened, with the file named.
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        detail = " ".join(str(exc).split())
+        raise CheckpointMismatchError(
+            f"--pretrained-file {pretrained_file}: checkpoint does not match {name} "
+            f"({detail[:400]}{'...' if len(detail) > 400 else ''})") from None
 
 
 def check_checkpoint_model(ckpt: Dict[str, Any], model_name: Optional[str], source: str) -> str:

@@ -63,12 +63,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_training_checkpoint(out: Path, state: Dict[str, Any], is_best: bool) -> None:
-    """Write ``last.pt`` (and ``best.pt`` when this epoch is the best so far), atomically."""
+    """Write ``best.pt`` (when this epoch is the best so far), then ``last.pt``, atomically.
+
+    ``last.pt`` is the commit point: a resume redoes every epoch after it, so anything an
+    epoch writes goes first (a kill between the two writes then redoes the epoch, where the
+    other order would leave ``best.pt`` behind ``last.pt``'s record of the best epoch)."""
     from sanet.checkpoint import atomic_torch_save
 
-    atomic_torch_save(state, out / "last.pt")
     if is_best:
         atomic_torch_save(state, out / "best.pt")
+    atomic_torch_save(state, out / "last.pt")
 
 
 def load_resume_checkpoint(out: Path, model_name: str, class_names: list) -> Dict[str, Any]:

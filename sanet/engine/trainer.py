@@ -1,7 +1,7 @@
 """``fit(args)``: the whole ``sanet train`` run, on one process or under ``torchrun``.
 
 Order of events per epoch: reseed from (seed, epoch, rank) -> train -> evaluate on val ->
-rank 0 writes ``best.pt`` (if best) then ``last.pt`` -> CSV/TensorBoard. A resume loads
+rank 0 writes CSV/TensorBoard, ``best.pt`` (if best), then ``last.pt``. A resume loads
 ``last.pt`` and starts at the next epoch, so with ``--deterministic`` on CPU it ends with the
 same weights as a run that was never interrupted.
 """
@@ -231,6 +231,10 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     val_ds.transform = build_transform(cfg, False)
     train_loader = build_train_loader(train_ds, args.batch_size, args.workers, ctx, args.seed)
     val_loader = build_eval_loader(val_ds, args.batch_size, args.workers, ctx)
+    if args.accum_steps > len(train_loader):
+        # the learning rate is scaled to batch x processes x accum-steps images per update
+        raise ValueError(f"--accum-steps {args.accum_steps} exceeds the {len(train_loader)} batches of an "
+                         f"epoch (per process); use at most {len(train_loader)}")
     updates_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
     state = _build_state(args, model, ctx, len(class_names), updates_per_epoch)
 
@@ -265,9 +269,9 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
             if is_best:
                 best, best_epoch = metric, epoch + 1
             if ctx.is_main:
+                logger.log_epoch(history)  # before last.pt, the commit point (see save_training_checkpoint)
                 save_training_checkpoint(out, _checkpoint(args, state, epoch + 1, best, best_epoch,
                                                           class_names, history), is_best)
-                logger.log_epoch(history)
                 per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
                 _say(ctx, _epoch_line(row, args.epochs, is_best, per_epoch * (args.epochs - epoch - 1)))
     finally:
@@ -283,8 +287,10 @@ def _summary(args, out: Path, history, best: float, best_epoch: int, curves, sec
     last = history[-1] if history else {}
     return {
         "model": args.model, "output": str(out), "epochs": len(history),
-        "best_top1": best, "best_epoch": best_epoch,
+        # best.pt is chosen on the EMA's top-1 when there is an EMA: say which one it is
+        "best_top1": best, "best_epoch": best_epoch, "best_of": "ema" if args.model_ema else "model",
         "last_top1": last.get("val_top1"), "last_top5": last.get("val_top5"), "last_loss": last.get("val_loss"),
+        "last_top1_ema": last.get("val_top1_ema"),
         "train_images_per_s": last.get("train_images_per_s"), "seconds": seconds,
         "last_checkpoint": str(out / "last.pt"), "best_checkpoint": str(out / "best.pt"),
         "curves": str(curves) if curves else None, "world_size": ctx.world_size,
