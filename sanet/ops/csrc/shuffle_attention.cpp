@@ -57,9 +57,10 @@ inline Vectorized<float> recip(const Vectorized<float>& d) {
   return Vectorized<float>(_mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
 }
 #endif
-// (No AVX2 estimate: _mm256_rcp_ps has 12 bits, and after one Newton step 1 / 1 comes out as
-// 1 - 6e-8. A saturated gate then has a spurious slope s (1 - s) that, times large gate
-// weights, was 2e-4 relative error in sweight's gradient. AVX2 divides.)
+// (No AVX2 estimate: _mm256_rcp_ps has 12 bits, and one Newton step need not give 1 / 1 == 1
+// (from rcp(1) = 1 - 2^-12 it gives 1 - 2^-24). A saturated gate then had a spurious slope
+// s (1 - s) that, times large gate weights, was 6e-4 relative error in sweight's gradient
+// (measured; with a division, 3e-6 as the reference). AVX2 divides.)
 
 // sigmoid(u). exp_u20 is ATen's polynomial exp (<= 20 ulp) for float and the exact exp for
 // double; past u < -88 it is inf, and the division makes the gate 0 (an estimate-plus-Newton
