@@ -193,6 +193,21 @@ def test_compile_flags_reach_torch_compile(capsys, tmp_path, data, monkeypatch, 
     assert exc.value.code == 2 and "reduce-overhead" in capsys.readouterr().err
 
 
+def test_model_ema_warmup_follows_the_model_early(capsys, tmp_path, data):
+    """With decay 0.9998 the EMA of a 6-update run stays at the initial weights; with
+    --model-ema-warmup its decay ramps up from 0, so it follows the trained weights."""
+    dist = {}
+    for flags in ((), ("--model-ema-warmup",)):
+        out = tmp_path / f"run{len(flags)}"
+        code, _, err = run_cli(capsys, train_argv(data, out, "--model-ema", *flags))
+        assert code == 0, err
+        ckpt = load_ckpt(out / "last.pt")
+        ema, model = ckpt["model_ema"]["fc.weight"], ckpt["model"]["fc.weight"]
+        dist[bool(flags)] = ((ema - model).norm() / model.norm()).item()
+        assert ckpt["args"]["model_ema_warmup"] is bool(flags)
+    assert dist[True] < 0.5 * dist[False], dist
+
+
 def test_step_schedule_divides_lr_by_10(capsys, tmp_path, data):
     out = tmp_path / "run"
     code, _, _ = run_cli(capsys, train_argv(data, out, "--decay-epochs", "1", "--lr", "0.01", epochs=2))

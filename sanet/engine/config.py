@@ -87,6 +87,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                        help="probability of cutmix instead of mixup when both are on")
     sched.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
     sched.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay (0.9998)")
+    sched.add_argument("--model-ema-warmup", action="store_true",
+                       help="ramp the EMA decay up from 0 over the first updates (timm's use_warmup): "
+                            "for short runs and fine-tuning, where 0.9998 keeps the EMA near the start")
 
     data = p.add_argument_group("data and augmentation")
     data.add_argument("--img-size", type=int, default=None,

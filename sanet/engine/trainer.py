@@ -170,7 +170,8 @@ def _build_state(args: argparse.Namespace, model, ctx: DistContext, num_classes:
                                   args.decay_rate, args.warmup_epochs, args.warmup_lr, args.min_lr),
         loss_fn=build_train_loss(mixup is not None, args.smoothing).to(ctx.device),
         scaler=torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
-        mixup=mixup, ema=ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None,
+        mixup=mixup, ema=ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        if args.model_ema else None,
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, amp=args.amp,
         channels_last=args.channels_last, skip_bad_images=args.skip_bad_images)
 
