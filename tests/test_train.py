@@ -144,6 +144,27 @@ def test_json_error_is_one_json_object(capsys, tmp_path, data):
     assert json.loads(stdout) == {"error": err.split("error: ", 1)[1].strip(), "command": "train"}
 
 
+def test_peer_failure_under_torchrun_points_at_the_other_process(capsys, tmp_path, data, monkeypatch):
+    """Rank 0 of a torchrun job whose other process died (say, on an unreadable image) fails
+    in a collective; its error (and JSON) says so instead of only the backend's words."""
+    import torch.distributed as dist
+
+    import sanet.engine
+
+    def peer_died(args):
+        raise dist.DistBackendError("[gloo] Connection closed by peer [127.0.0.1]:1234")
+
+    monkeypatch.setattr(sanet.engine, "fit", peer_died)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, stdout, err = run_cli(capsys, train_argv(data, tmp_path / "run", "--json"))
+    assert code == 2 and "another process of this torchrun job probably failed first" in err
+    assert "Connection closed by peer" in json.loads(stdout)["error"]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process: the message as it is
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "run"))
+    assert code == 2 and "another process" not in err
+
+
 def test_existing_run_is_not_overwritten_silently(capsys, tmp_path, data):
     out = tmp_path / "run"
     assert run_cli(capsys, train_argv(data, out))[0] == 0

@@ -57,8 +57,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         # User errors carry a message meant for the user; don't bury it in a traceback.
         if getattr(args, "debug", False):
             raise
-        print(f"sanet {args.command}: error: {exc}", file=sys.stderr)
+        message = _describe(exc)
+        print(f"sanet {args.command}: error: {message}", file=sys.stderr)
         if getattr(args, "json", False) and os.environ.get("RANK", "0") == "0":
             # A machine reading stdout gets one JSON object on failure too.
-            print(json.dumps({"error": str(exc), "command": args.command}), flush=True)
+            print(json.dumps({"error": message, "command": args.command}), flush=True)
         return 2
+
+
+def _describe(exc: BaseException) -> str:
+    """The error for the user. Under torchrun, a process whose peer stopped (a user error
+    there, e.g. an unreadable image) fails inside a collective with a backend message."""
+    text = str(exc)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _is_peer_failure(exc):
+        text += (" [another process of this torchrun job probably failed first: its own error "
+                 "is in the log, prefixed 'sanet ...: error:']")
+    return text
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return False
+    return isinstance(exc, DistError) or "Connection closed by peer" in str(exc)
