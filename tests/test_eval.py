@@ -71,7 +71,7 @@ def test_eval_errors(capsys, trained, tmp_path):
         "no EMA weights": ["--checkpoint", str(run / "last.pt"), "--ema", "--data", str(data / "val")],
         f"evaluate one split of it, e.g. --data {data / 'val'}": ["--checkpoint", str(run / "last.pt"),
                                                                    "--data", str(data)],
-        "--crop-pct must be in (0, 1], got 0.0": ["--checkpoint", str(run / "last.pt"), "--crop-pct", "0",
+        "--crop-pct must be positive (above 1 pads), got 0.0": ["--checkpoint", str(run / "last.pt"), "--crop-pct", "0",
                                                  "--data", str(data / "val")],
         "--img-size must be at least 8 pixels, got 0": ["--checkpoint", str(run / "last.pt"), "--img-size", "0",
                                                         "--data", str(data / "val")],

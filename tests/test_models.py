@@ -143,6 +143,12 @@ def test_hooks_on_the_fused_tail_modules_run(name):
     after = model(x)
     assert rel_err(after, before) > 1e-4  # pruning changed the function...
     assert rel_err(after, ref(x)) <= 1e-5  # ...in the fused model as in the reference
+    # Training through the pruned weight: its pre-hook recomputes cweight from cweight_orig
+    # every call (the fused tail, skipping it, backpropagated through a stale graph).
+    model.train()
+    for _ in range(2):
+        model(x).sum().backward()
+    assert model.layer2[0].sa.cweight_orig.grad is not None
 
 
 @pytest.mark.parametrize("name", ["sa_resnet_test", "sa_resnet18"])

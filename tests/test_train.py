@@ -209,6 +209,11 @@ def test_compile_flags_reach_torch_compile(capsys, tmp_path, data, monkeypatch, 
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "run", *flags))
     assert code == 0, err
     assert seen == [mode]
+    assert load_ckpt(tmp_path / "run" / "last.pt")["args"]["compile"] is True
+    # how the run is compiled is run control: a resume that changes it does not warn
+    code, stdout, err = run_cli(capsys, train_argv(data, tmp_path / "run", "--resume", "--compile-mode",
+                                                   "max-autotune-no-cudagraphs", epochs=2))
+    assert code == 0 and "resuming with different" not in stdout + err, stdout + err
     with pytest.raises(SystemExit) as exc:
         run_cli(capsys, train_argv(data, tmp_path / "bad", "--compile-mode", "fastest"))
     assert exc.value.code == 2 and "reduce-overhead" in capsys.readouterr().err

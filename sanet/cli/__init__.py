@@ -69,7 +69,7 @@ def _describe(exc: BaseException) -> str:
     """The error for the user. Under torchrun, a process whose peer stopped (a user error
     there, e.g. an unreadable image) fails inside a collective with a backend message."""
     text = str(exc)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _is_peer_failure(exc):
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and _is_peer_failure(exc):
         text += (" [another process of this torchrun job probably failed first: its own error "
                  "is in the log, prefixed 'sanet ...: error:']")
     return text

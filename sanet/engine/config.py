@@ -21,8 +21,8 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 #: Arguments that say how to run, not what to train: a resume compares every other saved
 #: argument (resolved defaults included) and reports the ones that differ.
-RUN_CONTROL_KEYS = frozenset({"command", "data", "debug", "device", "epochs", "json", "no_progress", "output",
-                              "overwrite", "pretrained_file", "resume", "workers"})
+RUN_CONTROL_KEYS = frozenset({"command", "compile", "compile_mode", "data", "debug", "device", "epochs", "json",
+                              "no_progress", "output", "overwrite", "pretrained_file", "resume", "workers"})
 
 
 def default_workers() -> int:
@@ -88,8 +88,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     sched.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
     sched.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay (0.9998)")
     sched.add_argument("--model-ema-warmup", action="store_true",
-                       help="ramp the EMA decay up from 0 over the first updates (timm's use_warmup): "
-                            "for short runs and fine-tuning, where 0.9998 keeps the EMA near the start")
+                       help="timm's use_warmup: decay min(D, 1 - (1 + update)^(-2/3)), so 0.99 after 1,000 "
+                            "updates and 0.999 after ~32,000; for short runs and fine-tuning, where 0.9998 "
+                            "keeps the EMA near the start")
 
     data = p.add_argument_group("data and augmentation")
     data.add_argument("--img-size", type=int, default=None,
@@ -164,7 +165,7 @@ _CHECKS = (
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("scale", lambda v: 0 < v[0] <= v[1] <= 1, "0 < MIN <= MAX <= 1"),
     ("ratio", lambda v: 0 < v[0] <= v[1], "0 < MIN <= MAX"),
-    ("crop_pct", lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
+    ("crop_pct", lambda v: v is None or v > 0, "positive (above 1 pads)"),
     ("lr_base_size", lambda v: v >= 1, "at least 1"),
     ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("decay_epochs", lambda v: v > 0, "positive"),
@@ -190,6 +191,8 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ValueError(f"--mixup/--cutmix pair images within a batch: --batch-size must be even, "
                          f"got {args.batch_size}")
+    if args.compile_mode:
+        args.compile = True  # the saved args say the run was compiled
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one")
     from timm.optim import list_optimizers

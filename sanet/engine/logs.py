@@ -1,7 +1,9 @@
 """Run logs on rank 0: the CSV log, TensorBoard events and the training-curves PNG.
 
-The history (one dict per epoch) also lives in the checkpoint, so after a resume the CSV is
-rewritten from it and never holds epochs that no checkpoint covers.
+The history (one dict per epoch) also lives in the checkpoint. An epoch's row is written
+before its ``last.pt`` (the commit point), so after a kill between the two the CSV holds one
+epoch more than the checkpoint; the resume redoes that epoch and rewrites the CSV from the
+checkpoint's history, and TensorBoard drops the redone epoch's events (``purge_step``).
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ def eval_transform(model: nn.Module, data_args: Dict[str, Any], img_size: Option
 
     if img_size is not None and img_size < 8:
         raise ValueError(f"--img-size must be at least 8 pixels, got {img_size}")
-    if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise ValueError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+    if crop_pct is not None and not crop_pct > 0:
+        raise ValueError(f"--crop-pct must be positive (above 1 pads), got {crop_pct}")
     size = img_size or data_args.get("img_size")
     overrides = {"crop_pct": crop_pct if crop_pct is not None else data_args.get("crop_pct"),
                  "interpolation": data_args.get("interpolation")}
