@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from .cpu_ext import load_cpu_ext
 from .sa_op import KERNELS, sa_op, torch_update_running_stats
@@ -67,8 +68,7 @@ def has_hooks(*modules: nn.Module) -> bool:
     """Whether calling these modules would run hooks (theirs or global ones): forward hooks
     (activation capture, ``torch.nn.utils.prune``, old-style weight/spectral norm) and
     module backward hooks. A fused op that replaces the module calls would skip them."""
-    from torch.nn.modules import module as m
-
+    m = _nn_module  # the global hook registries live in this module
     if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
             or m._global_backward_pre_hooks):
         return True
