@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["seed_everything", "seed_epoch", "rng_state", "set_rng_state", "save_training_checkpoint",
-           "load_resume_checkpoint"]
+           "restore_best_checkpoint", "load_resume_checkpoint"]
 
 
 def seed_everything(seed: int) -> None:
@@ -63,16 +63,39 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_training_checkpoint(out: Path, state: Dict[str, Any], is_best: bool) -> None:
-    """Write ``best.pt`` (when this epoch is the best so far), then ``last.pt``, atomically.
+    """Write ``last.pt``, then ``best.pt`` when this epoch is the best so far, atomically.
 
-    ``last.pt`` is the commit point: a resume redoes every epoch after it, so anything an
-    epoch writes goes first (a kill between the two writes then redoes the epoch, where the
-    other order would leave ``best.pt`` behind ``last.pt``'s record of the best epoch)."""
+    ``last.pt`` is the commit point: a resume redoes every epoch after it. ``best.pt`` goes
+    second so that it never holds an epoch a resume would redo (on a nondeterministic run the
+    redone epoch can score differently, and ``best.pt`` would belong to no run). A kill between
+    the two writes leaves ``best.pt`` one best behind while ``last.pt`` holds that best epoch;
+    ``restore_best_checkpoint`` copies it over when the run resumes."""
     from sanet.checkpoint import atomic_torch_save
 
+    atomic_torch_save(state, out / "last.pt")
     if is_best:
         atomic_torch_save(state, out / "best.pt")
-    atomic_torch_save(state, out / "last.pt")
+
+
+def restore_best_checkpoint(out: Path, ckpt: Dict[str, Any]) -> bool:
+    """On resume: when ``last.pt`` (``ckpt``) is itself the best epoch but ``best.pt`` is
+    missing, damaged or older (a kill between the two writes), copy ``last.pt`` to ``best.pt``.
+    Returns whether it did."""
+    import shutil
+
+    from sanet.checkpoint import atomic_write, load_checkpoint_file
+
+    if ckpt.get("best_epoch") != ckpt.get("epoch"):
+        return False
+    best = out / "best.pt"
+    if best.is_file():
+        try:
+            if load_checkpoint_file(best).get("epoch") == ckpt["epoch"]:
+                return False
+        except (RuntimeError, AttributeError):  # damaged or not ours: replaced below
+            pass
+    atomic_write(best, lambda tmp: shutil.copyfile(out / "last.pt", tmp))
+    return True
 
 
 def load_resume_checkpoint(out: Path, model_name: str, class_names: list) -> Dict[str, Any]:

@@ -1,9 +1,10 @@
 """``fit(args)``: the whole ``sanet train`` run, on one process or under ``torchrun``.
 
 Order of events per epoch: reseed from (seed, epoch, rank) -> train -> evaluate on val ->
-rank 0 writes CSV/TensorBoard, ``best.pt`` (if best), then ``last.pt``. A resume loads
+rank 0 writes CSV/TensorBoard, ``last.pt``, then ``best.pt`` (if best). A resume loads
 ``last.pt`` and starts at the next epoch, so with ``--deterministic`` on CPU it ends with the
-same weights as a run that was never interrupted.
+same weights as a run that was never interrupted (``save_training_checkpoint`` says why the
+files go in that order).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from .logs import RunLogger, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model
 from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
-from .state import load_resume_checkpoint, optional_state, rng_state, save_training_checkpoint, \
-    seed_epoch, seed_everything, set_rng_state
+from .state import load_resume_checkpoint, optional_state, restore_best_checkpoint, rng_state, \
+    save_training_checkpoint, seed_epoch, seed_everything, set_rng_state
 
 __all__ = ["fit"]
 
@@ -245,6 +246,9 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
         best, best_epoch = float(ckpt.get("best_top1", -1.0)), int(ckpt.get("best_epoch", 0))
         _say(ctx, f"resumed {out / 'last.pt'}: {start_epoch} epoch(s) done, best top-1 {best:.2f}")
+        if ctx.is_main and restore_best_checkpoint(out, ckpt):
+            _say(ctx, f"restored {out / 'best.pt'} from last.pt (its best epoch; the run was "
+                      "interrupted before writing best.pt)")
     _wrap(state, args, ctx)
     _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
               f"{ctx.world_size} process(es) on {ctx.device.type}, global batch "
