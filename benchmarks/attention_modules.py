@@ -50,7 +50,7 @@ def main() -> int:
         spec = dict(spec)
         model = timm.create_model(spec.pop("model"), device="meta", **spec)
         params[label] = sum(q.numel() for q in model.parameters())
-    res = model_bench(MODELS, args.batch_size, args.img_size, args.rounds)
+    res = model_bench(MODELS, batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds)
     res["params"] = params
     res["machine"] = machine_info(torch.device("cpu"))
     if args.output:

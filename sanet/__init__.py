@@ -12,6 +12,8 @@ from .layers import (
 )
 
 from . import checkpoint  # sanet.checkpoint.load_weights etc. after a plain `import sanet`
+from .checkpoint import UnsafeCheckpointError, load_weights
+from .errors import SanetError
 from .models import SA_MODELS, CheckpointMismatchError, SABasicBlock, SABottleneck, checkpoint_filter_fn
 
 __version__ = "0.1.0"
@@ -21,11 +23,14 @@ __all__ = [
     "SABasicBlock",
     "SABottleneck",
     "SA_MODELS",
+    "SanetError",
     "ShuffleAttention",
+    "UnsafeCheckpointError",
     "checkpoint_filter_fn",
     "__version__",
     "channel_shuffle",
     "fit_sa_groups",
+    "load_weights",
     "shuffle_attention_reference",
     "shuffle_attention_torch",
     "valid_sa_groups",

@@ -1,8 +1,8 @@
 """Safe checkpoint I/O: never unpickle code, never lose the last good file.
 
-* Reading: ``torch.load(..., weights_only=True)`` for ``.pth``/``.pt``/``.tar`` files (a file
-  that needs arbitrary pickled objects is refused with :class:`UnsafeCheckpointError`, and
-  nothing in it runs); safetensors for ours.
+* Reading: the format comes from the file's first bytes, not its name: safetensors (ours), or
+  ``torch.load(..., weights_only=True)`` (a file that needs arbitrary pickled objects is
+  refused with :class:`UnsafeCheckpointError`, and nothing in it runs).
 * Writing: to a temporary file in the same directory, fsync, then ``os.replace`` — a crash
   or ``kill -9`` mid-write leaves the previous file intact.
 """
@@ -21,6 +21,8 @@ from safetensors.torch import load_file as _st_load
 from safetensors.torch import save_file as _st_save
 from torch import Tensor, nn
 
+from .errors import SanetError
+
 __all__ = [
     "UnsafeCheckpointError",
     "atomic_write",
@@ -28,10 +30,12 @@ __all__ = [
     "load_checkpoint_file",
     "load_state_dict_file",
     "load_weights",
+    "model_card",
     "remove_stale_temps",
     "save_safetensors",
     "sha256_file",
     "state_dict_from",
+    "write_json_atomic",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -42,7 +46,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(SanetError):
     """The file holds pickled objects beyond plain tensors/containers; it was not executed."""
 
 
@@ -141,12 +145,12 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
         try:
             return _st_load(str(path), device=str(map_location))
         except Exception as exc:  # safetensors raises its own error types
-            raise RuntimeError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise SanetError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         if not _starts_like_torch_save(path):
-            raise RuntimeError(
+            raise SanetError(
                 f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a binary "
                 f"pickle; this file starts with {_head(path)!r}: a web page or an interrupted "
                 "download?)"
@@ -159,7 +163,7 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
         ) from None
     except (EOFError, IndexError, KeyError, ValueError, RuntimeError) as exc:
         # Truncated or foreign files fail inside the unpickler or the zip reader.
-        raise RuntimeError(
+        raise SanetError(
             f"{path}: not a PyTorch checkpoint, or a damaged one ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'unexpected end of data'})"
         ) from None
@@ -172,15 +176,11 @@ def load_state_dict_file(path: PathLike) -> Dict[str, Tensor]:
 
 def state_dict_from(obj: Any, path: PathLike) -> Dict[str, Tensor]:
     """The model weights inside a loaded checkpoint ``obj`` (read from ``path``)."""
-    from .models.checkpoint_filter import strip_prefix
+    from .models.checkpoint_filter import weights_of
 
     if not isinstance(obj, dict):
-        raise RuntimeError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
-    for key in ("state_dict", "model"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    return strip_prefix({k: v for k, v in obj.items() if isinstance(v, Tensor)})
+        raise SanetError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    return weights_of(obj)
 
 
 def load_weights(model: nn.Module, path: PathLike) -> nn.Module:

@@ -25,7 +25,7 @@ _RECIPE = [
     "--model", "sa_resnet_test", "--img-size", "32", "--batch-size", "64", "--workers", "0",
     "--sched", "cosine", "--warmup-epochs", "1", "--lr", "0.1", "--weight-decay", "5e-4",
     "--no-wd-norm", "--scale", "0.6", "1.0", "--ratio", "0.8", "1.25", "--hflip", "0",
-    "--smoothing", "0.1", "--crop-pct", "1.0", "--deterministic", "--no-progress",
+    "--smoothing", "0.1", "--crop-pct", "1.0", "--deterministic",
 ]
 
 

@@ -81,3 +81,12 @@ def require_fused(impl: str) -> None:
         if os.environ.get("SANET_REQUIRE_EXT", "") not in ("", "0"):
             pytest.fail("SANET_REQUIRE_EXT=1 but the fused CPU kernel is unavailable")
         pytest.skip("fused CPU kernel unavailable (see `sanet ext`)")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run in-process training on one thread: fast and predictable on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

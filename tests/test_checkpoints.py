@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import sanet
 from sanet.checkpoint import load_state_dict_file, load_weights
 from sanet.cli import main as cli_main
-from sanet.models import AUTHORS_URL, CheckpointMismatchError
+from sanet.models import AUTHORS_URL, AUTHORS_WEIGHTS, CheckpointMismatchError
 
 from conftest import rel_err
 
@@ -318,7 +318,7 @@ def test_pretrained_cfg_does_not_keep_a_copy_of_the_weights(authors_r50):
 
 
 # --------------------------------------------------------------------------- no weights file
-@pytest.mark.parametrize("name", ["sa_resnet50", "sa_resnet101"])
+@pytest.mark.parametrize("name", sorted(AUTHORS_WEIGHTS))
 def test_pretrained_without_a_file_says_where_the_weights_are(name):
     with pytest.raises(RuntimeError) as info:
         timm.create_model(name, pretrained=True)
@@ -329,7 +329,7 @@ def test_pretrained_without_a_file_says_where_the_weights_are(name):
     assert {"sa_resnet50": "474p", "sa_resnet101": "6nxm"}[name] in msg and "https://pan.baidu.com/s/" in msg
 
 
-@pytest.mark.parametrize("name", [n for n in sanet.SA_MODELS if n not in ("sa_resnet50", "sa_resnet101")])
+@pytest.mark.parametrize("name", [n for n in sanet.SA_MODELS if n not in AUTHORS_WEIGHTS])
 def test_pretrained_without_weights_for_other_models(name):
     with pytest.raises(RuntimeError, match="no pretrained weights exist .*sa_resnet50 and sa_resnet101"):
         timm.create_model(name, pretrained=True)

@@ -57,8 +57,8 @@ CASES = [
     ((2, 64, 7, 9), 8, "non_contiguous"),
     ((2, 16, 11), 4, "contiguous"),             # 1-D
     ((2, 32, 3, 5, 4), 8, "contiguous"),        # 3-D
-    ((2, 256, 56, 56), 64, "contiguous"),       # planes over the kernel's 1024-element block
-    ((1, 64, 45, 47), 32, "channels_last"),     # odd plane, several blocks with a tail
+    ((2, 256, 56, 56), 64, "contiguous"),       # 3136-element planes: one 4096 tile, or chunks ('loop')
+    ((1, 64, 45, 47), 32, "channels_last"),     # odd plane: a masked tail in the tile and the last chunk
     ((4, 128, 1, 1), 16, "contiguous"),         # one-pixel planes (GroupNorm variance 0)
     ((2, 256, 3, 3), 1, "contiguous"),          # G = 1: 128 gate parameters each
 ]

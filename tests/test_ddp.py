@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from test_engine_helpers import PYTHON, last_json, load_ckpt, make_imagefolder, run_cli, subprocess_env, train_argv
+from engine_utils import PYTHON, last_json, load_ckpt, make_imagefolder, run_cli, subprocess_env, train_argv
 
 # no randomness in the step: the whole (square) image is the crop, no flip
 _NO_AUG = ("--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0", "--lr", "0.5",

@@ -8,8 +8,6 @@ import subprocess
 
 from PIL import Image
 
-from test_engine_helpers import one_thread  # noqa: F401
-
 
 def test_digits_imagefolder_is_a_fixed_stratified_split(tmp_path):
     from sanet.demo import write_digits_imagefolder

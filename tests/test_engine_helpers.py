@@ -1,82 +1,13 @@
-"""Helpers shared by the train/eval/predict/DDP tests, and unit tests of small engine pieces."""
+"""Unit tests of small engine pieces: parameter groups, lr scaling, plain checkpoint data,
+class maps, worker errors, RNG state, skipped micro-batches."""
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_imagefolder(root: Path, classes: Sequence[str] = ("a", "b", "c"), per_class: int = 8,
-                     size: int = 16, seed: int = 0, splits: Dict[str, int] = None) -> Path:
-    """``root/{train,val}/<class>/<i>.png``: each class a noisy image tinted its own colour, so a
-    tiny model learns it in a few steps."""
-    rng = np.random.default_rng(seed)
-    splits = splits or {"train": per_class, "val": max(2, per_class // 2)}
-    for split, count in splits.items():
-        for k, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                img = rng.integers(0, 120, size=(size, size, 3))
-                img[..., k % 3] += 120
-                Image.fromarray(img.astype(np.uint8)).save(folder / f"{i:03d}.png")
-    return root
-
-
-def train_argv(data: Path, out: Path, *extra: str, epochs: int = 1, batch: int = 4) -> List[str]:
-    """A small, fast ``sanet train`` command line."""
-    return ["train", "--model", "sa_resnet_test", "--data", str(data), "--output", str(out),
-            "--img-size", "16", "--batch-size", str(batch), "--epochs", str(epochs), "--workers", "0",
-            "--no-progress", *extra]
-
-
-def run_cli(capsys, argv: List[str]) -> Tuple[int, str, str]:
-    """``sanet ARGV`` in this process: (exit code, stdout, stderr)."""
-    from sanet.cli import main
-
-    capsys.readouterr()
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def subprocess_env(threads: int = 1) -> dict:
-    """Environment for ``python -m sanet`` subprocesses: one thread each (2 shared cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
-PYTHON = sys.executable
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run in-process training on one thread: fast and predictable on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# --- unit tests of small pieces ------------------------------------------------------------
 
 def test_sa_gate_params_get_no_weight_decay_with_flag():
     import timm
@@ -89,13 +20,13 @@ def test_sa_gate_params_get_no_weight_decay_with_flag():
     assert gates and all(n.rsplit(".", 1)[-1] in ("cweight", "cbias", "sweight", "sbias") for n in gates)
     params = dict(model.named_parameters())
     assert all(params[n].ndim == 4 for n in gates)  # why timm's 1-D filter misses them
-    opt = build_optimizer(model, "momentum", 0.1, 1e-4, 0.9, no_wd_norm=True)
+    opt = build_optimizer(model, "momentum", lr=0.1, weight_decay=1e-4, momentum=0.9, no_wd_norm=True)
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert all(id(params[n]) in no_decay for n in gates)
     assert id(params["conv1.weight"]) in decay and id(params["bn1.weight"]) in no_decay
     # the authors' default: one group, everything decayed, classical momentum
-    opt = build_optimizer(model, "momentum", 0.1, 1e-4, 0.9, no_wd_norm=False)
+    opt = build_optimizer(model, "momentum", lr=0.1, weight_decay=1e-4, momentum=0.9, no_wd_norm=False)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 1e-4
     assert opt.param_groups[0]["nesterov"] is False and opt.param_groups[0]["momentum"] == 0.9
 

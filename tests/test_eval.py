@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_engine_helpers import last_json, load_ckpt, make_imagefolder, one_thread, run_cli, train_argv  # noqa: F401
+from engine_utils import last_json, load_ckpt, make_imagefolder, run_cli, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

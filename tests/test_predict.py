@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from test_engine_helpers import last_json, make_imagefolder, one_thread, run_cli, train_argv  # noqa: F401
+from engine_utils import last_json, make_imagefolder, run_cli, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from test_engine_helpers import last_json, load_ckpt, make_imagefolder, one_thread, run_cli, train_argv  # noqa: F401
+from engine_utils import load_ckpt, make_imagefolder, run_cli, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,6 +163,27 @@ def test_peer_failure_under_torchrun_points_at_the_other_process(capsys, tmp_pat
     monkeypatch.setenv("WORLD_SIZE", "1")  # a single process: the message as it is
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "run"))
     assert code == 2 and "another process" not in err
+
+
+def test_errors_for_the_user_are_one_line_and_bugs_keep_their_traceback(capsys, tmp_path, data, monkeypatch):
+    import sanet
+    import sanet.engine
+
+    def fails_with(exc):
+        def fit(args):
+            raise exc
+        return fit
+
+    monkeypatch.setattr(sanet.engine, "fit", fails_with(sanet.SanetError("bad file x.pt")))
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "run"))
+    assert code == 2 and err.strip() == "sanet train: error: bad file x.pt"
+    monkeypatch.setattr(sanet.engine, "fit", fails_with(torch.OutOfMemoryError("CUDA out of memory. Tried...")))
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "run"))
+    assert code == 2 and "out of memory" in err and "--batch-size" in err
+    # a RuntimeError from inside torch is a bug (ours or torch's), not a user error
+    monkeypatch.setattr(sanet.engine, "fit", fails_with(RuntimeError("index out of range in self")))
+    with pytest.raises(RuntimeError, match="index out of range"):
+        run_cli(capsys, train_argv(data, tmp_path / "run"))
 
 
 def test_existing_run_is_not_overwritten_silently(capsys, tmp_path, data):

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from test_engine_helpers import PYTHON, load_ckpt, make_imagefolder, subprocess_env, train_argv
+from engine_utils import PYTHON, load_ckpt, make_imagefolder, subprocess_env, train_argv
 
 EPOCHS = 4
 

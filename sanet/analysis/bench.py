@@ -82,7 +82,7 @@ def _peak_bytes(fn: Callable[[], object]) -> int:
 
 # ---------------------------------------------------------------- one SA layer
 
-def layer_bench(shape: Sequence[int], impls: Sequence[str], rounds: int = 30, groups: int = 64,
+def layer_bench(shape: Sequence[int], impls: Sequence[str], *, rounds: int = 30, groups: int = 64,
                 device: torch.device = torch.device("cpu"), seed: int = 0,
                 progress: Optional[Callable[[int], None]] = None,
                 dtype: torch.dtype = torch.float32) -> Dict[str, object]:
@@ -131,7 +131,7 @@ def layer_bench(shape: Sequence[int], impls: Sequence[str], rounds: int = 30, gr
 
 # ---------------------------------------------------------------- whole models
 
-def model_bench(names: Dict[str, Dict[str, object]], batch_size: int = 8, img_size: int = 224,
+def model_bench(names: Dict[str, Dict[str, object]], *, batch_size: int = 8, img_size: int = 224,
                 rounds: int = 5, device: torch.device = torch.device("cpu"), seed: int = 0,
                 progress: Optional[Callable[[int], None]] = None,
                 amp: Optional[torch.dtype] = None) -> Dict[str, object]:

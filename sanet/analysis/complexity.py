@@ -27,7 +27,7 @@ def count_params(model: nn.Module) -> Dict[str, int]:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) -> int:
-    """FLOPs of one forward pass (2 per multiply-add), by FlopCounterMode; runs on ``meta``."""
+    """FLOPs of one forward pass (2 per multiply-add), by FlopCounterMode, on the model's device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device

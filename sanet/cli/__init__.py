@@ -53,10 +53,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Output piped into e.g. `head`, which closed early: not an error of ours.
         sys.stderr.close()
         return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # User errors carry a message meant for the user; don't bury it in a traceback.
-        if getattr(args, "debug", False):
-            raise
+    except Exception as exc:
+        if not _for_the_user(exc) or getattr(args, "debug", False):
+            raise  # a bug or an environment failure: its traceback is what a report needs
         message = _describe(exc)
         print(f"sanet {args.command}: error: {message}", file=sys.stderr)
         if getattr(args, "json", False) and os.environ.get("RANK", "0") == "0":
@@ -65,10 +64,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def _for_the_user(exc: BaseException) -> bool:
+    """Errors whose message says what the user did wrong (and so needs no traceback): ours,
+    bad values and missing files, running out of memory, and a torchrun peer's failure."""
+    from ..errors import SanetError
+
+    return isinstance(exc, (SanetError, ValueError, FileNotFoundError)) or _is_oom(exc) \
+        or _is_peer_failure(exc)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a plain RuntimeError
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 def _describe(exc: BaseException) -> str:
     """The error for the user. Under torchrun, a process whose peer stopped (a user error
     there, e.g. an unreadable image) fails inside a collective with a backend message."""
     text = str(exc)
+    if _is_oom(exc):
+        text = f"out of memory ({text.splitlines()[0]}); try a smaller --batch-size"
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and _is_peer_failure(exc):
         text += (" [another process of this torchrun job probably failed first: its own error "
                  "is in the log, prefixed 'sanet ...: error:']")

@@ -36,7 +36,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--skip-layers", action="store_true", help="only the model table")
     p.add_argument("--skip-models", action="store_true", help="only the layer table")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="layers: input and parameters in this dtype; models: forward passes under "
                         "torch.autocast in this dtype, fp32 weights (default float32: no autocast)")
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_layers:
         for shape in shapes:
             bar = tqdm(total=args.rounds, desc=f"layer {'x'.join(map(str, shape))}", disable=quiet, leave=False)
-            result["layers"].append(layer_bench(shape, impls, args.rounds, device=device,
+            result["layers"].append(layer_bench(shape, impls, rounds=args.rounds, device=device,
                                                 progress=lambda _: bar.update(), dtype=dtype))
             bar.close()
     if not args.skip_models:
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model}[reference]": {"model": args.model, "sa_impl": "reference"},
         }
         bar = tqdm(total=args.model_rounds, desc="models", disable=quiet, leave=False)
-        result["models"] = model_bench(specs, args.batch_size, args.img_size, args.model_rounds,
+        result["models"] = model_bench(specs, batch_size=args.batch_size, img_size=args.img_size, rounds=args.model_rounds,
                                        device=device, progress=lambda _: bar.update(),
                                        amp=None if dtype == torch.float32 else dtype)
         bar.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..engine.config import AMP_CHOICES
 from .common import add_json_flag, check_model_name, print_json
 
 
@@ -39,7 +40,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "-b", type=int, default=64, help="images per batch (64)")
     p.add_argument("--workers", "-j", type=int, default=default_workers(),
                    help="data loading processes (default: 4, or the CPU count if lower)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision (none)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         check_model_name(args.model)
     if args.batch_size < 1 or args.workers < 0:
         raise ValueError("--batch-size must be at least 1 and --workers 0 or more")
-    loaded = load_for_inference(args.model, args.checkpoint, args.pretrained_file, use_ema=args.ema)
+    loaded = load_for_inference(args.model, checkpoint=args.checkpoint, pretrained_file=args.pretrained_file,
+                                use_ema=args.ema)
     dataset = open_image_folder(args.data, "evaluation", skip_bad=args.skip_bad_images,
                                 transform=eval_transform(loaded.model, loaded.data_args, args.img_size, args.crop_pct))
     if {"train", "val"} <= set(dataset.classes):
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         model = loaded.model.to(ctx.device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        loader = build_eval_loader(dataset, args.batch_size, args.workers, ctx)
+        loader = build_eval_loader(dataset, args.batch_size, workers=args.workers, ctx=ctx)
         try:
             metrics = evaluate(model, loader, ctx, amp=args.amp, channels_last=args.channels_last,
                                target_map=target_map, progress=not (args.no_progress or args.json))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, Dict, List
 
 from .common import add_json_flag, print_json
 
@@ -14,12 +15,11 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     return p
 
 
-def family_table():
+def family_table() -> List[Dict[str, Any]]:
     import timm
 
     from sanet.analysis import count_params
-    from sanet.models import SA_MODELS
-    from sanet.models.sa_resnet import _AUTHORS_WEIGHTS
+    from sanet.models import AUTHORS_WEIGHTS, SA_MODELS
 
     rows = []
     for name, args in SA_MODELS.items():
@@ -30,7 +30,7 @@ def family_table():
             "input_size": list(model.pretrained_cfg["input_size"]),
             "block": args["block"].__name__,
             "layers": list(args["layers"]),
-            "authors_weights": name in _AUTHORS_WEIGHTS,
+            "authors_weights": name in AUTHORS_WEIGHTS,
         })
     return rows
 

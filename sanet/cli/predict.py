@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         check_model_name(args.model)
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1, got {args.topk}")
-    loaded = load_for_inference(args.model, args.checkpoint, args.pretrained_file, use_ema=args.ema)
+    loaded = load_for_inference(args.model, checkpoint=args.checkpoint, pretrained_file=args.pretrained_file,
+                                use_ema=args.ema)
     transform = eval_transform(loaded.model, loaded.data_args, args.img_size, args.crop_pct)
     batch = read_images(args.images, transform)
     device = resolve_device(args.device)

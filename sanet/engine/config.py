@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 __all__ = ["add_train_args", "plain_args", "to_plain", "validate_train_args", "RUN_CONTROL_KEYS", "AMP_CHOICES",
-           "SCHED_CHOICES"]
+           "SCHED_CHOICES", "COMPILE_MODES", "default_workers"]
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 SCHED_CHOICES = ("step", "cosine")

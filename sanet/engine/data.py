@@ -8,13 +8,14 @@ resume reproduce an uninterrupted run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
+from ..errors import SanetError
 from .distributed import DistContext
 
 __all__ = [
@@ -27,10 +28,12 @@ __all__ = [
     "build_train_loader",
     "build_eval_loader",
     "clean_worker_error",
+    "collate_skip",
+    "reseed_loader",
 ]
 
 
-class UnreadableImageError(RuntimeError):
+class UnreadableImageError(SanetError):
     """An image file could not be decoded."""
 
 
@@ -118,7 +121,8 @@ def open_train_val(data: Path, skip_bad: bool = False) -> Tuple[SafeImageFolder,
     return train, val
 
 
-def build_transform(data_config: Dict[str, Any], is_training: bool, aug: Optional[Dict[str, Any]] = None):
+def build_transform(data_config: Dict[str, Any], is_training: bool,
+                    aug: Optional[Dict[str, Any]] = None) -> Callable[[Any], torch.Tensor]:
     """timm's train (RandomResizedCrop + flip + ...) or eval (resize + center crop) transform."""
     from timm.data import create_transform
 
@@ -131,7 +135,7 @@ def _train_sampler(dataset, ctx: DistContext, seed: int) -> DistributedSampler:
                               shuffle=True, seed=seed, drop_last=False)
 
 
-def build_train_loader(dataset, batch_size: int, workers: int, ctx: DistContext,
+def build_train_loader(dataset, batch_size: int, *, workers: int, ctx: DistContext,
                        seed: int) -> DataLoader:
     """Shuffled, sharded train loader dropping the last partial batch (BatchNorm needs > 1)."""
     per_rank = -(-len(dataset) // ctx.world_size)
@@ -155,7 +159,7 @@ def reseed_loader(loader: DataLoader, epoch: int, seed: int) -> None:
         loader.generator.manual_seed(seed * 1_000_003 + epoch)
 
 
-def build_eval_loader(dataset, batch_size: int, workers: int, ctx: DistContext) -> DataLoader:
+def build_eval_loader(dataset, batch_size: int, *, workers: int, ctx: DistContext) -> DataLoader:
     """In-order loader; under DDP each rank takes every world_size-th image.
 
     Not DistributedSampler: it pads the dataset with repeated images so every rank gets the

@@ -3,6 +3,10 @@
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` (or
 a rendezvous endpoint for multi-node runs); we read them through ``init_process_group``'s
 ``env://`` default. NCCL on GPUs, gloo on CPU.
+
+Not timm's ``init_distributed_device``/``reduce_tensor``: those work on timm ``train.py``'s
+argument namespace (they read and set its fields) and average where we need sums (top-1 over
+shards of unequal size); what is left is a few calls of ``torch.distributed`` itself.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from ..errors import SanetError
 
 __all__ = ["DistContext", "init_distributed", "cleanup_distributed", "all_reduce_sum", "broadcast_buffers",
            "resolve_device"]
@@ -49,7 +55,7 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     if not _DEVICE_CHOICES[choice]():
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        raise SanetError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     return torch.device("cuda", local_rank)
 
 

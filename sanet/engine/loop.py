@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..errors import SanetError
 from .data import UnreadableImageError, clean_worker_error
 from .distributed import DistContext, all_reduce_sum
 from .evaluate import autocast_for
@@ -18,7 +19,7 @@ from .evaluate import autocast_for
 __all__ = ["NonFiniteLossError", "TrainState", "train_one_epoch"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(SanetError):
     """The loss became NaN or infinite; training stopped before using it."""
 
 

@@ -116,7 +116,7 @@ class LoadedModel:
     data_args: Dict[str, Any] = field(default_factory=dict)  # img_size/crop_pct/... of training
 
 
-def load_for_inference(model_name: Optional[str], checkpoint: Optional[Path] = None,
+def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] = None,
                        pretrained_file: Optional[Path] = None, use_ema: bool = False) -> LoadedModel:
     """Model + class names from a ``sanet train`` checkpoint or any weights file."""
     import timm

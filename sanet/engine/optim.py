@@ -5,10 +5,14 @@ images, x0.1 every 30 epochs, weight decay 1e-4 on every parameter.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
+    from timm.scheduler.scheduler import Scheduler
 
 __all__ = ["resolve_lr", "sa_gate_param_names", "build_optimizer", "build_scheduler",
            "build_mixup", "build_train_loss"]
@@ -36,7 +40,7 @@ def sa_gate_param_names(model: nn.Module) -> List[str]:
     return names
 
 
-def build_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float,
+def build_optimizer(model: nn.Module, opt: str, *, lr: float, weight_decay: float,
                     momentum: float, no_wd_norm: bool) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2``; ``no_wd_norm`` exempts norms, biases and SA gates."""
     from timm.optim import create_optimizer_v2, param_groups_weight_decay
@@ -49,9 +53,9 @@ def build_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float,
     return create_optimizer_v2(params, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, sched: str, epochs: int, updates_per_epoch: int,
+def build_scheduler(optimizer: torch.optim.Optimizer, sched: str, *, epochs: int, updates_per_epoch: int,
                     decay_epochs: float, decay_rate: float, warmup_epochs: float, warmup_lr: float,
-                    min_lr: float):
+                    min_lr: float) -> Scheduler:
     """timm scheduler stepped once per optimizer update (``step_update``).
 
     Per-update stepping gives a smooth warmup/cosine; for the step schedule it decays at
@@ -66,8 +70,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched: str, epochs: int, u
     return scheduler
 
 
-def build_mixup(mixup: float, cutmix: float, prob: float, switch_prob: float, smoothing: float,
-                num_classes: int):
+def build_mixup(*, mixup: float, cutmix: float, prob: float, switch_prob: float, smoothing: float,
+                num_classes: int) -> Optional[Mixup]:
     """timm ``Mixup`` (applied to the batch on the device), or None when both alphas are 0."""
     if not (mixup > 0 or cutmix > 0):
         return None
@@ -87,6 +91,3 @@ def build_train_loss(mixup_active: bool, smoothing: float) -> nn.Module:
         return LabelSmoothingCrossEntropy(smoothing=smoothing)
     return nn.CrossEntropyLoss()
 
-
-def param_group_lrs(optimizer: torch.optim.Optimizer) -> Tuple[float, ...]:
-    return tuple(float(g["lr"]) for g in optimizer.param_groups)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["seed_everything", "seed_epoch", "rng_state", "set_rng_state", "save_training_checkpoint",
-           "restore_best_checkpoint", "load_resume_checkpoint"]
+           "restore_best_checkpoint", "load_resume_checkpoint", "optional_state"]
 
 
 def seed_everything(seed: int) -> None:

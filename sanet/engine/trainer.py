@@ -161,14 +161,16 @@ def _build_state(args: argparse.Namespace, model, ctx: DistContext, num_classes:
 
     args.global_batch = args.batch_size * ctx.world_size * args.accum_steps
     args.lr_resolved = resolve_lr(args.lr, args.lr_base, args.lr_base_size, args.global_batch)
-    optimizer = build_optimizer(model, args.opt, args.lr_resolved, args.weight_decay, args.momentum,
-                                args.no_wd_norm)
-    mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
-                        args.smoothing, num_classes)
+    optimizer = build_optimizer(model, args.opt, lr=args.lr_resolved, weight_decay=args.weight_decay,
+                                momentum=args.momentum, no_wd_norm=args.no_wd_norm)
+    mixup = build_mixup(mixup=args.mixup, cutmix=args.cutmix, prob=args.mixup_prob,
+                        switch_prob=args.mixup_switch_prob, smoothing=args.smoothing, num_classes=num_classes)
     return TrainState(
         model=model, raw=model, ddp=None, optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, args.sched, args.epochs, updates_per_epoch, args.decay_epochs,
-                                  args.decay_rate, args.warmup_epochs, args.warmup_lr, args.min_lr),
+        scheduler=build_scheduler(optimizer, args.sched, epochs=args.epochs, updates_per_epoch=updates_per_epoch,
+                                  decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
+                                  warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                                  min_lr=args.min_lr),
         loss_fn=build_train_loss(mixup is not None, args.smoothing).to(ctx.device),
         scaler=torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
         mixup=mixup, ema=ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
@@ -231,8 +233,8 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)
     train_ds.transform = build_transform(cfg, True, aug)
     val_ds.transform = build_transform(cfg, False)
-    train_loader = build_train_loader(train_ds, args.batch_size, args.workers, ctx, args.seed)
-    val_loader = build_eval_loader(val_ds, args.batch_size, args.workers, ctx)
+    train_loader = build_train_loader(train_ds, args.batch_size, workers=args.workers, ctx=ctx, seed=args.seed)
+    val_loader = build_eval_loader(val_ds, args.batch_size, workers=args.workers, ctx=ctx)
     if args.accum_steps > len(train_loader):
         # the learning rate is scaled to batch x processes x accum-steps images per update
         raise ValueError(f"--accum-steps {args.accum_steps} exceeds the {len(train_loader)} batches of an "

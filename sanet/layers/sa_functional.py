@@ -6,7 +6,9 @@ Two formulations of the same function (SA-NET.md sections 1 and 5):
   chunk, average pool, GroupNorm, concatenation, channel shuffle). It is the oracle for tests
   and the baseline of the benchmarks.
 * :func:`shuffle_attention_torch` uses the per-channel form: every output channel is
-  ``x * sigmoid(A * x + B)`` of one input channel, with per-(sample, channel) ``A`` and ``B``,
+  ``x * sigmoid(A * (x - mean) + B)`` of one input channel, with per-(sample, channel) ``A``,
+  ``B`` and mean (centred, so that ``A ~ 1/sqrt(eps)`` on zero-variance planes costs no
+  precision),
   followed by the fixed shuffle permutation. It is the path used where a graph must hold
   PyTorch ops (TorchScript, ``torch.fx``, ``jit.trace``, export) and under ``torch.func``.
 

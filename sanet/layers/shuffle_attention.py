@@ -1,10 +1,13 @@
 """The Shuffle Attention layer (Zhang & Yang, SA-Net, ICASSP 2021, arXiv:2102.00240)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.fx
 from torch import Tensor, nn
 
+from ..errors import SanetError
 from ..ops import fused_sa_supported, needs_pytorch_ops, shuffle_attention_fused
 from .groups import check_sa_groups, fit_sa_groups
 from .sa_functional import check_sa_input, shuffle_attention_reference, shuffle_attention_torch
@@ -50,8 +53,8 @@ class ShuffleAttention(nn.Module):
         *,
         impl: str = "auto",
         eps: float = 1e-5,
-        device=None,
-        dtype=None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         check_sa_groups(channels, groups)
@@ -107,7 +110,7 @@ class ShuffleAttention(nn.Module):
         if impl == "auto":
             impl = "fused" if fused_sa_supported(x) else "reference"
         elif impl == "fused" and not fused_sa_supported(x):
-            raise RuntimeError(
+            raise SanetError(
                 f"ShuffleAttention(impl='fused'): no fused kernel for {x.device.type} "
                 f"{x.dtype} input (CPU needs the C++ extension and fp32/fp64, CUDA needs "
                 "Triton); use impl='auto' to fall back to PyTorch ops"

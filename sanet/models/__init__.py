@@ -1,16 +1,20 @@
 """SA models, registered in timm's registry on import."""
 from .blocks import SABasicBlock, SABottleneck
-from .checkpoint_filter import CheckpointMismatchError, check_state_dict, checkpoint_filter_fn, strip_prefix
-from .sa_resnet import AUTHORS_URL, SA_MODELS, weights_help
+from .checkpoint_filter import (CheckpointMismatchError, cfg_from_weights, check_state_dict, checkpoint_filter_fn,
+                                strip_prefix, weights_of)
+from .sa_resnet import AUTHORS_URL, AUTHORS_WEIGHTS, SA_MODELS, weights_help
 
 __all__ = [
     "AUTHORS_URL",
+    "AUTHORS_WEIGHTS",
     "CheckpointMismatchError",
     "SABasicBlock",
     "SABottleneck",
     "SA_MODELS",
+    "cfg_from_weights",
     "check_state_dict",
     "checkpoint_filter_fn",
     "strip_prefix",
     "weights_help",
+    "weights_of",
 ]

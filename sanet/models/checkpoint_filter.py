@@ -12,10 +12,13 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from torch import Tensor, nn
 
-__all__ = ["CheckpointMismatchError", "checkpoint_filter_fn", "check_state_dict", "strip_prefix", "cfg_from_weights"]
+from ..errors import SanetError
+
+__all__ = ["CheckpointMismatchError", "checkpoint_filter_fn", "check_state_dict", "strip_prefix", "weights_of",
+           "cfg_from_weights"]
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(SanetError):
     """The checkpoint's keys or shapes don't match the model."""
 
 
@@ -75,12 +78,16 @@ def check_state_dict(
     raise CheckpointMismatchError("\n".join(lines))
 
 
-def _unwrap(checkpoint: dict) -> Dict[str, Tensor]:
-    # The PyTorch ImageNet example nests weights under 'state_dict'; ours under 'model'.
+def weights_of(checkpoint: dict) -> Dict[str, Tensor]:
+    """The tensors of a checkpoint's weights, without DataParallel's ``module.`` prefix.
+
+    The PyTorch ImageNet example (the authors' script) nests them under ``state_dict``,
+    ``sanet train`` under ``model``; a bare state_dict is taken as it is."""
     for key in ("state_dict", "model"):
         if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
+            checkpoint = checkpoint[key]
+            break
+    return strip_prefix({k: v for k, v in checkpoint.items() if isinstance(v, Tensor)})
 
 
 def cfg_from_weights(checkpoint: dict, classifier: Optional[str] = "fc", first_conv: Optional[str] = "conv1",
@@ -91,7 +98,7 @@ def cfg_from_weights(checkpoint: dict, classifier: Optional[str] = "fc", first_c
     10-class file builds a 10-class model and keeps its classifier; an explicit
     ``num_classes``/``in_chans`` still wins (timm then drops the classifier / converts the conv).
     """
-    state_dict = strip_prefix(_unwrap(checkpoint))
+    state_dict = weights_of(checkpoint)
     cfg: Dict[str, Any] = {}
     head = state_dict.get(f"{classifier}.weight")
     if isinstance(head, Tensor) and head.dim() == 2:
@@ -107,8 +114,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, Tensor
 
     Used by ``timm.create_model(..., pretrained=True)`` for SA models.
     """
-    state_dict = strip_prefix(_unwrap(state_dict))
-    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
+    state_dict = weights_of(state_dict)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     exempt: List[str] = []
     head: List[str] = []

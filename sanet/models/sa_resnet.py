@@ -2,7 +2,7 @@
 
 Built from timm's own ``ResNet`` (torchvision-style v1.5: stride on the 3x3 conv) with
 Shuffle Attention after the last BatchNorm of every block. Variants are data
-(``model_args`` below); ``sa_groups`` and ``sa_impl`` are extra ``create_model`` kwargs.
+(the ``SA_MODELS`` table below); ``sa_groups`` and ``sa_impl`` are extra ``create_model`` kwargs.
 
 Choices where the authors are silent:
 
@@ -18,21 +18,21 @@ from functools import partial
 from typing import Any, Dict
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
 from ..checkpoint import load_checkpoint_file
+from ..errors import SanetError
 from ..layers import ShuffleAttention
 from .blocks import SABasicBlock, SABottleneck
 from .checkpoint_filter import CheckpointMismatchError, cfg_from_weights, checkpoint_filter_fn
 
-__all__ = ["SA_MODELS", "AUTHORS_URL", "weights_help"]
+__all__ = ["SA_MODELS", "AUTHORS_URL", "AUTHORS_WEIGHTS", "weights_help"]
 
 AUTHORS_URL = "https://github.com/wofmanaf/SA-Net"
 
 # Published weights (authors' README: Baidu Drive links with access codes).
-_AUTHORS_WEIGHTS = {
+AUTHORS_WEIGHTS = {
     "sa_resnet50": "sa_resnet50.pth.tar (top-1 77.88; Baidu Drive "
                    "https://pan.baidu.com/s/1-TEXeMjprUDyx013l3vZIQ, access code 474p)",
     "sa_resnet101": "sa_resnet101.pth.tar (top-1 78.95; Baidu Drive "
@@ -69,10 +69,10 @@ default_cfgs = generate_default_cfgs({
 
 def weights_help(variant: str) -> str:
     """Where a variant's weights come from and how to load them."""
-    if variant in _AUTHORS_WEIGHTS:
+    if variant in AUTHORS_WEIGHTS:
         return (
             f"{variant}: sanet downloads nothing. The authors' ImageNet weights, "
-            f"{_AUTHORS_WEIGHTS[variant]}, are published in the README of {AUTHORS_URL}. Load the file "
+            f"{AUTHORS_WEIGHTS[variant]}, are published in the README of {AUTHORS_URL}. Load the file "
             f"with timm.create_model('{variant}', pretrained=True, "
             f"pretrained_cfg_overlay=dict(file='/path/to/{variant}.pth.tar')), "
             f"or convert it once: sanet convert {variant}.pth.tar {variant}.safetensors "
@@ -95,7 +95,7 @@ def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: boo
     if pretrained:
         cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
         if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
-            raise RuntimeError(weights_help(variant))
+            raise SanetError(weights_help(variant))
         overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
         state_dict = cfg.state_dict
         if cfg.file and not state_dict:

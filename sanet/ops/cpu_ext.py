@@ -26,6 +26,8 @@ from typing import List, Optional
 
 import torch
 
+from ..errors import SanetError
+
 __all__ = ["load_cpu_ext", "cpu_ext_status"]
 
 _SRC = Path(__file__).parent / "csrc" / "shuffle_attention.cpp"
@@ -100,7 +102,7 @@ def load_cpu_ext() -> Optional[ModuleType]:
     except Exception as exc:  # no compiler, headers missing, ...
         _status["error"] = f"{type(exc).__name__}: {exc}"
         if os.environ.get("SANET_REQUIRE_EXT", "") not in ("", "0"):
-            raise RuntimeError(f"sanet: building the CPU extension failed: {exc}") from exc
+            raise SanetError(f"sanet: building the CPU extension failed: {exc}") from exc
         warnings.warn(
             "sanet: the fused CPU kernels could not be built, Shuffle Attention falls back to "
             f"PyTorch ops (correct, slower). Reason: {_status['error'][:500]}", RuntimeWarning)

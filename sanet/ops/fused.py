@@ -16,6 +16,7 @@ __all__ = [
     "bn_shuffle_attention",
     "fused_bn_sa_supported",
     "needs_pytorch_ops",
+    "has_hooks",
 ]
 
 _CPU_DTYPES = (torch.float32, torch.float64)

@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..errors import SanetError
 from .cpu_ext import load_cpu_ext
 
 __all__ = ["sa_op", "sa_forward", "sa_backward", "KERNELS", "torch_update_running_stats"]
@@ -40,7 +41,7 @@ _Out = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 def _cpu_ext():
     ext = load_cpu_ext()
     if ext is None:
-        raise RuntimeError("sanet: the fused CPU kernel is unavailable; see sanet.ops.cpu_ext_status()")
+        raise SanetError("sanet: the fused CPU kernel is unavailable; see sanet.ops.cpu_ext_status()")
     return ext
 
 
