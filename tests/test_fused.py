@@ -428,6 +428,38 @@ def test_large_planes_against_fp64(C, G, block):
         assert err <= max(1e-5, 3 * err_ref), (name, err, err_ref)
 
 
+@pytest.mark.parametrize("mode", ["sa", "bn_train", "bn_eval"])
+@pytest.mark.parametrize("hw", [(8, 8), (64, 64)], ids=["two-phase", "channel-walk"])
+def test_large_mean_against_fp64(mode, hw):
+    """Input whose mean is 1000 standard deviations from 0, built exactly representable in
+    fp32 and with channel means exactly 1000, so fp32 can be exact to ~1e-7. Folding
+    BatchNorm into z = a*x + b rounds b (~1000 a) to fp32; summing x (rather than x - x[0])
+    in float lanes and centring the gate on a rounded mean each shift whole planes by 1e-5 to
+    1e-4 of their spread. The kernels centre on the plane and correct for the rounding."""
+    gen = torch.Generator().manual_seed(3)
+    bn, sa, _, _ = _bn_sa_pair(16, 2, gen, torch.float32)
+    with torch.no_grad():
+        bn.running_mean.fill_(1000.0)
+    bn.train(mode == "bn_train")
+    half = (torch.randn(2, 16, *hw, generator=gen) * 256).round() / 256
+    x = torch.cat([half, -half]) + 1000.0
+    g = torch.randn(x.shape, generator=gen)
+    results = []
+    for dtype, impl in ((torch.float32, "fused"), (torch.float64, "reference")):
+        b, s = copy.deepcopy(bn).to(dtype), copy.deepcopy(sa).to(dtype)
+        s.impl = impl
+        xi = x.to(dtype).requires_grad_(True)
+        if mode == "sa":
+            y = s(xi)
+        else:
+            y = bn_shuffle_attention(xi, b, s) if impl == "fused" else s(b(xi))
+        inputs = [xi, *s.parameters()] + ([] if mode == "sa" else list(b.parameters()))
+        results.append([y] + list(grads(y, inputs, g.to(dtype))))
+    names = ["out", "input"] + [n for n, _ in sa.named_parameters()] + ["bn.weight", "bn.bias"]
+    for name, fused, ref64 in zip(names, *results):
+        assert rel(fused.double(), ref64) <= 3e-6, (name, rel(fused.double(), ref64))
+
+
 def test_saturated_gates_against_fp64():
     """Gate weights x400 push the spatial gate's argument far past +-88: exp overflows, the
     gate saturates at 0 or 1. The outputs stay finite and every gradient keeps fp32 accuracy

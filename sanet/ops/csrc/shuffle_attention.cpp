@@ -64,23 +64,32 @@ inline Vectorized<float> recip(const Vectorized<float>& d) {
 
 // sigmoid(u). exp_u20 is ATen's polynomial exp (<= 20 ulp) for float and the exact exp for
 // double; past u < -88 it is inf, and the division makes the gate 0 (an estimate-plus-Newton
-// reciprocal would make it NaN: 0 * inf).
+// reciprocal would make it NaN: 0 * inf). A NaN u stays NaN: the AVX2 exp_u20 clamps its
+// argument with max/min, which turn NaN into a finite number.
 template <typename T>
 inline Vectorized<T> vsigmoid(const Vectorized<T>& u) {
   const Vectorized<T> one(static_cast<T>(1));
-  return recip<T>(one + u.neg().exp_u20());
+  return Vectorized<T>::blendv(recip<T>(one + u.neg().exp_u20()), u, u != u);
 }
 
 template <typename T>
 inline T ssigmoid(T u) { return T(1) / (T(1) + std::exp(-u)); }
+
+// The centre m rounded to T, and B corrected for the rounding (in double): on a plane whose
+// |mean| >> std, m's rounding is a visible fraction of the spread (3e-5 std at 1000 std).
+template <typename T>
+inline T centre(double m) { return static_cast<T>(m); }
+template <typename T>
+inline double recentred(double a, double b, double m) { return b + a * (double(centre<T>(m)) - m); }
 
 // sigmoid(A * (x - m) + B) of a vector x, A, B and m fixed for a plane.
 template <typename T>
 struct SigmoidOfAffine {
   Vectorized<T> A, B, m;
   SigmoidOfAffine(double a, double b, double m_)
-      : A(static_cast<T>(a)), B(static_cast<T>(b)), m(static_cast<T>(m_)) {}
-  Vectorized<T> operator()(const Vectorized<T>& x) const { return vsigmoid<T>(at::vec::fmadd(x - m, A, B)); }
+      : A(static_cast<T>(a)), B(static_cast<T>(recentred<T>(a, b, m_))), m(centre<T>(m_)) {}
+  Vectorized<T> operator()(const Vectorized<T>& x) const { return centred(x - m); }
+  Vectorized<T> centred(const Vectorized<T>& d) const { return vsigmoid<T>(at::vec::fmadd(d, A, B)); }
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -93,14 +102,17 @@ struct SigmoidOfAffine<float> {
   __m512 A, B, m;
   SigmoidOfAffine(double a, double b, double m_)
       : A(_mm512_set1_ps(static_cast<float>(-a * M_LOG2E))),
-        B(_mm512_set1_ps(static_cast<float>(-b * M_LOG2E))),
-        m(_mm512_set1_ps(static_cast<float>(m_))) {}
+        B(_mm512_set1_ps(static_cast<float>(-recentred<float>(a, b, m_) * M_LOG2E))),
+        m(_mm512_set1_ps(centre<float>(m_))) {}
   Vectorized<float> operator()(const Vectorized<float>& x) const {
+    return centred(Vectorized<float>(_mm512_sub_ps(x, m)));
+  }
+  Vectorized<float> centred(const Vectorized<float>& d) const {
     // Only the upper side is clamped (2^t must stay finite for recip's Newton step); below,
     // scalef underflows to 0 and the gate is exactly 1. t is finite: |x - m| <= sqrt(M) std.
     // min(126, t), not min(t, 126): vminps returns its second operand when either is NaN, and
     // a NaN must reach the output as the reference's would.
-    const __m512 t = _mm512_min_ps(_mm512_set1_ps(126.f), _mm512_fmadd_ps(_mm512_sub_ps(x, m), A, B));
+    const __m512 t = _mm512_min_ps(_mm512_set1_ps(126.f), _mm512_fmadd_ps(d, A, B));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
     __m512 p = _mm512_set1_ps(1.3280885586872855e-3f);
@@ -199,20 +211,27 @@ struct PlaneSum {
 
 // Mean and population variance of one plane: two passes (the second hits L1). The last
 // partial vector is loaded masked (zero-filled), and masked again where zeros would count.
-// Without need_var (a channel-branch plane, which only pools) var is set to 0.
+// The first pass sums x - x[0]: T-lanes summing x itself lose the mean's low bits when
+// |mean| >> std (1e-5 of std at mean/std = 1000 on a 64x64 plane), and the mean centres the
+// gate. Without need_var (a channel-branch plane, which only pools) var is set to 0.
 template <typename T>
 inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool need_var = true) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const V zero(static_cast<T>(0));
+  const T x0 = M > 0 ? p[0] : static_cast<T>(0);
+  const V v0(x0);
   PlaneSum<T> a0, a1;
   int64_t i = 0;
   for (; i + 2 * W <= M; i += 2 * W) {
-    a0.add(V::loadu(p + i));
-    a1.add(V::loadu(p + i + W));
+    a0.add(V::loadu(p + i) - v0);
+    a1.add(V::loadu(p + i + W) - v0);
   }
-  for (; i < M; i += W) a0.add(V::loadu(p + i, std::min<int64_t>(W, M - i)));
-  mean = (a0.sum() + a1.sum()) / M;
+  for (; i < M; i += W) {
+    const int64_t n = std::min<int64_t>(W, M - i);
+    a0.add(V::set(zero, V::loadu(p + i, n) - v0, n));
+  }
+  mean = double(x0) + (a0.sum() + a1.sum()) / M;
   if (!need_var) {
     var = 0.0;
     return;
@@ -329,6 +348,18 @@ struct Gate {
   double Ax() const { return Az * a; }
 };
 
+// z = a*x + b of one plane as a*(x - m) + z(m), m the plane mean rounded to T: with training
+// BatchNorm in front, b = beta - mean*a is large next to z's spread when |mean| >> std, and
+// rounding b to T would shift the whole plane (1e-4 relative at mean/std = 1000).
+template <typename T>
+struct CentredZ {
+  Vectorized<T> m, a, zm;
+  explicit CentredZ(const Gate& g, double scale = 1.0)
+      : m(centre<T>(g.mx)), a(static_cast<T>(g.a * scale)),
+        zm(static_cast<T>((g.a * double(centre<T>(g.mx)) + g.b) * scale)) {}
+  Vectorized<T> operator()(const Vectorized<T>& d) const { return at::vec::fmadd(d, a, zm); }  // d = x - m
+};
+
 inline Gate plane_gate(const Layout& L, const Params& P, int64_t ch, double a, double b,
                        double mx, double vx, double eps) {
   const int64_t j = L.param(ch);
@@ -357,10 +388,9 @@ void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool 
     return relu ? at::vec::maximum(y, zero) : y;
   };
   if (g.Az == 0.0) {  // channel branch, or sweight == 0: no exp per element
-    const double s = ssigmoid(g.Bc);
-    const V va(static_cast<T>(g.a * s)), vb(static_cast<T>(g.b * s));
+    const CentredZ<T> zs(g, ssigmoid(g.Bc));  // z * s
     map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
-      return finish(at::vec::fmadd(V::loadu(x + i, n), va, vb), i, n);
+      return finish(zs(V::loadu(x + i, n) - zs.m), i, n);
     });
     return;
   }
@@ -372,10 +402,10 @@ void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool 
     });
     return;
   }
-  const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b));
+  const CentredZ<T> z(g);
   map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
-    const V xv = V::loadu(x + i, n);
-    return finish(at::vec::fmadd(xv, va, vb) * sigmoid(xv), i, n);
+    const V d = V::loadu(x + i, n) - z.m;
+    return finish(z(d) * sigmoid.centred(d), i, n);
   });
 }
 
@@ -577,8 +607,9 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const int64_t M = L.M;
-  const V va(static_cast<T>(g.a)), vb(static_cast<T>(g.b)), vmx(static_cast<T>(g.mx)),
-      one(static_cast<T>(1));
+  const CentredZ<T> zc(g);
+  const V va(static_cast<T>(g.a)), vmx = zc.m, one(static_cast<T>(1));
+  const double mxt = double(centre<T>(g.mx));
   PlaneBwd r{0, 0, 0, 0, 0, 0, g.Az == 0.0};
   if (M == 0) return r;  // no pixels: no gradient (the statistics are 0/0)
   double Sgz = 0;
@@ -588,29 +619,30 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
     // gu = go * z * s(1-s) with constant s: sum go*z (and go*z*(z - mean z) for the spatial branch).
     r.s_const = ssigmoid(g.Bc);
     for (; i + W <= M; i += W) {
-      const V xv = V::loadu(xr + i);
-      const V gz = V::loadu(go + i) * at::vec::fmadd(xv, va, vb);
+      const V d = V::loadu(xr + i) - vmx;
+      const V gz = V::loadu(go + i) * zc(d);
       acc1.add(gz);
-      acc2.fmadd(gz, (xv - vmx) * va);
+      acc2.fmadd(gz, d * va);
     }
     double s1 = acc1.sum(), s2 = acc2.sum();
     for (; i < M; ++i) {
       const double z = g.a * xr[i] + g.b;
       s1 += double(go[i]) * z;
-      s2 += double(go[i]) * z * (g.a * (xr[i] - g.mx));
+      s2 += double(go[i]) * z * (g.a * (xr[i] - mxt));
     }
+    s2 += g.a * (mxt - g.mx) * s1;  // the sums were centred on mxt, not the mean
     r.S1 = r.s_const * (1 - r.s_const) * s1;
     Sgz = r.s_const * (1 - r.s_const) * s2;
   } else {
     const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bc, g.mx);
     for (; i + W <= M; i += W) {
-      const V xv = V::loadu(xr + i);
-      const V z = at::vec::fmadd(xv, va, vb);
-      const V s = sigmoid(xv);
+      const V d = V::loadu(xr + i) - vmx;
+      const V z = zc(d);
+      const V s = sigmoid.centred(d);
       s.store(sig + i);
       const V gu = V::loadu(go + i) * z * s * (one - s);
       acc1.add(gu);
-      acc2.fmadd(gu, (xv - vmx) * va);
+      acc2.fmadd(gu, d * va);
     }
     r.S1 = acc1.sum();
     Sgz = acc2.sum();
@@ -620,8 +652,9 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
       sig[i] = static_cast<T>(s);
       const double gu = double(go[i]) * z * s * (1 - s);
       r.S1 += gu;
-      Sgz += gu * (g.a * (xr[i] - g.mx));
+      Sgz += gu * (g.a * (xr[i] - mxt));
     }
+    Sgz += g.a * (mxt - g.mx) * r.S1;  // the sums were centred on mxt, not the mean
   }
   const int64_t j = L.param(ch);
   if (L.spatial(ch)) {
@@ -642,21 +675,24 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
 // Pass B: dL/dz of lanes [i, i+n) of a plane.
 template <typename T>
 struct GradZ {
-  Vectorized<T> va, vb, vK0, vKgu, vKz, vs, one;
+  CentredZ<T> zc;
+  Vectorized<T> vK0, vKgu, vKzd, vs, one;
   const T *xr, *go, *sig;
   bool const_gate;
+  // Kz * z + K0 = (Kz * a) * (x - m) + (Kz * z(m) + K0): the two terms of the left side
+  // cancel when |mean z| >> std z.
   GradZ(const Gate& g, const PlaneBwd& r, const T* xr_, const T* go_, const T* sig_)
-      : va(static_cast<T>(g.a)), vb(static_cast<T>(g.b)), vK0(static_cast<T>(r.K0)),
-        vKgu(static_cast<T>(r.Kgu)), vKz(static_cast<T>(r.Kz)), vs(static_cast<T>(r.s_const)),
+      : zc(g), vK0(static_cast<T>(r.K0 + r.Kz * (g.a * double(centre<T>(g.mx)) + g.b))),
+        vKgu(static_cast<T>(r.Kgu)), vKzd(static_cast<T>(r.Kz * g.a)), vs(static_cast<T>(r.s_const)),
         one(static_cast<T>(1)), xr(xr_), go(go_), sig(sig_), const_gate(r.const_gate) {}
   Vectorized<T> operator()(int64_t i, int64_t n) const {
     using V = Vectorized<T>;
     const V gv = V::loadu(go + i, n);
     if (const_gate) return at::vec::fmadd(gv, vs, vK0);  // Az == 0, hence Kgu == Kz == 0
     const V s = V::loadu(sig + i, n);
-    const V z = at::vec::fmadd(V::loadu(xr + i, n), va, vb);
-    const V gu = gv * z * s * (one - s);
-    return at::vec::fmadd(gv, s, at::vec::fmadd(vKgu, gu, at::vec::fmadd(vKz, z, vK0)));
+    const V d = V::loadu(xr + i, n) - zc.m;
+    const V gu = gv * zc(d) * s * (one - s);
+    return at::vec::fmadd(gv, s, at::vec::fmadd(vKgu, gu, at::vec::fmadd(vKzd, d, vK0)));
   }
 };
 
@@ -674,7 +710,7 @@ struct Bwd {
   T* gpre;       // gradient before the ReLU (= shortcut's), when fused
   double* S1;
   double* S2;
-  double* Sg;    // per-plane sum(gz), sum(gz * x) for BatchNorm (or null)
+  double* Sg;    // per-plane sum(gz), sum(gz * (x - plane mean)) for BatchNorm (or null)
   double* Sgx;
   bool stream;
 
@@ -710,7 +746,7 @@ struct Bwd {
       const V gz = gz_at(i, m);
       const V gzm = m == V::size() ? gz : V::set(V(static_cast<T>(0)), gz, m);  // drop padding
       accg.add(gzm);
-      accgx.fmadd(gzm, V::loadu(xr + i, m));
+      accgx.fmadd(gzm, V::loadu(xr + i, m) - gz_at.zc.m);  // centred: see centred_sums
       return gz * vscale;
     });
     Sg[k] = accg.sum();
@@ -754,34 +790,47 @@ struct Bwd {
     });
   }
 
+  // Channel ch's sum(gz) and sum(gz * (x - mean)) from the planes' sums. The planes' sums
+  // of gz * x are centred on their own (T-rounded) means, so the shift to the channel's
+  // mean is small: sum(gz * x) - mean * sum(gz) would cancel when |mean| >> std.
+  void centred_sums(int64_t ch, double mean, double& sg, double& sgxc) const {
+    sg = sgxc = 0;
+    for (int64_t n = 0; n < L.N; ++n) {
+      const int64_t k = n * L.C + ch;
+      sg += Sg[k];
+      sgxc += Sgx[k] + (double(centre<T>(pmean[k])) - mean) * Sg[k];
+    }
+  }
+
   // BatchNorm's backward of channel ch once its sums are known:
-  //   gx = a * (gz - mean(gz) - xhat * mean(gz * xhat)) = a * gz + K1 + K2 * x,
+  //   gx = a * (gz - mean(gz) - xhat * mean(gz * xhat)) = a * gz + K1 + K2 * (x - mean),
   // with dbeta = sum(gz), dgamma = sum(gz * xhat).
   void bn_coeffs(const Affine& bn, int64_t ch, double* dw, double* db, double& a, double& K1,
                  double& K2) const {
-    double sg = 0, sgx = 0, b;
-    for (int64_t n = 0; n < L.N; ++n) {
-      sg += Sg[n * L.C + ch];
-      sgx += Sgx[n * L.C + ch];
-    }
+    double b, sg, sgxc;
     bn.at(ch, a, b);
     const double mean = bn.mean[ch], invstd = bn.invstd[ch];
-    const double sgxh = invstd * (sgx - mean * sg);  // sum(gz * xhat)
+    centred_sums(ch, mean, sg, sgxc);
+    const double sgxh = invstd * sgxc;  // sum(gz * xhat)
     db[ch] = sg;
     dw[ch] = sgxh;
     const double NM = double(L.N) * L.M;
-    K1 = -a * sg / NM + a * invstd * sgxh / NM * mean;
+    K1 = -a * sg / NM;
     K2 = -a * invstd * sgxh / NM;
   }
 
+  // gx = a * gz + K1 + K2 * (x - mean) of plane k, as K2 * (x - m) + (K1 + K2 * (m - mean))
+  // about the plane's own mean m, for the reason of CentredZ.
   template <bool Stream>
-  void bn_finish_plane(int64_t k, double a, double K1, double K2) const {
+  void bn_finish_plane(int64_t k, double a, double K1, double K2, double mean) const {
     using V = Vectorized<T>;
-    const V va(static_cast<T>(a)), vK1(static_cast<T>(K1)), vK2(static_cast<T>(K2));
+    const T m = centre<T>(pmean[k]);
+    const V vm(m), va(static_cast<T>(a)), vK1(static_cast<T>(K1 + K2 * (double(m) - mean))),
+        vK2(static_cast<T>(K2));
     T* g = gx + k * L.M;
     const T* xr = x + k * L.M;
-    map_plane<T, Stream>(g, L.M, [&](int64_t i, int64_t m) {
-      return at::vec::fmadd(V::loadu(xr + i, m), vK2, at::vec::fmadd(V::loadu(g + i, m), va, vK1));
+    map_plane<T, Stream>(g, L.M, [&](int64_t i, int64_t n) {
+      return at::vec::fmadd(V::loadu(xr + i, n) - vm, vK2, at::vec::fmadd(V::loadu(g + i, n), va, vK1));
     });
   }
 
@@ -795,8 +844,8 @@ struct Bwd {
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t ch = k % L.C;
-        if (stream) bn_finish_plane<true>(k, A[ch], K1[ch], K2[ch]);
-        else bn_finish_plane<false>(k, A[ch], K1[ch], K2[ch]);
+        if (stream) bn_finish_plane<true>(k, A[ch], K1[ch], K2[ch], bn.mean[ch]);
+        else bn_finish_plane<false>(k, A[ch], K1[ch], K2[ch], bn.mean[ch]);
       }
       if (stream) stream_fence();
     });
@@ -822,8 +871,8 @@ struct Bwd {
         double a, K1, K2;
         bn_coeffs(bn, ch, dw, db, a, K1, K2);
         for (int64_t n = 0; n < L.N; ++n) {
-          if (stream) bn_finish_plane<true>(n * L.C + ch, a, K1, K2);
-          else bn_finish_plane<false>(n * L.C + ch, a, K1, K2);
+          if (stream) bn_finish_plane<true>(n * L.C + ch, a, K1, K2, bn.mean[ch]);
+          else bn_finish_plane<false>(n * L.C + ch, a, K1, K2, bn.mean[ch]);
         }
       }
       if (stream) stream_fence();
@@ -958,16 +1007,12 @@ std::vector<Tensor> sa_backward(const Tensor& grad, const Tensor& x, const std::
     } else {
       b.planes(bn);
       if (has_bn) {  // BatchNorm parameters: dbeta = sum(gz), dgamma = sum(gz * xhat)
-        const double *g = sg.data_ptr<double>(), *gxs = sgx.data_ptr<double>();
         double *dw = dbn_w.data_ptr<double>(), *db = dbn_b.data_ptr<double>();
         for (int64_t ch = 0; ch < C; ++ch) {
-          double a = 0, q = 0;
-          for (int64_t n = 0; n < N; ++n) {
-            a += g[n * C + ch];
-            q += gxs[n * C + ch];
-          }
-          db[ch] = a;
-          dw[ch] = bn.invstd[ch] * (q - bn.mean[ch] * a);
+          double sgc, sgxc;
+          b.centred_sums(ch, bn.mean[ch], sgc, sgxc);
+          db[ch] = sgc;
+          dw[ch] = bn.invstd[ch] * sgxc;
         }
       }
     }
