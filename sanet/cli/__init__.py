@@ -25,10 +25,23 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus the error object on stdout for a usage error when ``--json`` was asked
+    for: a machine reading stdout gets one JSON object whatever went wrong."""
+
+    json_requested = False  # set by main() from the raw arguments
+
+    def error(self, message: str):
+        if _Parser.json_requested:
+            command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+            print(json.dumps({"error": message, "command": command}), flush=True)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sanet",
         description="Shuffle Attention (SA-Net, ICASSP 2021): models, weights, training, benchmarks.",
     )
@@ -43,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    _Parser.json_requested = "--json" in (sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

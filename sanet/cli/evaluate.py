@@ -15,7 +15,9 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="a `sanet train` checkpoint (last.pt / best.pt)")
     src.add_argument("--pretrained-file", type=Path,
-                     help="any weights file: the authors' .pth.tar, a .safetensors from `sanet convert`, ...")
+                     help="any weights file: the authors' .pth.tar, a .safetensors from `sanet convert` "
+                          "(it names its model), ...; a `sanet train` checkpoint is read as with --checkpoint. "
+                          "The SA group count is read off the weights")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (--model-ema runs)")
     p.add_argument("--img-size", type=int, default=None, help="crop size (default: training's, else the model's)")
     p.add_argument("--crop-pct", type=float, default=None,
@@ -84,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         cleanup_distributed()
     if not ctx.is_main:
         return 0
+    if metrics["images"] == 0:  # every image was unreadable and skipped: there is no score
+        raise ValueError(f"no image of {args.data} could be read ({metrics['skipped']} skipped as "
+                         "unreadable): nothing was evaluated")
     result = {"top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4),
               "loss": round(metrics["loss"], 6), "images": metrics["images"],
               "skipped": metrics["skipped"], "images_per_s": round(metrics["images_per_s"], 1),

@@ -31,10 +31,24 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def _kwargs_action():
-    from timm.utils import ParseKwargs
+class ModelKwargs(argparse.Action):
+    """``K=V ...`` -> dict, values read as Python literals where they parse (``32`` -> int,
+    ``True``, ``(1, 2)``), else kept as strings: timm's ``ParseKwargs`` rule, with a usage
+    error instead of a traceback for an item without ``=``."""
 
-    return ParseKwargs
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                parser.error(f"{option_string}: {item!r} is not K=V (e.g. sa_groups=32)")
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +62,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     req.add_argument("--pretrained-file", type=Path, default=None,
                      help="start from these weights (authors' .pth.tar, safetensors, or a sanet "
                           "checkpoint); the classifier is re-initialised if the class count differs")
-    req.add_argument("--model-kwargs", nargs="*", default={}, action=_kwargs_action(), metavar="K=V",
+    req.add_argument("--model-kwargs", nargs="*", default={}, action=ModelKwargs, metavar="K=V",
                      help="extra timm.create_model arguments, e.g. sa_groups=32 norm_layer=groupnorm1")
     req.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (default 0)")
 

@@ -1,19 +1,24 @@
 """ImageFolder datasets, timm transforms and (distributed) loaders, with clear errors.
 
-Data order is a function of ``(seed, epoch)`` only: the train sampler is always torchvision's
-``DistributedSampler`` (one replica when not distributed) and the loader's generator, which
-seeds the worker processes, is reseeded every epoch. That is what makes an epoch-boundary
-resume reproduce an uninterrupted run.
+Data order and augmentation are functions of ``(seed, epoch)`` only: the train sampler is
+always torchvision's ``DistributedSampler`` (one replica when not distributed), the loader's
+generator is reseeded every epoch, and each sample's augmentation runs on generators seeded
+from ``(seed, epoch, index)``, whichever worker loads it. That is what makes an epoch-boundary
+resume reproduce an uninterrupted run, with any ``--workers``.
 """
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import SanetError
 from .distributed import DistContext
@@ -57,6 +62,10 @@ class SafeImageFolder(ImageFolder):
     def __init__(self, root: str, transform=None, skip_bad: bool = False) -> None:
         super().__init__(root, transform=transform)
         self.skip_bad = skip_bad
+        # Set per epoch by reseed_loader: each sample's augmentation then draws from its own
+        # generators, seeded from (seed, epoch, index), so it does not depend on which worker
+        # (or how many) loads it. None: the transform uses the process's generators.
+        self.aug_seed: Optional[int] = None
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -69,8 +78,28 @@ class SafeImageFolder(ImageFolder):
                 f"cannot read image {path}: {type(exc).__name__}: {exc} "
                 "(pass --skip-bad-images to skip and count unreadable files)") from None
         if self.transform is not None:
-            sample = self.transform(sample)
+            if self.aug_seed is None:
+                sample = self.transform(sample)
+            else:
+                with _seeded(self.aug_seed * 1_000_003 + index):
+                    sample = self.transform(sample)
         return sample, target
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """torch (CPU), Python and NumPy generators seeded for a block, then restored: timm's and
+    torchvision's transforms draw from all three, and the training step must not see it."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def collate_skip(batch: List[Optional[Tuple[Any, int]]]) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -93,8 +122,22 @@ def open_image_folder(root: Path, what: str, skip_bad: bool = False, transform=N
         return SafeImageFolder(str(root), transform=transform, skip_bad=skip_bad)
     except FileNotFoundError as exc:
         # torchvision's messages: no class folders, or class folders without images
+        empty = _classes_without_images(root)
+        if empty and len(empty) < sum(1 for d in root.iterdir() if d.is_dir()):
+            raise FileNotFoundError(
+                f"{what} folder {root}: class folder(s) {empty[:10]} hold no images (image files: "
+                f"{', '.join(IMG_EXTENSIONS)}); every class needs images in train/ and val/ "
+                "(labels are class-folder indices): add images or remove the folder") from None
         raise FileNotFoundError(f"{what} folder {root} is empty or holds no images: {exc} "
                                 f"(expected {root}/<class name>/<image file>)") from None
+
+
+def _classes_without_images(root: Path) -> List[str]:
+    """Class folders of ``root`` with no image file at any depth (ImageFolder's rule)."""
+    def has_image(folder: Path) -> bool:
+        return any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in folder.rglob("*"))
+
+    return [d.name for d in sorted(root.iterdir()) if d.is_dir() and not has_image(d)]
 
 
 def check_same_classes(train: Sequence[str], val: Sequence[str]) -> None:
@@ -153,10 +196,13 @@ def build_train_loader(dataset, batch_size: int, *, workers: int, ctx: DistConte
 
 
 def reseed_loader(loader: DataLoader, epoch: int, seed: int) -> None:
-    """Make this epoch's order and augmentation a function of (seed, epoch)."""
+    """Make this epoch's order and augmentation a function of (seed, epoch) only: not of the
+    number of workers, nor of the run being fresh or resumed."""
     loader.sampler.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 1_000_003 + epoch)
+    if isinstance(loader.dataset, SafeImageFolder):
+        loader.dataset.aug_seed = seed * 1_000_003 + epoch
 
 
 def build_eval_loader(dataset, batch_size: int, *, workers: int, ctx: DistContext) -> DataLoader:

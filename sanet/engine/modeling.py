@@ -37,11 +37,16 @@ def _classifier_size(state_dict: Dict[str, torch.Tensor], model_name: str) -> Op
     return None if weight is None else int(weight.shape[0])
 
 
-def _registered_arch(checkpoint: Any) -> Optional[str]:
-    """The ``arch`` an authors'-layout file records, if it is a model timm knows."""
+def _registered_arch(checkpoint: Any, path: Path) -> Optional[str]:
+    """The architecture a weights file records, if it is a model timm knows: ``arch`` in the
+    authors' layout, ``model`` in the metadata of a ``sanet convert`` safetensors file."""
     import timm
 
+    from sanet.checkpoint import safetensors_metadata
+
     arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+    if arch is None:
+        arch = safetensors_metadata(path).get("model")
     return arch if isinstance(arch, str) and timm.is_model(arch) else None
 
 
@@ -61,17 +66,18 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
     if pretrained_file is None:
-        return timm.create_model(name, **kwargs)
+        return _create(name, model_kwargs, **kwargs)
     from sanet.checkpoint import load_state_dict_file
-    from sanet.models import CheckpointMismatchError
+    from sanet.models import CheckpointMismatchError, with_sa_groups_of
 
     state_dict = load_state_dict_file(pretrained_file)
+    kwargs = with_sa_groups_of(state_dict, name, kwargs)  # fine-tune the G it was trained with
     overlay: Dict[str, Any] = dict(state_dict=state_dict)
     file_classes = _classifier_size(state_dict, name)
     if file_classes is not None:
         overlay["num_classes"] = file_classes  # timm keeps the classifier only if this matches
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return _create(name, model_kwargs, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"--pretrained-file {pretrained_file}: {exc}") from None
     except RuntimeError as exc:
@@ -83,6 +89,20 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
         raise CheckpointMismatchError(
             f"--pretrained-file {pretrained_file}: checkpoint does not match {name} "
             f"({detail[:400]}{'...' if len(detail) > 400 else ''})") from None
+
+
+def _create(name: str, model_kwargs: Optional[Dict[str, Any]], **kwargs: Any) -> nn.Module:
+    """``timm.create_model``; a keyword the model does not take (or a value of the wrong type)
+    in ``--model-kwargs`` is the user's error, reported as such."""
+    import timm
+
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as exc:
+        if not model_kwargs:
+            raise
+        raise ValueError(f"--model-kwargs {' '.join(f'{k}={v!r}' for k, v in model_kwargs.items())}: "
+                         f"{name} does not accept them ({exc})") from None
 
 
 def check_checkpoint_model(ckpt: Dict[str, Any], model_name: Optional[str], source: str) -> str:
@@ -123,39 +143,45 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
 
     import sanet  # noqa: F401
     from sanet.checkpoint import load_checkpoint_file, state_dict_from
-    from sanet.models import check_state_dict, strip_prefix
+    from sanet.models import check_state_dict, strip_prefix, with_sa_groups_of
 
     if (checkpoint is None) == (pretrained_file is None):
         raise ValueError("pass exactly one of --checkpoint (a sanet train checkpoint) or "
                          "--pretrained-file (any weights file)")
-    if checkpoint is not None:
-        ckpt = load_checkpoint_file(checkpoint)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "class_names" not in ckpt:
-            raise ValueError(f"{checkpoint} is not a sanet train checkpoint (no 'model'/'class_names'); "
-                             "use --pretrained-file for other weight files")
-        name = check_checkpoint_model(ckpt, model_name, str(checkpoint))
+    source = checkpoint if checkpoint is not None else pretrained_file
+    raw = load_checkpoint_file(source)
+    # a `sanet train` checkpoint passed as --pretrained-file is read as one: its classes and
+    # the image size it was trained at come with it
+    is_run = isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "class_names" in raw
+    if checkpoint is not None and not is_run:
+        raise ValueError(f"{checkpoint} is not a sanet train checkpoint (no 'model'/'class_names'); "
+                         "use --pretrained-file for other weight files")
+    if is_run:
+        name = check_checkpoint_model(raw, model_name, str(source))
         key = "model_ema" if use_ema else "model"
-        if ckpt.get(key) is None:
-            raise ValueError(f"{checkpoint} has no EMA weights (trained without --model-ema)")
-        state_dict = strip_prefix(ckpt[key])
-        class_names = [str(c) for c in ckpt["class_names"]]
-        args = ckpt.get("args") or {}
+        if raw.get(key) is None:
+            raise ValueError(f"{source} has no EMA weights (trained without --model-ema)")
+        state_dict = strip_prefix(raw[key])
+        class_names = [str(c) for c in raw["class_names"]]
+        args = raw.get("args") or {}
         data_args = {k: args.get(k) for k in ("img_size", "crop_pct", "interpolation")}
         model_kwargs = dict(args.get("model_kwargs") or {})
         num_classes = len(class_names)
     else:
         if use_ema:
-            raise ValueError("--ema applies to --checkpoint files of runs trained with --model-ema")
-        raw = load_checkpoint_file(pretrained_file)
-        name = model_name or _registered_arch(raw)
+            raise ValueError("--ema applies to checkpoints of runs trained with --model-ema")
+        name = model_name or _registered_arch(raw, source)
         if name is None:
             raise ValueError("--pretrained-file needs --model: the file names no registered architecture "
-                             "(the authors' files name theirs in 'arch')")
-        state_dict = state_dict_from(raw, pretrained_file)
+                             "(the authors' files name theirs in 'arch', `sanet convert` files in their "
+                             "metadata)")
+        state_dict = state_dict_from(raw, source)
         num_classes = _classifier_size(state_dict, name) or 1000
         class_names = imagenet_class_names() if num_classes == 1000 else None
-        data_args, model_kwargs = {}, {}
-    model = timm.create_model(name, num_classes=num_classes, **model_kwargs)
+        data_args = {}
+        model_kwargs = {k: v for k, v in with_sa_groups_of(state_dict, name, {"num_classes": num_classes}).items()
+                        if k != "num_classes"}
+    model = _create(name, model_kwargs, num_classes=num_classes, **model_kwargs)
     check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file))
     model.load_state_dict(state_dict)
     model.eval()

@@ -59,8 +59,8 @@ def target_map_for(folder_classes: Sequence[str], class_names: Optional[Sequence
     unknown = [c for c in folder_classes if c not in known]
     raise ValueError(
         f"{len(unknown)} of the data's {len(folder_classes)} class folders are not classes of this "
-        f"model (e.g. {unknown[:5]}; the model's classes are e.g. {candidates[0][:5]}); evaluate on "
-        "a folder holding the training classes or a subset of them")
+        f"model (e.g. {unknown[:5]}; folders are matched by name to the model's classes, e.g. "
+        f"{candidates[-1][:5]}); evaluate on a folder holding the training classes or a subset of them")
 
 
 def read_images(paths: Sequence[Path], transform) -> torch.Tensor:

@@ -13,6 +13,7 @@ import datetime
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,15 +69,29 @@ def fit(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _say(ctx: DistContext, *parts: Any) -> None:
-    if ctx.is_main:
+    if not ctx.is_main:
+        return
+    try:
         print(*parts, flush=True)
+    except BrokenPipeError:
+        # stdout piped into e.g. `head`, which has exited: training is the job, and log.csv
+        # keeps every line, so go on without the console
+        sys.stdout = open(os.devnull, "w")
 
 
-def _prepare_output(out: Path, args: argparse.Namespace, ctx: DistContext) -> None:
-    """Refuse to silently overwrite a previous run; ``--overwrite`` clears it."""
+def _check_output(out: Path, args: argparse.Namespace) -> None:
+    """Refuse to silently overwrite a previous run, or to write into a file."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; give a folder (it receives last.pt, best.pt, "
+                         "log.csv, tb/ and curves.png)")
     if (out / "last.pt").exists() and not (args.resume or args.overwrite):
         raise ValueError(f"{out} already holds a run ({out / 'last.pt'}): pass --resume to continue "
                          "it, --overwrite to start afresh, or choose another --output")
+
+
+def _prepare_output(out: Path, args: argparse.Namespace, ctx: DistContext) -> None:
+    """Create the run folder; ``--overwrite`` clears the previous run. Called once the new run
+    has passed every check (data, model, options), so a mistyped command loses nothing."""
     if ctx.is_main:
         if args.overwrite:
             for name in _RUN_FILES:
@@ -93,6 +108,12 @@ def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext):
         raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation")
     model = create_train_model(args.model, num_classes, pretrained_file=args.pretrained_file,
                                drop_path=args.drop_path, model_kwargs=args.model_kwargs)
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    in_chans = getattr(model.get_submodule(first_conv), "in_channels", 3) if isinstance(first_conv, str) else 3
+    if in_chans != 3:
+        raise ValueError(f"{args.model} takes {in_chans}-channel input, but sanet train loads every image "
+                         "as RGB (grayscale ones converted): build it with 3 input channels (drop "
+                         "in_chans from --model-kwargs)")
     if args.sync_bn and ctx.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
@@ -124,8 +145,25 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
     if (state.ema is not None) != has_ema:  # best.pt is chosen by EMA top-1 in EMA runs
         raise ValueError(f"--resume: {path} was trained {'with' if has_ema else 'without'} --model-ema; "
                          f"resume it {'with' if has_ema else 'without'} --model-ema (or start a new run)")
+    saved_args = ckpt.get("args") or {}
+    for key, flag in (("opt", "--opt"), ("no_wd_norm", "--no-wd-norm")):
+        # the optimizer's state (momentum buffers, Adam moments) is per optimizer and param group
+        if key in saved_args and saved_args[key] != getattr(args, key):
+            raise ValueError(f"--resume: {path} was trained with {key}={saved_args[key]!r}, this run has "
+                             f"{getattr(args, key)!r}; the optimizer state does not carry over: resume "
+                             f"with the same {flag}, or start a new run (--pretrained-file {path} to "
+                             "fine-tune from its weights)")
     state.raw.load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
+    # The loaded param groups would bring back the old run's momentum and weight decay; this
+    # run's options win (a changed value is reported below), the buffers are kept.
+    options = [{k: v for k, v in group.items() if k != "params"} for group in state.optimizer.param_groups]
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"--resume: the optimizer state in {path} does not fit this run's optimizer "
+                         f"({type(exc).__name__}: {exc}); resume with the options it was trained with") from None
+    for group, opts in zip(state.optimizer.param_groups, options):
+        group.update(opts)
     if ckpt.get("scaler") is not None:
         state.scaler.load_state_dict(ckpt["scaler"])
     if state.ema is not None:
@@ -136,7 +174,7 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
     # this stays right when --epochs, the batch size or the process count change on resume.
     state.scheduler.step_update(num_updates=int(ckpt["epoch"]) * updates_per_epoch)
     set_rng_state(ckpt["rng"])
-    saved, now = ckpt.get("args") or {}, plain_args(args)
+    saved, now = saved_args, plain_args(args)
     changed = [k for k in saved if k not in RUN_CONTROL_KEYS and saved[k] != now.get(k)]
     if changed:
         _say(ctx, "warning: resuming with different " + ", ".join(
@@ -201,6 +239,9 @@ def _validate(state: TrainState, loader, ctx: DistContext, args: argparse.Namesp
         broadcast_buffers(state.ema.module, ctx)
     val = evaluate(state.raw, loader, ctx, amp=args.amp, channels_last=args.channels_last,
                    progress=progress, desc="val")
+    if val["images"] == 0:  # all skipped as unreadable: a top-1 of 0 would be recorded as a score
+        raise ValueError(f"no image of {Path(args.data) / 'val'} could be read ({val['skipped']} skipped as "
+                         "unreadable): there is nothing to validate on")
     row = dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
                val_images=val["images"], val_skipped=val["skipped"])
     if state.ema is not None:
@@ -221,7 +262,7 @@ def _check_weights_finite(state: TrainState, out: Path, epoch: int) -> None:
 
 def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.output)
-    _prepare_output(out, args, ctx)
+    _check_output(out, args)
     train_ds, val_ds = open_train_val(args.data, args.skip_bad_images)
     class_names: List[str] = list(train_ds.classes)
     ckpt = load_resume_checkpoint(out, args.model, class_names) if args.resume else None
@@ -241,6 +282,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                          f"epoch (per process); use at most {len(train_loader)}")
     updates_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
     state = _build_state(args, model, ctx, len(class_names), updates_per_epoch)
+    _prepare_output(out, args, ctx)
 
     start_epoch, best, best_epoch, history = 0, -1.0, 0, []
     if ckpt is not None:

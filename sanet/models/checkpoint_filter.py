@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..errors import SanetError
 
 __all__ = ["CheckpointMismatchError", "checkpoint_filter_fn", "check_state_dict", "strip_prefix", "weights_of",
-           "cfg_from_weights"]
+           "cfg_from_weights", "sa_groups_of", "with_sa_groups_of"]
 
 
 class CheckpointMismatchError(SanetError):
@@ -68,14 +68,52 @@ def check_state_dict(
     if mismatched:
         shown = [f"{k} {a} vs model {b}" for k, a, b in mismatched]
         lines.append(f"  shape mismatches ({len(mismatched)}): {_fmt(shown)}")
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if missing and not unexpected and not mismatched and classifier and all(
-            k.startswith(f"{classifier}.") for k in missing):
-        lines.append("  (the file has no classifier: load it headless with num_classes=0, or "
-                     "--num-classes 0)")
-    else:
-        lines.append("  (is this a checkpoint of another architecture or depth?)")
+    lines.append(f"  ({_hint(state_dict, model, missing, unexpected, [k for k, _, _ in mismatched])})")
     raise CheckpointMismatchError("\n".join(lines))
+
+
+# The SA layer's parameters (SA-NET.md section 1), whose shapes depend on the group count.
+_SA_KEYS = (".cweight", ".cbias", ".sweight", ".sbias", ".gn.weight", ".gn.bias")
+
+
+def _hint(state_dict: Dict[str, Tensor], model: nn.Module, missing: List[str], unexpected: List[str],
+          mismatched: List[str]) -> str:
+    """What most likely differs, and what to pass."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+
+    def in_head(keys: List[str]) -> bool:
+        return bool(keys) and isinstance(classifier, str) and all(k.startswith(f"{classifier}.") for k in keys)
+
+    if in_head(missing) and not unexpected and not mismatched:
+        return "the file has no classifier: load it headless with num_classes=0, or --num-classes 0"
+    if in_head(mismatched) and not missing and not unexpected:
+        n = state_dict[f"{classifier}.weight"].shape[0]
+        return (f"the file's classifier has {n} classes: build the model with num_classes={n} "
+                f"(--num-classes {n}), or 0 for no classifier")
+    groups = sa_groups_of(state_dict, model)
+    if groups is not None and not missing and not unexpected and all(k.endswith(_SA_KEYS) for k in mismatched):
+        return (f"its SA layers were built with another group count: build the model with "
+                f"sa_groups={groups} (--model-kwargs sa_groups={groups})")
+    return "is this a checkpoint of another architecture or depth?"
+
+
+def sa_groups_of(state_dict: Dict[str, Tensor], model: nn.Module) -> Optional[int]:
+    """The ``sa_groups`` the weights' SA layers were built with, when it differs from the
+    model's (None otherwise, or when the file does not say). An SA layer of C channels and G
+    groups has C / (2G) values in ``cweight``; narrow layers fit G down (``fit_sa_groups``), so
+    the requested G is the largest over the layers."""
+    from ..layers import ShuffleAttention
+
+    found, differs = [], False
+    for name, module in model.named_modules():
+        if isinstance(module, ShuffleAttention):
+            w = state_dict.get(f"{name}.cweight")
+            if not isinstance(w, Tensor) or w.numel() == 0 or module.channels % (2 * w.numel()):
+                return None
+            groups = module.channels // (2 * w.numel())
+            found.append(groups)
+            differs = differs or groups != module.groups
+    return max(found) if found and differs else None
 
 
 def weights_of(checkpoint: dict) -> Dict[str, Tensor]:
@@ -145,3 +183,15 @@ def _check_dim(state_dict: Dict[str, Tensor], key: str, dim: int, expected: int,
         raise CheckpointMismatchError(
             f"checkpoint does not match the model: its {key} has {w.shape[dim]} {what}, the model "
             f"{expected}. Leave {kwarg} at its default to load it as it is")
+
+
+def with_sa_groups_of(state_dict: Dict[str, Tensor], name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``create_model`` kwargs for ``name`` with ``sa_groups`` set to what the weights were
+    built with (e.g. a run trained with ``--model-kwargs sa_groups=32``), unless the kwargs
+    already name one. Checked on the meta device: nothing is allocated."""
+    import timm
+
+    if "sa_groups" in kwargs:
+        return dict(kwargs)
+    groups = sa_groups_of(state_dict, timm.create_model(name, device="meta", **kwargs))
+    return dict(kwargs) if groups is None else dict(kwargs, sa_groups=groups)

@@ -1,0 +1,102 @@
+"""``sanet train`` refuses what would lose or misreport work: overwrite checks first, resume
+options that cannot or did not carry over, bad --model-kwargs, outputs that are files; and
+the run does not depend on how it is executed (worker count, a closed stdout)."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from engine_utils import load_ckpt, make_imagefolder, run_cli, train_argv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, one_thread):
+    return make_imagefolder(tmp_path_factory.mktemp("data"))
+
+
+def test_overwrite_deletes_nothing_when_the_new_command_fails(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out))[0] == 0
+    before = (out / "last.pt").read_bytes()
+    for bad in (["--batch-size", "1000"], ["--model-kwargs", "bogus=1"], ["--pretrained-file", str(tmp_path / "none.pt")]):
+        code, _, err = run_cli(capsys, train_argv(data, out, "--overwrite", *bad))
+        assert code == 2, (bad, err)
+        assert (out / "last.pt").read_bytes() == before and (out / "best.pt").exists(), bad
+    code, _, err = run_cli(capsys, train_argv(tmp_path / "no-such-data", out, "--overwrite"))
+    assert code == 2 and (out / "last.pt").read_bytes() == before
+
+
+def test_output_that_is_a_file_is_refused(capsys, tmp_path, data):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    code, _, err = run_cli(capsys, train_argv(data, target))
+    assert code == 2 and "is a file" in err and target.read_text() == "keep me"
+
+
+def test_resume_applies_this_runs_momentum_and_weight_decay(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out))[0] == 0
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--resume", "--weight-decay", "0.05",
+                                                 "--momentum", "0.5", epochs=2))
+    assert code == 0 and "weight_decay (0.0001 -> 0.05)" in stdout
+    groups = load_ckpt(out / "last.pt")["optimizer"]["param_groups"]
+    assert all(g["weight_decay"] == 0.05 and g["momentum"] == 0.5 for g in groups)
+    assert load_ckpt(out / "last.pt")["optimizer"]["state"]  # the momentum buffers were kept
+
+
+@pytest.mark.parametrize("change,flag", [(["--opt", "adamw"], "--opt"), (["--no-wd-norm"], "--no-wd-norm")])
+def test_resume_with_another_optimizer_is_refused(capsys, tmp_path, data, change, flag):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out))[0] == 0
+    code, _, err = run_cli(capsys, train_argv(data, out, "--resume", *change, epochs=2))
+    assert code == 2 and flag in err and "optimizer state" in err
+
+
+def test_bad_model_kwargs_are_user_errors(capsys, tmp_path, data):
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "a", "--model-kwargs", "bogus=1", "--json"))
+    assert code == 2 and "does not accept" in err and "bogus" in err
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "b", "--model-kwargs", "in_chans=1"))
+    assert code == 2 and "RGB" in err
+    with pytest.raises(SystemExit) as info:  # a usage error, as argparse reports them
+        run_cli(capsys, train_argv(data, tmp_path / "c", "--model-kwargs", "sa_groups", "--json"))
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and "is not K=V" in err
+    assert json.loads(out)["command"] == "train" and "K=V" in json.loads(out)["error"]
+
+
+def test_empty_class_folder_is_named(capsys, tmp_path):
+    data = make_imagefolder(tmp_path / "d")
+    (data / "train" / "zz").mkdir()
+    (data / "val" / "zz").mkdir()
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r"))
+    assert code == 2 and "['zz'] hold no images" in err
+
+
+def test_results_do_not_depend_on_the_worker_count(capsys, tmp_path, data):
+    """Each image is augmented on generators seeded from (seed, epoch, index)."""
+    runs = []
+    for workers in ("0", "1"):
+        out = tmp_path / f"w{workers}"
+        common = ("--deterministic", "--workers", workers, "--mixup", "0.2", "--drop-path", "0.1")
+        assert run_cli(capsys, [*train_argv(data, out, *common)])[0] == 0
+        runs.append(load_ckpt(out / "last.pt")["model"])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_a_closed_stdout_does_not_stop_training(monkeypatch, tmp_path, data):
+    import sys
+
+    from sanet.cli import main
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(train_argv(data, tmp_path / "run", epochs=2)) == 0
+    assert load_ckpt(tmp_path / "run" / "last.pt")["epoch"] == 2
