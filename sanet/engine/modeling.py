@@ -58,8 +58,6 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     timm drops the classifier when the class count differs and the SA checkpoint filter checks
     every other key strictly.
     """
-    import timm
-
     import sanet  # noqa: F401  (registers the SA models)
 
     kwargs: Dict[str, Any] = dict(model_kwargs or {}, num_classes=num_classes)
@@ -139,8 +137,6 @@ class LoadedModel:
 def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] = None,
                        pretrained_file: Optional[Path] = None, use_ema: bool = False) -> LoadedModel:
     """Model + class names from a ``sanet train`` checkpoint or any weights file."""
-    import timm
-
     import sanet  # noqa: F401
     from sanet.checkpoint import load_checkpoint_file, state_dict_from
     from sanet.models import check_state_dict, strip_prefix, with_sa_groups_of
