@@ -45,7 +45,12 @@ def tiling(request, monkeypatch):
             pytest.skip("tiling applies to the Triton kernels")
         monkeypatch.setattr(triton_sa, "_MAX_TILE", 32)
         monkeypatch.setattr(triton_sa, "_LOOP_BLOCK", 16)
-    return request.param
+        # _tiling is cached per plane size: without this, a size an earlier test saw keeps
+        # its register tiling and the 'loop' case silently tests nothing new.
+        triton_sa._tiling.cache_clear()
+    yield request.param
+    if request.param == "loop":
+        triton_sa._tiling.cache_clear()
 
 
 CASES = [
@@ -218,6 +223,73 @@ def test_bn_sa_tail_matches_oracle(train, relu, momentum, affine, hw, tiling):
         assert rel_err(bn_f.running_mean, bn_64.running_mean) <= 1e-6
         assert rel_err(bn_f.running_var, bn_64.running_var) <= 1e-6
         assert bn_f.num_batches_tracked.item() == (step + 1 if train else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups,scale", [((2, 16, 9, 10), 4, 1.0), ((4, 8, 64, 64), 2, 10.0)],
+                         ids=["small", "sums-past-fp16"])
+def test_bn_sa_tail_half_precision_training(dtype, shape, groups, scale):
+    """BatchNorm and SA both in fp16/bf16 (a model.half()), training mode, against fp64 with
+    the same (rounded) parameters, input and gradient. BatchNorm's sums over the batch, read
+    back for dx, must not be kept in its dtype: sum(gz) over a 4x64x64 batch of gradients
+    ~10 is ~1e5, past fp16's 65504 (dx was inf), and the interpreter turns float64 -> bf16
+    into 0 (dx NaN). fp32 inside, so the only error left is the final rounding; a BatchNorm
+    gradient past fp16's range is inf, as the fp16 parameter's gradient is op by op."""
+    gen = torch.Generator().manual_seed(case_seed(shape, groups, scale))
+    bn, sa = bn_sa_pair(shape[1], groups, gen, dtype=dtype)
+    bn64, sa64 = copy.deepcopy(bn).double(), copy.deepcopy(sa).double()
+    x = make_input(shape, "contiguous", gen, dtype) * 2 + 0.5
+    if not fused_sa_supported(x):
+        pytest.skip(f"no fused kernel for {dtype} on {DEVICE.type}")
+    sc = make_input(shape, "contiguous", gen, dtype)
+    g = ((torch.randn(shape, generator=gen) + 1) * scale).to(DEVICE, dtype)  # sums of one sign
+    y, grads = run_tail(bn, sa, x, sc, False, g, True)
+    y64, grads64 = run_tail(bn64, sa64, x.double(), sc.double(), False, g.double(), False)
+    bound = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
+    names = ["out", "input", "shortcut", *(n for n, _ in sa.named_parameters()), "bn.weight", "bn.bias"]
+    overflowed = 0
+    for name, a, b in zip(names, [y, *grads], [y64, *grads64]):
+        assert a.dtype == dtype, name
+        over = b.abs() > torch.finfo(dtype).max
+        overflowed += int(over.sum())
+        assert torch.equal(a[over], b[over].to(dtype)), f"{name}: {a[over]} where fp64 has {b[over]}"
+        assert torch.isfinite(a[~over]).all(), name
+        assert rel_err(a[~over], b[~over]) <= bound, f"{name}: {rel_err(a[~over], b[~over]):.3g}"
+    assert (overflowed > 0) == (dtype == torch.float16 and scale > 1)  # the case is what it says
+    assert rel_err(bn.running_mean, bn64.running_mean) <= bound
+    assert rel_err(bn.running_var, bn64.running_var) <= bound
+
+
+@pytest.mark.parametrize("mode", ["sa", "bn_train", "bn_eval"])
+@pytest.mark.parametrize("hw", [(4, 4), (64, 64)])
+def test_large_mean_against_fp64(mode, hw, tiling):
+    """tests/test_fused.py's case for the CPU kernel: input whose mean is 1000 standard
+    deviations from 0, built exactly representable in fp32 and with channel means exactly
+    1000, so fp32 can be exact to ~1e-7. Rounding b = beta - mean * a (~1000 a) to fp32, or
+    the plane mean the gate is centred on, shifts whole planes by 1e-5 to 1e-4 of their
+    spread. (8, 8) planes take the chunked path under the 'loop' tiling.)"""
+    gen = torch.Generator().manual_seed(3)
+    bn, sa = bn_sa_pair(16, 2, gen, dtype=torch.float32)
+    with torch.no_grad():
+        bn.running_mean.fill_(1000.0)
+    bn.train(mode == "bn_train")
+    half = (torch.randn(2, 16, *hw, generator=gen) * 256).round() / 256
+    x = (torch.cat([half, -half]) + 1000.0).to(DEVICE)
+    g = torch.randn(x.shape, generator=gen).to(DEVICE)
+    results = []
+    for dtype, impl in ((torch.float32, "fused"), (torch.float64, "reference")):
+        b, s = copy.deepcopy(bn).to(dtype), copy.deepcopy(sa).to(dtype)
+        s.impl = impl
+        xi = x.to(dtype).requires_grad_(True)
+        if mode == "sa":
+            y = s(xi)
+        else:
+            y = bn_shuffle_attention(xi, b, s) if impl == "fused" else s(b(xi))
+        inputs = [xi, *s.parameters()] + ([] if mode == "sa" else list(b.parameters()))
+        results.append([y, *torch.autograd.grad(y, inputs, g.to(dtype))])
+    names = ["out", "input", *(n for n, _ in sa.named_parameters()), "bn.weight", "bn.bias"]
+    errs = {name: rel_err(fused, ref64) for name, fused, ref64 in zip(names, *results)}
+    assert max(errs.values()) <= 3e-6, ", ".join(f"{k} {v:.2g}" for k, v in errs.items())
 
 
 @pytest.mark.parametrize("shape", [(0, 32, 4, 4), (2, 32, 0, 5)], ids=["no-samples", "no-pixels"])
