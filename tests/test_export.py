@@ -32,7 +32,7 @@ def _model_and_inputs(seed: int = 0):
 def test_jit_trace_records_pytorch_ops_and_loads_without_sanet(tmp_path):
     model, x = _model_and_inputs()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # trace's deprecation and shape-constant warnings
+        warnings.simplefilter("ignore")  # trace's deprecation warnings
         traced = torch.jit.trace(model, x, check_trace=False)  # compared below, in another process
     assert "sanet::" not in traced.graph.str()
     path = tmp_path / "traced.pt"
@@ -48,6 +48,20 @@ def test_jit_trace_records_pytorch_ops_and_loads_without_sanet(tmp_path):
     )
     res = subprocess.run([sys.executable, "-W", "ignore", "-c", check], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_jit_trace_emits_no_tracer_warning():
+    """check_sa_input compared a traced size with an int ("might not generalize"); the trace
+    does generalise (test above), so tracing skips the Python-level check."""
+    model, x = _model_and_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, x)  # check_trace on: re-runs and compares the trace
+    tracer = [str(w.message)[:120] + f" ({w.filename}:{w.lineno})" for w in caught
+              if issubclass(w.category, torch.jit.TracerWarning)]
+    assert not tracer, tracer
+    x2 = torch.randn(3, 3, 48, 48)  # another batch and size: the trace generalises
+    torch.testing.assert_close(traced(x2), model(x2), rtol=1e-5, atol=1e-5)
 
 
 def test_torch_export_records_pytorch_ops():

@@ -45,10 +45,42 @@ def test_fit_sa_groups_default_is_64():
     assert fit_sa_groups(2048) == 64 and fit_sa_groups(64) == 32
 
 
-@pytest.mark.parametrize("channels,requested", [(7, 64), (0, 64), (64, 0)])
-def test_fit_sa_groups_error(channels, requested):
-    with pytest.raises(ValueError, match=f"no valid group count <= {requested} for {channels} channels"):
+@pytest.mark.parametrize("channels,requested", [(7, 64), (63, 16), (1, 1)])
+def test_fit_sa_groups_error_odd_channels(channels, requested):
+    with pytest.raises(ValueError, match=f"no valid group count <= {requested} for {channels} channels: .*odd"):
         fit_sa_groups(channels, requested)
+
+
+@pytest.mark.parametrize("requested", [2.5, 2.0, "64", 0, -2, True, None])
+def test_fit_sa_groups_rejects_bad_groups(requested):
+    """2.5 used to give 2 and 0 to blame C; "64" and None raised TypeError from a comparison."""
+    with pytest.raises(ValueError) as info:
+        fit_sa_groups(64, requested)
+    msg = str(info.value)
+    assert "fit_sa_groups: groups must be a positive int" in msg and f"got {requested!r}" in msg
+    assert "channels" not in msg  # C = 64 is fine
+
+
+@pytest.mark.parametrize("channels", [64.0, "64", 0, -8, False])
+def test_fit_sa_groups_rejects_bad_channels(channels):
+    with pytest.raises(ValueError, match=re.escape("fit_sa_groups: channels must be a positive int "
+                                                   f"(the layer's channel count C), got {channels!r}")):
+        fit_sa_groups(channels, 64)
+
+
+@pytest.mark.parametrize("channels", [96.0, "96", True, None])
+def test_valid_sa_groups_rejects_non_integers(channels):
+    """96.0 raised TypeError from range(); True counted as 1 channel."""
+    with pytest.raises(ValueError, match=re.escape("valid_sa_groups: channels must be an int "
+                                                   f"(the layer's channel count C), got {channels!r}")):
+        valid_sa_groups(channels)
+
+
+def test_group_helpers_accept_numpy_integers():
+    np = pytest.importorskip("numpy")
+    assert valid_sa_groups(np.int64(96)) == valid_sa_groups(96)
+    got = fit_sa_groups(np.int64(64), np.int32(64))
+    assert got == 32 and type(got) is int
 
 
 @pytest.mark.parametrize("channels,requested,expected", [(64, 64, 32), (512, 64, 64), (96, 64, 48)])
@@ -93,6 +125,15 @@ def test_construction_error_bad_values(channels, groups, needle):
     with pytest.raises(ValueError, match=needle) as info:
         ShuffleAttention(channels, groups)
     assert "fit_sa_groups" not in str(info.value)  # it can't help here
+
+
+@pytest.mark.parametrize("groups", [2.5, "64", 0])
+def test_construction_error_bad_groups_lists_valid_ones(groups):
+    with pytest.raises(ValueError) as info:
+        ShuffleAttention(96, groups)
+    msg = str(info.value)
+    assert "groups must be a positive int" in msg and f"got {groups!r}" in msg
+    assert "valid groups for 96 channels: [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]" in msg
 
 
 def test_numpy_integer_channel_counts_are_accepted():

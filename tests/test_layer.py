@@ -10,12 +10,15 @@ gradient of all six parameters) with random parameter values.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from typing import Dict, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 import sanet
 from sanet import ShuffleAttention
@@ -392,6 +395,200 @@ def test_call_error_wrong_channels(impl):
         m(torch.randn(2, 32, 4, 4))
     with pytest.raises(ValueError, match=r"built for 16 channels but the input has 4"):
         m(torch.randn(2, 4, 16, 16))  # a channels-last-shaped tensor (N, H, W, C) mistake
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_call_error_integer_input(impl, dtype):
+    """Integer input used to fail inside mean() ("could not infer output dtype")."""
+    require_fused(impl)
+    m = ShuffleAttention(16, 2, impl=impl)
+    x = torch.randint(0, 2, (2, 16, 4, 4)).to(dtype)
+    with pytest.raises(TypeError, match=re.escape(
+            "expects floating-point input (float32, float64, float16 or bfloat16; averages and "
+            f"gates need fractions), got {dtype}: convert it first, e.g. x.float()")):
+        m(x)
+
+
+def test_call_error_integer_input_torchscript():
+    scripted = torch.jit.script(ShuffleAttention(16, 2))
+    with pytest.raises(Exception, match=r"expects floating-point input \(float32"):
+        scripted(torch.randint(0, 5, (2, 16, 4, 4)))
+
+
+# --------------------------------------------------------------------------- functional forms: errors
+FUNCTIONALS = [sanet.shuffle_attention_reference, sanet.shuffle_attention_torch]
+FN_IDS = ["reference", "torch"]
+FN_PARAM_NAMES = ("cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias")
+
+
+def _params(channels: int, groups: int):
+    return [p.detach() for p in randomize_sa_(ShuffleAttention(channels, groups)).parameters()]
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+def test_functional_error_groups_do_not_divide_channels(fn):
+    """C = 96, G = 32: the reference used to regroup silently, the torch form to fail in reshape."""
+    params = [torch.ones(1, 1, 1, 1)] * 6  # 96 // 64 = 1 value each
+    with pytest.raises(ValueError, match=re.escape(
+            "channels (96) must be divisible by 2 * groups (2 * 32 = 64); valid groups for 96 "
+            "channels: [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]")):
+        fn(torch.randn(2, 96, 4, 4), *params, 32)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+@pytest.mark.parametrize("groups", [0, -4, 2.5, "4", True])
+def test_functional_error_bad_groups(fn, groups):
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        fn(torch.randn(2, 32, 4, 4), *_params(32, 4), groups)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+@pytest.mark.parametrize("bad", range(6), ids=FN_PARAM_NAMES)
+@pytest.mark.parametrize("shape", [(1, 8, 1, 1), (3,), ()], ids=["2c", "c-1", "scalar"])
+def test_functional_error_wrong_parameter_size(fn, bad, shape):
+    """Wrong gate parameters used to give raw reshape or broadcast errors (or none)."""
+    params = _params(32, 4)  # c = 4
+    params[bad] = torch.ones(shape)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{fn.__name__}: {FN_PARAM_NAMES[bad]} must hold C / (2 * groups) = 32 / (2 * 4) = 4 "
+            f"values (shape (1, 4, 1, 1) or (4,)), got shape {list(shape)}")):
+        fn(torch.randn(2, 32, 4, 4), *params, 4)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+def test_functional_error_input(fn):
+    with pytest.raises(TypeError, match="floating-point input"):
+        fn(torch.ones(2, 32, 4, 4, dtype=torch.int32), *_params(32, 4), 4)
+    with pytest.raises(ValueError, match=r"got 2-D input of shape \[2, 32\]"):
+        fn(torch.randn(2, 32), *_params(32, 4), 4)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+def test_functional_accepts_flat_parameters_and_numpy_groups(fn):
+    np = pytest.importorskip("numpy")
+    params = _params(32, 4)
+    x = torch.randn(2, 32, 5, 3)
+    expect = fn(x, *params, 4)
+    assert rel_err(fn(x, *[p.reshape(-1) for p in params], 4), expect) <= 1e-6
+    assert rel_err(fn(x, *params, np.int64(4)), expect) <= 1e-6
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+def test_functional_checks_keep_graph_capture_working(fn):
+    """The checks run in eager mode and fx graphs, are skipped by TorchScript and jit.trace,
+    and don't break torch.compile's graph (fullgraph)."""
+    params = _params(32, 4)
+    x = torch.randn(2, 32, 5, 3)
+    expect = fn(x, *params, 4)
+    scripted = torch.jit.script(fn)
+    assert rel_err(scripted(x, *params, 4), expect) <= FP32_TOL
+
+    class Wrap(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return fn(x, *params, 4)
+
+    traced = torch.fx.symbolic_trace(Wrap())
+    assert rel_err(traced(x), expect) <= FP32_TOL
+    with pytest.raises(ValueError, match=r"channels \(36\) must be divisible"):
+        traced(torch.randn(2, 36, 4, 4))  # the check is a node of the fx graph
+    compiled = torch.compile(Wrap(), backend="eager", fullgraph=True)
+    assert rel_err(compiled(x), expect) <= FP32_TOL
+    exported = torch.export.export(Wrap(), (x,))
+    assert rel_err(exported.module()(x), expect) <= FP32_TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # the check is skipped, not traced
+        warnings.filterwarnings("ignore", category=FutureWarning)  # trace's deprecation
+        jit_traced = torch.jit.trace(Wrap(), x)
+    assert rel_err(jit_traced(x), expect) <= FP32_TOL
+
+
+# --------------------------------------------------------------------------- hooks on gn
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gn_forward_hooks_run_and_their_output_counts(impl):
+    """Every impl reads gn's parameters without calling gn; with hooks on gn, SA calls it as
+    the authors' code does, so the hooks fire on the authors' (N*G, c, H, W) view and a hook
+    that changes gn's output changes SA's as in the authors' code."""
+    module, ref = make_pair(64, 8, impl)
+    seen = []
+
+    def pre_hook(m, args):
+        seen.append(("pre", tuple(args[0].shape)))
+
+    def hook(m, args, out):
+        seen.append(("post", tuple(out.shape)))
+        return out * 2 + 1
+
+    for m in (module.gn, ref.gn):
+        m.register_forward_pre_hook(pre_hook)
+        m.register_forward_hook(hook)
+    check_against(module, ref, ref_params_of(ref), torch.randn(2, 64, 5, 7))
+    assert seen == [("pre", (16, 4, 5, 7)), ("post", (16, 4, 5, 7))] * 2  # module, then ref
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 11), (1, 32, 2, 3, 5), (0, 32, 3, 3)], ids=["1d", "3d", "empty"])
+def test_gn_hook_other_ranks(shape):
+    module = randomize_sa_(ShuffleAttention(32, 4))
+    seen = []
+    module.gn.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    p = {n: t.detach() for n, t in module.named_parameters()}
+    x = torch.randn(shape)
+    y = module(x)
+    assert y.shape == x.shape
+    if x.numel():  # the test's reference can't view an empty batch
+        torch.testing.assert_close(y, authors_sa_nd(x, p, 4), rtol=1e-5, atol=1e-6)
+    assert seen == [(shape[0] * 4, 4) + shape[2:]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_global_forward_hook_sees_gn(impl):
+    require_fused(impl)
+    module = randomize_sa_(ShuffleAttention(32, 4, impl=impl))
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        module(torch.randn(2, 32, 3, 3))
+    finally:
+        handle.remove()
+    assert seen == ["GroupNorm", "ShuffleAttention"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prune_gn_weight_then_train(impl):
+    """prune recomputes gn.weight in a forward pre-hook of gn. When gn was never called, the
+    second SGD step backpropagated through the freed graph of the weight computed at prune time."""
+    require_fused(impl)
+    module = randomize_sa_(ShuffleAttention(32, 4, impl=impl))
+    prune.l1_unstructured(module.gn, "weight", amount=0.5)
+    x = torch.randn(2, 32, 5, 7)
+    ref = AuthorsSA(32, 4)
+    with torch.no_grad():
+        sd = {n: t.detach() for n, t in module.named_parameters() if not n.startswith("gn.")}
+        ref.load_state_dict(dict(sd, **{"gn.weight": module.gn.weight_orig * module.gn.weight_mask,
+                                        "gn.bias": module.gn.bias}))
+    assert rel_err(module(x), ref(x)) <= FP32_TOL  # the pruned weight is the one used
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        module(x).square().mean().backward()
+        opt.step()
+    grad = module.gn.weight_orig.grad
+    assert grad is not None and torch.all(grad[module.gn.weight_mask == 0] == 0)
+
+
+def test_gn_hook_torchscript_and_fx():
+    """TorchScript keeps its path (gn's parameters read directly); fx records gn as a module
+    call, so the GraphModule runs gn's hooks."""
+    module = randomize_sa_(ShuffleAttention(32, 4))
+    x = torch.randn(2, 32, 5, 7)
+    expect = module(x)
+    assert rel_err(torch.jit.script(module)(x), expect) <= FP32_TOL
+    seen = []
+    module.gn.register_forward_hook(lambda m, i, o: seen.append(1))
+    traced = torch.fx.symbolic_trace(module)
+    assert "gn" in {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    seen.clear()
+    assert rel_err(traced(x), expect) <= FP32_TOL and seen == [1]
 
 
 # --------------------------------------------------------------------------- autocast

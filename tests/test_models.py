@@ -152,6 +152,47 @@ def test_hooks_on_the_fused_tail_modules_run(name):
 
 
 @pytest.mark.parametrize("name", ["sa_resnet_test", "sa_resnet18"])
+def test_hooks_and_pruning_on_sa_gn_in_fused_blocks(name):
+    """has_hooks(sa) sees SA's own hooks, not gn's: a hook on sa.gn must also stop the block
+    from fusing (SA then calls gn), and pruning gn.weight must train."""
+    from torch.nn.utils import prune
+
+    model = randomize_sa_(create(name).eval())
+    seen = []
+    model.layer2[0].sa.gn.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    assert len(seen) == 1
+    ref = create(name, sa_impl="reference").eval()
+    ref.load_state_dict(model.state_dict())
+    for m in (model, ref):
+        prune.l1_unstructured(m.layer2[0].sa.gn, "weight", amount=1.0)  # c = 1 here
+    after = model(x)
+    assert rel_err(after, before) > 1e-4  # pruning changed the function...
+    assert rel_err(after, ref(x)) <= 1e-5  # ...in the fused model as in the reference
+    model.train()
+    for _ in range(2):
+        model(x).sum().backward()
+    assert model.layer2[0].sa.gn.weight_orig.grad is not None
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("groups", [2.5, "64", 0, True])
+def test_bad_sa_groups_rejected_alike(name, groups):
+    """sa_resnet18 used to build with G = 2 from 2.5; "64" gave a TypeError in fitted models."""
+    with pytest.raises(ValueError, match=(f"^{name}: sa_groups must be a positive int "
+                                          r"\(the SA group count G, default 64\), got ")):
+        create(name, sa_groups=groups)
+
+
+def test_numpy_sa_groups_accepted():
+    np = pytest.importorskip("numpy")
+    model = create("sa_resnet_test", sa_groups=np.int64(4))
+    groups = [m.groups for m in sa_layers(model)]
+    assert {type(g) for g in groups} == {int} and max(groups) == 4
+
+
+@pytest.mark.parametrize("name", ["sa_resnet_test", "sa_resnet18"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_fused_block_tail_equals_unfused(name, train):
     """The default blocks run bn -> SA -> add -> ReLU as one kernel; same function, same

@@ -13,7 +13,9 @@ Two formulations of the same function (SA-NET.md sections 1 and 5):
   PyTorch ops (TorchScript, ``torch.fx``, ``jit.trace``, export) and under ``torch.func``.
 
 Both accept (N, C, L), (N, C, H, W) and (N, C, D, H, W): spatial dims are flattened, which
-changes nothing because every statistic is over all spatial positions. Half-precision input
+changes nothing because every statistic is over all spatial positions. Both check their
+arguments (rank, dtype, G, parameter sizes) with the module's errors, except in TorchScript
+and while ``jit.trace`` records. Half-precision input
 is computed in fp32 (statistics and gates) and returned in the input dtype.
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
+
+from .groups import check_sa_groups
 
 __all__ = [
     "shuffle_attention_reference",
@@ -32,18 +36,56 @@ __all__ = [
 ]
 
 
-def check_sa_input(x: Tensor, channels: int) -> None:
-    """Clear errors for the two mistakes people make: wrong rank, wrong channel count."""
+def _check_sa_tensor(x: Tensor) -> None:
     if x.dim() < 3 or x.dim() > 5:
         raise ValueError(
             "ShuffleAttention expects a 3-D (N, C, L), 4-D (N, C, H, W) or 5-D (N, C, D, H, W) "
             f"tensor, got {x.dim()}-D input of shape {list(x.shape)}"
         )
-    if x.shape[1] != channels:
+    if not x.is_floating_point():
+        # TorchScript formats a dtype as its enum number: name it only in eager mode.
+        got = "" if torch.jit.is_scripting() else f", got {x.dtype}"
+        raise TypeError(
+            "ShuffleAttention expects floating-point input (float32, float64, float16 or "
+            f"bfloat16; averages and gates need fractions){got}: convert it first, e.g. x.float()"
+        )
+
+
+def check_sa_input(x: Tensor, channels: int) -> None:
+    """Clear errors for the mistakes people make: wrong rank, wrong channel count, integer input."""
+    _check_sa_tensor(x)
+    # A traced graph keeps no Python check anyway, and comparing a traced size warns (TracerWarning).
+    if not torch.jit.is_tracing() and x.shape[1] != channels:
         raise ValueError(
             f"ShuffleAttention was built for {channels} channels but the input has "
             f"{x.shape[1]} (shape {list(x.shape)}); channels are dim 1"
         )
+
+
+_PARAM_NAMES = ("cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias")
+
+
+def _check_sa_args(fn: str, x: Tensor, params: Tuple[Tensor, ...], groups: int) -> None:
+    """The functional forms' version of the module's checks (input, G, parameter sizes)."""
+    if torch.jit.is_tracing():  # shape comparisons would warn; the graph can't keep them
+        return
+    _check_sa_tensor(x)
+    channels = x.shape[1]
+    # Fast test first: this runs on every call; check_sa_groups builds the message.
+    if type(groups) is not int or groups <= 0 or channels % (2 * groups):
+        check_sa_groups(channels, groups)
+    c = channels // (2 * groups)
+    for name, p in zip(_PARAM_NAMES, params):
+        if p.numel() != c:
+            raise ValueError(
+                f"{fn}: {name} must hold C / (2 * groups) = {channels} / (2 * {groups}) = {c} "
+                f"values (shape (1, {c}, 1, 1) or ({c},)), got shape {list(p.shape)}"
+            )
+
+
+# torch.fx records the check as one graph node (run with real tensors) instead of tracing
+# its branches on shapes.
+torch.fx.wrap("_check_sa_args")
 
 
 def channel_shuffle(x: Tensor, groups: int = 2) -> Tensor:
@@ -74,7 +116,27 @@ def shuffle_attention_reference(
     groups: int,
     eps: float = 1e-5,
 ) -> Tensor:
-    """The authors' formulation of SA (SA-NET.md section 1), one step per line."""
+    """The authors' formulation of SA (SA-NET.md section 1), one step per line. Checks its
+    arguments as :class:`ShuffleAttention` does."""
+    if not torch.jit.is_scripting():  # not scriptable; a scripted module checked G when built
+        _check_sa_args("shuffle_attention_reference", x,
+                       (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups)
+    return _shuffle_attention_reference(
+        x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
+
+
+def _shuffle_attention_reference(
+    x: Tensor,
+    cweight: Tensor,
+    cbias: Tensor,
+    sweight: Tensor,
+    sbias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    groups: int,
+    eps: float = 1e-5,
+) -> Tensor:
+    # Unchecked: ShuffleAttention calls this after its own checks (they run on every call).
     out_dtype = x.dtype
     xc = x.to(_compute_dtype(x))
     n, c_total = xc.shape[0], xc.shape[1]
@@ -136,7 +198,27 @@ def shuffle_attention_torch(
     groups: int,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Per-channel form of SA in eager PyTorch ops (same function as the reference)."""
+    """Per-channel form of SA in eager PyTorch ops (same function as the reference). Checks its
+    arguments as :class:`ShuffleAttention` does."""
+    if not torch.jit.is_scripting():  # not scriptable; a scripted module checked G when built
+        _check_sa_args("shuffle_attention_torch", x,
+                       (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups)
+    return _shuffle_attention_torch(
+        x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
+
+
+def _shuffle_attention_torch(
+    x: Tensor,
+    cweight: Tensor,
+    cbias: Tensor,
+    sweight: Tensor,
+    sbias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    groups: int,
+    eps: float = 1e-5,
+) -> Tensor:
+    # Unchecked: ShuffleAttention calls this after its own checks (they run on every call).
     n, c_total = x.shape[0], x.shape[1]
     c = c_total // (2 * groups)
     # (N*G, branch, c, M): at most 4-D, so exported graphs suit converters that stop at 4-D.

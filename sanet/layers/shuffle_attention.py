@@ -8,14 +8,21 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..errors import SanetError
-from ..ops import fused_sa_supported, needs_pytorch_ops, shuffle_attention_fused
+from ..ops import fused_sa_supported, has_hooks, needs_pytorch_ops, shuffle_attention_fused
 from .groups import check_sa_groups, fit_sa_groups
-from .sa_functional import check_sa_input, shuffle_attention_reference, shuffle_attention_torch
+from .sa_functional import (  # the unchecked forms: forward checks x once, __init__ checked G
+    _compute_dtype,
+    _shuffle_attention_reference,
+    _shuffle_attention_torch,
+    channel_shuffle,
+    check_sa_input,
+)
 
 __all__ = ["ShuffleAttention", "SA_IMPLS"]
 
-# Recorded as a graph node by torch.fx instead of being traced (it branches on shapes).
+# Recorded as graph nodes by torch.fx instead of being traced (they branch on shapes, dtypes).
 torch.fx.wrap("check_sa_input")
+torch.fx.wrap("_compute_dtype")
 
 #: ``impl`` choices: "auto" picks the fused kernel where one exists for the input (CPU
 #: fp32/fp64 via the C++ extension, CUDA via Triton) and the authors' formulation elsewhere
@@ -94,16 +101,19 @@ class ShuffleAttention(nn.Module):
         if torch.jit.is_scripting():
             # TorchScript can't call the custom kernels; both paths are exact.
             if self.impl == "reference":
-                return shuffle_attention_reference(
+                return _shuffle_attention_reference(
                     x, self.cweight, self.cbias, self.sweight, self.sbias,
                     self.gn.weight, self.gn.bias, self.groups, self.gn.eps)
-            return shuffle_attention_torch(
+            return _shuffle_attention_torch(
                 x, self.cweight, self.cbias, self.sweight, self.sbias,
                 self.gn.weight, self.gn.bias, self.groups, self.gn.eps)
         return self._forward_dispatch(x)
 
     @torch.jit.unused
     def _forward_dispatch(self, x: Tensor) -> Tensor:
+        gn = self.gn  # one nn.Module.__getattr__ lookup (it costs more than has_hooks)
+        if has_hooks(gn):  # every impl below reads gn's parameters without calling it
+            return self._forward_calling_gn(x)
         impl = self.impl
         if impl in ("auto", "fused") and needs_pytorch_ops():
             impl = "torch"
@@ -118,8 +128,35 @@ class ShuffleAttention(nn.Module):
         fn = _IMPL_FNS[impl] if impl != "fused" else shuffle_attention_fused
         return fn(
             x, self.cweight, self.cbias, self.sweight, self.sbias,
-            self.gn.weight, self.gn.bias, self.groups, self.gn.eps,
+            gn.weight, gn.bias, self.groups, gn.eps,
         )
 
+    @torch.jit.unused
+    def _forward_calling_gn(self, x: Tensor) -> Tensor:
+        """The authors' formulation with ``self.gn`` called as a module, so that its hooks
+        run (activation capture, ``torch.nn.utils.prune`` recomputing ``gn.weight``).
 
-_IMPL_FNS = {"reference": shuffle_attention_reference, "torch": shuffle_attention_torch}
+        Like the authors' code (and unlike the functional forms), it inherits ``nn.GroupNorm``'s
+        refusal of one value per group (one sample, G = 1, 1x1 planes).
+        """
+        channels = x.shape[1]
+        xc = x.to(_compute_dtype(x))
+        # 1. (N*G, C/G, *spatial), then the two halves of each group. unflatten/flatten, not
+        # reshape(N * G, -1, ...): -1 is ambiguous for N = 0, and torch.fx can't unpack sizes.
+        xg = xc.unflatten(1, (self.groups, channels // self.groups)).flatten(0, 1)
+        x0, x1 = xg.chunk(2, dim=1)
+        # 2. Channel branch: global average pool, per-channel affine, sigmoid gate (on the
+        # spatially flattened planes, so that any rank broadcasts against (1, c, 1)).
+        x0 = x0.flatten(2)
+        s = x0.mean(dim=-1, keepdim=True)
+        x0 = x0 * torch.sigmoid(self.cweight.reshape(1, -1, 1) * s + self.cbias.reshape(1, -1, 1))
+        # 3. Spatial branch through the module, on the authors' (N*G, c, H, W) view. The input
+        # gets the module's dtype: CPU group_norm refuses fp32 input with fp16 parameters.
+        xs = self.gn(x1.to(self.gn.weight.dtype)).to(xc.dtype).flatten(2)
+        x1 = x1.flatten(2)
+        x1 = x1 * torch.sigmoid(self.sweight.reshape(1, -1, 1) * xs + self.sbias.reshape(1, -1, 1))
+        # 4. Concatenate and view back; 5. channel shuffle with 2 groups.
+        y = torch.cat([x0, x1], dim=1).reshape(x.shape)
+        return channel_shuffle(y, 2).to(x.dtype)
+
+_IMPL_FNS = {"reference": _shuffle_attention_reference, "torch": _shuffle_attention_torch}

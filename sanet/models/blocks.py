@@ -45,7 +45,9 @@ class _SATailMixin:
             or type(act) is not nn.ReLU
             or (self.drop_path is not None and self.training)
             or needs_pytorch_ops()
-            or has_hooks(bn, self.sa, act)  # the fused op calls none of them
+            # The fused op calls none of them. has_hooks sees a module's own hooks only, so
+            # SA's child gn is named too (SA alone calls it when it has hooks).
+            or has_hooks(bn, self.sa, act, *self.sa.children())
             or not fused_bn_sa_supported(x, bn, self.sa, shortcut)
         ):
             return None

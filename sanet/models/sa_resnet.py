@@ -24,6 +24,7 @@ from timm.models.resnet import ResNet
 from ..checkpoint import load_checkpoint_file
 from ..errors import SanetError
 from ..layers import ShuffleAttention
+from ..layers.groups import is_positive_int
 from .blocks import SABasicBlock, SABottleneck
 from .checkpoint_filter import CheckpointMismatchError, cfg_from_weights, checkpoint_filter_fn
 
@@ -88,6 +89,11 @@ def weights_help(variant: str) -> str:
 def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: bool = False,
                       **kwargs) -> ResNet:
     groups = kwargs.pop("sa_groups", 64)
+    # Checked here so that every model rejects it alike (fitted and plain layers would word
+    # it differently, and 2.5 used to build a model with G = 2).
+    if not is_positive_int(groups):
+        raise ValueError(f"{variant}: sa_groups must be a positive int (the SA group count G, "
+                         f"default 64), got {groups!r} of type {type(groups).__name__}")
     impl = kwargs.pop("sa_impl", "auto")
     attn = partial(ShuffleAttention.fitted if fit_groups else ShuffleAttention, groups=groups, impl=impl)
     block_args = dict(kwargs.pop("block_args", None) or {}, attn_layer=attn)
