@@ -159,4 +159,5 @@ class ShuffleAttention(nn.Module):
         y = torch.cat([x0, x1], dim=1).reshape(x.shape)
         return channel_shuffle(y, 2).to(x.dtype)
 
+
 _IMPL_FNS = {"reference": _shuffle_attention_reference, "torch": _shuffle_attention_torch}
