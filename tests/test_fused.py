@@ -460,6 +460,60 @@ def test_large_mean_against_fp64(mode, hw):
         assert rel(fused.double(), ref64) <= 3e-6, (name, rel(fused.double(), ref64))
 
 
+@pytest.mark.parametrize("where", [0, 7], ids=["first", "middle"])
+def test_inf_in_a_plane_like_the_reference(where):
+    """An inf saturates a channel-branch gate (finite outputs elsewhere in the plane), as in
+    the reference; the spatial branch's GroupNorm makes its plane NaN in both."""
+    gen = torch.Generator().manual_seed(4)
+    sa = sanet.ShuffleAttention(16, 2, impl="fused")
+    randomize(sa, gen)
+    ref = copy.deepcopy(sa)
+    ref.impl = "reference"
+    x = torch.randn(2, 16, 16, generator=gen)
+    x[0, :, where] = float("inf")
+    with torch.no_grad():
+        y, r = sa(x), ref(x)
+    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.isinf(), r.isinf())
+    finite = r.isfinite()
+    torch.testing.assert_close(y[finite], r[finite], rtol=1e-5, atol=1e-6)
+
+
+def test_identity_planes_keep_each_elements_precision():
+    """Without BatchNorm in front, z is x itself: zeros stay exactly zero (ReLU'd input at
+    initialisation, where every gate is constant) and an outlier plane keeps per-element
+    accuracy (z about the mean would round every element to the mean's precision)."""
+    sa = sanet.ShuffleAttention(16, 2, impl="fused")  # default init: sweight = 0, constant gates
+    x = torch.relu(torch.randn(2, 16, 7, 7, generator=torch.Generator().manual_seed(0)) * 3 + 1)
+    with torch.no_grad():
+        y = sa(x)
+    zeros = sanet.channel_shuffle(x, 2) == 0
+    assert zeros.any() and (y[zeros] == 0).all()
+    randomize(sa, torch.Generator().manual_seed(1))
+    ref64 = copy.deepcopy(sa).double()
+    ref64.impl = "reference"
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(2))
+    x[..., 0] = 1e4
+    with torch.no_grad():
+        y, r = sa(x).double(), ref64(x.double())
+    assert ((y - r).abs() / r.abs().clamp_min(1e-30)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (48, 48)], ids=["two-phase", "channel-walk"])
+def test_outlier_plane_statistics_against_fp64(hw):
+    """One element 1e4 in planes of N(0, 1): the plane means (and so BatchNorm's running mean)
+    keep fp32 accuracy. Summing x - x[0] made every lane carry the outlier (1e-4 - 1e-3 off)."""
+    gen = torch.Generator().manual_seed(6)
+    bn, sa, _, _ = _bn_sa_pair(16, 2, gen, torch.float32, momentum=None)
+    x = torch.randn(2, 16, *hw, generator=gen)
+    x[..., 0, 0] = 1e4
+    bn64 = copy.deepcopy(bn).double()
+    with torch.no_grad():
+        bn_shuffle_attention(x, bn, sa)
+        bn64(x.double())
+    assert rel(bn.running_mean.double(), bn64.running_mean) <= 1e-6
+    assert rel(bn.running_var.double(), bn64.running_var) <= 1e-6
+
+
 def test_saturated_gates_against_fp64():
     """Gate weights x400 push the spatial gate's argument far past +-88: exp overflows, the
     gate saturates at 0 or 1. The outputs stay finite and every gradient keeps fp32 accuracy

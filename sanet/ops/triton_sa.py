@@ -4,8 +4,7 @@ Same per-channel form and the same op contract as the CPU kernel (SA-NET.md sect
 ``sanet/ops/sa_op.py``): every (n, c) plane gets ``z * sigmoid(A (x - mean) + B)`` with
 ``z = a_c x + b_c`` (BatchNorm folded in, or the identity), written to the shuffled channel,
 plus the shortcut and the ReLU. Statistics are computed in fp32 from any input dtype and
-stored as float64, like the CPU kernel's, and like it the kernels work about each plane's
-mean, so that planes whose |mean| >> std keep fp32 accuracy (see ``_split``, ``_bn_affine``).
+stored as float64, like the CPU kernel's.
 
 A program owns ``ROWS`` whole planes. Planes of up to ``_MAX_TILE`` elements are loaded once
 into registers (``SINGLE``): statistics, gate and output without another read. Larger planes
@@ -74,42 +73,31 @@ if _HAS_TRITON:
         return tl.load(ptr + base[:, None] + start + cols[None, :], mask=cm, other=0.0).to(tl.float32), cm
 
     @triton.jit
-    def _split(mean):
-        # A plane's float64 mean as m + mlo: m rounded to fp32 (x - m is then exact for x
-        # near m), mlo the rest. When |mean| >> std, m's rounding is a visible fraction of
-        # the spread (3e-5 std at 1000 std): sums centred on m are corrected by mlo.
-        m = mean.to(tl.float32)
-        return m, (mean - m.to(tl.float64)).to(tl.float32)
-
-    @triton.jit
-    def _bn_affine(ch, rmask, m, bw, bb, bm, bv, bn_eps, HAS_BN: tl.constexpr, HAS_BW: tl.constexpr,
+    def _bn_affine(ch, rmask, bw, bb, bm, bv, bn_eps, HAS_BN: tl.constexpr, HAS_BW: tl.constexpr,
                    HAS_BB: tl.constexpr):
-        # BatchNorm per channel (statistics bm, bv: running or batch) as z = a (x - m) + zm
-        # about the plane's centre m: with z = a x + b, b = beta - a mean would be rounded
-        # to fp32 next to a z whose spread is 1/1000 of it when |mean| >> std. Also
-        # dm = m - mean (float64, for its backward's sums, centred the same way) and 1/std.
+        # BatchNorm as z = a x + b per channel (statistics bm, bv: running or batch), and
+        # its mean and 1/std (for its backward).
         if HAS_BN:
-            dm = m.to(tl.float64) - tl.load(bm + ch, mask=rmask, other=0.0).to(tl.float64)
+            mean = tl.load(bm + ch, mask=rmask, other=0.0).to(tl.float32)
             invstd = 1.0 / tl.sqrt(tl.load(bv + ch, mask=rmask, other=1.0).to(tl.float32) + bn_eps)
             w = invstd
             if HAS_BW:
                 w = tl.load(bw + ch, mask=rmask, other=1.0).to(tl.float32) * invstd
-            zm = w * dm.to(tl.float32)
+            b = -mean * w
             if HAS_BB:
-                zm += tl.load(bb + ch, mask=rmask, other=0.0).to(tl.float32)
+                b += tl.load(bb + ch, mask=rmask, other=0.0).to(tl.float32)
         else:
-            dm = m.to(tl.float64)
-            invstd = m * 0.0 + 1.0
+            mean = tl.zeros_like(ch).to(tl.float32)
+            invstd = mean + 1.0
             w = invstd
-            zm = m
-        return w, zm, dm, invstd
+            b = mean
+        return w, b, mean, invstd
 
     @triton.jit
-    def _gate(ch, rmask, mlo, vx, a, zm, cw, cb, sw, sb, gw, gb, eps, CG, CC):
-        # Gate sigmoid(Ax (x - m) + Bc) of each plane (SA-NET.md section 5): z = a (x - m) + zm,
+    def _gate(ch, rmask, mx, vx, a, b, cw, cb, sw, sb, gw, gb, eps, CG, CC):
+        # Gate sigmoid(Ax (x - mx) + Bc) of each plane (SA-NET.md section 5): z = a x + b,
         # channel branch Bc = cw mean(z) + cb, spatial branch GroupNorm(z) inside the
-        # affine. Centred on the plane mean m + mlo: exact on one-pixel planes, where
-        # rz ~ 1/sqrt(eps); mlo enters Bc.
+        # affine. Centred on the plane mean: exact on one-pixel planes, where rz ~ 1/sqrt(eps).
         j = (ch % CG) % CC
         spatial = (ch % CG) >= CC
         pcw = tl.load(cw + j, mask=rmask, other=0.0).to(tl.float32)
@@ -118,16 +106,16 @@ if _HAS_TRITON:
         psb = tl.load(sb + j, mask=rmask, other=0.0).to(tl.float32)
         pgw = tl.load(gw + j, mask=rmask, other=0.0).to(tl.float32)
         pgb = tl.load(gb + j, mask=rmask, other=0.0).to(tl.float32)
-        mz = zm + a * mlo  # mean(z)
+        mz = a * mx + b
         rz = 1.0 / tl.sqrt(a * a * vx + eps)
         kz = tl.where(spatial, psw * pgw * rz, 0.0)  # d(gate argument) / dz
-        bc = tl.where(spatial, psw * pgb + psb - kz * a * mlo, pcw * mz + pcb)
+        bc = tl.where(spatial, psw * pgb + psb, pcw * mz + pcb)
         return kz, bc, mz, rz, spatial, pcw
 
     @triton.jit
-    def _fwd_tile(xv, m, a, zm, kz, bc, sc, obase, cols, mask, HAS_SC: tl.constexpr, RELU: tl.constexpr):
-        xc = xv - m[:, None]
-        y = (a[:, None] * xc + zm[:, None]) * tl.sigmoid((kz * a)[:, None] * xc + bc[:, None])
+    def _fwd_tile(xv, mx, a, b, kz, bc, sc, obase, cols, mask, HAS_SC: tl.constexpr, RELU: tl.constexpr):
+        z = a[:, None] * xv + b[:, None]
+        y = z * tl.sigmoid((kz * a)[:, None] * (xv - mx[:, None]) + bc[:, None])
         if HAS_SC:
             y += tl.load(sc + obase[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if RELU:
@@ -143,46 +131,41 @@ if _HAS_TRITON:
                 BLOCK: tl.constexpr):
         rows, rmask, ch, base, obase = _rows(C, M, NC, HALF, ROWS)
         cols = tl.arange(0, BLOCK)
-        # Statistics of x per plane: the mean summed from x - x[0] (fp32 sums of x itself lose
-        # the mean's low bits when |mean| >> std, 1e-5 of std at 1000 std on a 64x64 plane)
-        # and kept in float64, the variance in a second pass about its fp32 rounding m.
+        # Statistics of x per plane (two-pass variance).
         if SINGLE:
             xv, mask = _chunk(x, base, 0, cols, rmask, M)
         if STATS_IN:
-            m, mlo = _split(tl.load(pm + rows, mask=rmask, other=0.0).to(tl.float64))
+            mx = tl.load(pm + rows, mask=rmask, other=0.0).to(tl.float32)
             vx = tl.load(pv + rows, mask=rmask, other=0.0).to(tl.float32)
         else:
-            x0 = tl.load(x + base, mask=rmask & (M > 0), other=0.0).to(tl.float32)
             if SINGLE:
-                mean = tl.sum(tl.where(mask, xv - x0[:, None], 0.0), axis=1) / M
-                m, mlo = _split(x0.to(tl.float64) + mean.to(tl.float64))
-                d = tl.where(mask, xv - m[:, None], 0.0)
+                mx = tl.sum(xv, axis=1) / M
+                d = tl.where(mask, xv - mx[:, None], 0.0)
                 vx = tl.sum(d * d, axis=1) / M
             else:
                 acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
                 for start in range(0, M, BLOCK):
-                    v, cm = _chunk(x, base, start, cols, rmask, M)
-                    acc += tl.where(cm, v - x0[:, None], 0.0)
-                mean = tl.sum(acc, axis=1) / M
-                m, mlo = _split(x0.to(tl.float64) + mean.to(tl.float64))
+                    v, _ = _chunk(x, base, start, cols, rmask, M)
+                    acc += v
+                mx = tl.sum(acc, axis=1) / M
                 acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
                 for start in range(0, M, BLOCK):
                     v, cm = _chunk(x, base, start, cols, rmask, M)
-                    d = tl.where(cm, v - m[:, None], 0.0)
+                    d = tl.where(cm, v - mx[:, None], 0.0)
                     acc += d * d
                 vx = tl.sum(acc, axis=1) / M
-            tl.store(pm + rows, x0.to(tl.float64) + mean.to(tl.float64), mask=rmask)
+            tl.store(pm + rows, mx.to(tl.float64), mask=rmask)
             tl.store(pv + rows, vx.to(tl.float64), mask=rmask)
         if not STATS_ONLY:
-            a, zm, _, _ = _bn_affine(ch, rmask, m, bw, bb, bm, bv, bn_eps, HAS_BN, HAS_BW, HAS_BB)
-            kz, bc, _, _, _, _ = _gate(ch, rmask, mlo, vx, a, zm, cw, cb, sw, sb, gw, gb, eps, CG, CC)
+            a, b, _, _ = _bn_affine(ch, rmask, bw, bb, bm, bv, bn_eps, HAS_BN, HAS_BW, HAS_BB)
+            kz, bc, _, _, _, _ = _gate(ch, rmask, mx, vx, a, b, cw, cb, sw, sb, gw, gb, eps, CG, CC)
             if SINGLE:
-                y = _fwd_tile(xv, m, a, zm, kz, bc, sc, obase, cols, mask, HAS_SC, RELU)
+                y = _fwd_tile(xv, mx, a, b, kz, bc, sc, obase, cols, mask, HAS_SC, RELU)
                 tl.store(out + obase[:, None] + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
             else:
                 for start in range(0, M, BLOCK):
                     v, cm = _chunk(x, base, start, cols, rmask, M)
-                    y = _fwd_tile(v, m, a, zm, kz, bc, sc, obase + start, cols, cm, HAS_SC, RELU)
+                    y = _fwd_tile(v, mx, a, b, kz, bc, sc, obase + start, cols, cm, HAS_SC, RELU)
                     tl.store(out + obase[:, None] + start + cols[None, :], y.to(out.dtype.element_ty), mask=cm)
 
     @triton.jit
@@ -197,18 +180,17 @@ if _HAS_TRITON:
         return go
 
     @triton.jit
-    def _gate_grad(go, xv, m, a, zm, kz, bc, mask):
-        # x - m (0 in padding), the gate s and gu = dL/du (u: the gate argument).
-        xc = tl.where(mask, xv - m[:, None], 0.0)
+    def _gate_grad(go, xv, mx, a, b, kz, bc, mask):
+        # x - mean x (0 in padding), the gate s and gu = dL/du (u: the gate argument).
+        xc = tl.where(mask, xv - mx[:, None], 0.0)
         s = tl.sigmoid((kz * a)[:, None] * xc + bc[:, None])
-        gu = go * (a[:, None] * xc + zm[:, None]) * s * (1.0 - s)
+        gu = go * (a[:, None] * xv + b[:, None]) * s * (1.0 - s)
         return xc, s, gu
 
     @triton.jit
     def _grad_z(go, xc, s, gu, a, kgu, k0, kc, mask):
         # dL/dz = go * s + kgu * gu + k0 + kc * (z - mean z): the gate's own derivative plus
-        # its statistics' (GroupNorm's backward, or the pooled mean's); z - mean z =
-        # a (xc - mlo), the mlo part folded into k0.
+        # its statistics' (GroupNorm's backward, or the pooled mean's).
         gz = go * s + kgu[:, None] * gu + k0[:, None] + (kc * a)[:, None] * xc
         return tl.where(mask, gz, 0.0)
 
@@ -223,32 +205,31 @@ if _HAS_TRITON:
         # (FROM_GPRE) where there is a ReLU.
         rows, rmask, ch, base, obase = _rows(C, M, NC, HALF, ROWS)
         cols = tl.arange(0, BLOCK)
-        m, mlo = _split(tl.load(pm + rows, mask=rmask, other=0.0).to(tl.float64))
+        mx = tl.load(pm + rows, mask=rmask, other=0.0).to(tl.float32)
         vx = tl.load(pv + rows, mask=rmask, other=0.0).to(tl.float32)
-        a, zm, dm, binv = _bn_affine(ch, rmask, m, bw, bb, bm, bv, bn_eps, HAS_BN, HAS_BW, HAS_BB)
-        kz, bc, mz, rz, spatial, pcw = _gate(ch, rmask, mlo, vx, a, zm, cw, cb, sw, sb, gw, gb, eps, CG, CC)
+        a, b, bmean, binv = _bn_affine(ch, rmask, bw, bb, bm, bv, bn_eps, HAS_BN, HAS_BW, HAS_BB)
+        kz, bc, mz, rz, spatial, pcw = _gate(ch, rmask, mx, vx, a, b, cw, cb, sw, sb, gw, gb, eps, CG, CC)
         up = grad
         if FROM_GPRE:
             up = gpre
         if SINGLE:
             xv, mask = _chunk(x, base, 0, cols, rmask, M)
             go = _upstream(up, out, gpre, obase, cols, mask, RELU_MASK, True)
-            xc, s, gu = _gate_grad(go, xv, m, a, zm, kz, bc, mask)  # once, for sums and dL/dz
+            xc, s, gu = _gate_grad(go, xv, mx, a, b, kz, bc, mask)  # once, for sums and dL/dz
         if PHASE == 1:
-            # per-plane sum(gu) and sum(gu * (z - mean z)) = a (sum(gu * xc) - mlo sum(gu))
+            # per-plane sum(gu) and sum(gu * (z - mean z))
             if SINGLE:
                 t1 = tl.sum(gu, axis=1)
-                tc = tl.sum(gu * xc, axis=1)
+                tc = tl.sum(gu * xc, axis=1) * a
             else:
                 t1 = tl.zeros([ROWS], dtype=tl.float32)
                 tc = tl.zeros([ROWS], dtype=tl.float32)
                 for start in range(0, M, BLOCK):
                     v, cm = _chunk(x, base, start, cols, rmask, M)
                     g = _upstream(up, out, gpre, obase + start, cols, cm, RELU_MASK, True)
-                    vc, _, vgu = _gate_grad(g, v, m, a, zm, kz, bc, cm)
+                    vc, _, vgu = _gate_grad(g, v, mx, a, b, kz, bc, cm)
                     t1 += tl.sum(vgu, axis=1)
-                    tc += tl.sum(vgu * vc, axis=1)
-            tc = (tc - mlo * t1) * a
+                    tc += tl.sum(vgu * vc, axis=1) * a
             st2 = tl.where(spatial, rz * tc, t1 * mz)  # sum(gu * zhat), or sum(gu) * mean(z)
             tl.store(s1 + rows, t1.to(tl.float64), mask=rmask)
             tl.store(s2 + rows, st2.to(tl.float64), mask=rmask)
@@ -258,26 +239,26 @@ if _HAS_TRITON:
         # GroupNorm's backward is exactly 0 on a one-pixel plane (gu equals its mean); as a
         # difference of terms scaled by 1/sqrt(eps) it would only be 0 up to rounding.
         kgu = tl.where(M > 1, kz, 0.0)
+        k0 = tl.where(spatial, -kgu * t1 / M, pcw * t1 / M)
         kc = tl.where(spatial, -kgu * st2 * rz / M, 0.0)
-        k0 = tl.where(spatial, -kgu * t1 / M, pcw * t1 / M) - kc * a * mlo
         if PHASE == 2:
             # Training BatchNorm: gx = a (gz - mean(gz) - xhat mean(gz xhat)), from the sums
-            # over the batch (tsg = sum gz, tsgx = sum gz xhat), as a gz + k1 + k2 (x - mean)
-            # with x - mean = xc + dm (centred: see _bn_affine).
+            # over the batch (tsg = sum gz, tsgx = sum gz xhat).
             cg = tl.load(tsg + ch, mask=rmask, other=0.0).to(tl.float32)
             cgx = tl.load(tsgx + ch, mask=rmask, other=0.0).to(tl.float32)
+            k1 = -a * cg / NM
             k2 = -a * binv * cgx / NM
-            k1 = -a * cg / NM + k2 * dm.to(tl.float32)
         if SINGLE:
             gz = _grad_z(go, xc, s, gu, a, kgu, k0, kc, mask)
             if PHASE == 1:
                 if HAS_BN:
-                    tg = tl.sum(gz, axis=1)
-                    tgx = tl.sum(gz * xc, axis=1)
+                    tl.store(sg + rows, tl.sum(gz, axis=1).to(tl.float64), mask=rmask)
+                    xb = tl.where(mask, xv - bmean[:, None], 0.0)
+                    tl.store(sgx + rows, tl.sum(gz * xb, axis=1).to(tl.float64), mask=rmask)
                 if not BN_TRAIN:
                     tl.store(gx + base[:, None] + cols[None, :], (a[:, None] * gz).to(gx.dtype.element_ty), mask=mask)
             else:
-                g = a[:, None] * gz + k1[:, None] + k2[:, None] * xc
+                g = a[:, None] * gz + k1[:, None] + k2[:, None] * (xv - bmean[:, None])
                 tl.store(gx + base[:, None] + cols[None, :], g.to(gx.dtype.element_ty), mask=mask)
         else:
             tg = tl.zeros([ROWS], dtype=tl.float32)
@@ -285,25 +266,21 @@ if _HAS_TRITON:
             for start in range(0, M, BLOCK):
                 v, cm = _chunk(x, base, start, cols, rmask, M)
                 g = _upstream(up, out, gpre, obase + start, cols, cm, RELU_MASK, False)
-                vc, vs, vgu = _gate_grad(g, v, m, a, zm, kz, bc, cm)
+                vc, vs, vgu = _gate_grad(g, v, mx, a, b, kz, bc, cm)
                 gz = _grad_z(g, vc, vs, vgu, a, kgu, k0, kc, cm)
                 if PHASE == 1:
                     if HAS_BN:
                         tg += tl.sum(gz, axis=1)
-                        tgx += tl.sum(gz * vc, axis=1)
+                        tgx += tl.sum(gz * tl.where(cm, v - bmean[:, None], 0.0), axis=1)
                     if not BN_TRAIN:
                         gxv = a[:, None] * gz
                         tl.store(gx + base[:, None] + start + cols[None, :], gxv.to(gx.dtype.element_ty), mask=cm)
                 else:
-                    gxv = a[:, None] * gz + k1[:, None] + k2[:, None] * vc
+                    gxv = a[:, None] * gz + k1[:, None] + k2[:, None] * (v - bmean[:, None])
                     tl.store(gx + base[:, None] + start + cols[None, :], gxv.to(gx.dtype.element_ty), mask=cm)
-        if PHASE == 1 and HAS_BN:
-            # sum(gz) and sum(gz * (x - mean)) = sum(gz * xc) + dm sum(gz), in float64: the
-            # shift from the plane's centre to BatchNorm's mean is one product per plane, where
-            # sum(gz * x) - mean sum(gz) would cancel when |mean| >> std.
-            tg64 = tg.to(tl.float64)
-            tl.store(sg + rows, tg64, mask=rmask)
-            tl.store(sgx + rows, tgx.to(tl.float64) + dm * tg64, mask=rmask)
+            if PHASE == 1 and HAS_BN:
+                tl.store(sg + rows, tg.to(tl.float64), mask=rmask)
+                tl.store(sgx + rows, tgx.to(tl.float64), mask=rmask)
 
     @triton.jit
     def _batch_merge(p, q, out_a, out_b, var, N, C, eps, VAR: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -211,44 +211,57 @@ struct PlaneSum {
 
 // Mean and population variance of one plane: two passes (the second hits L1). The last
 // partial vector is loaded masked (zero-filled), and masked again where zeros would count.
-// The first pass sums x - x[0]: T-lanes summing x itself lose the mean's low bits when
-// |mean| >> std (1e-5 of std at mean/std = 1000 on a 64x64 plane), and the mean centres the
-// gate. Without need_var (a channel-branch plane, which only pools) var is set to 0.
+// The second pass also sums x - m (m: the first pass's mean, rounded to T) and corrects the
+// mean with it: T-lanes summing x itself lose the mean's low bits when |mean| >> std (1e-5 of
+// std at mean/std = 1000 on a 64x64 plane), and the mean centres the gate. (Summing x - x[0]
+// instead fails when x[0] is an outlier, and turns an inf at x[0] into NaN.) Without need_var
+// (a channel-branch plane, which only pools) var is 0, and the second pass only corrects the
+// mean, if precise_mean: BatchNorm in front, where z's mean a*mean + b is small next to
+// a*mean. Without BatchNorm the pooled mean is z's own, as precise as the reference's.
 template <typename T>
-inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool need_var = true) {
+inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool need_var = true,
+                          bool precise_mean = true) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const V zero(static_cast<T>(0));
-  const T x0 = M > 0 ? p[0] : static_cast<T>(0);
-  const V v0(x0);
   PlaneSum<T> a0, a1;
   int64_t i = 0;
   for (; i + 2 * W <= M; i += 2 * W) {
-    a0.add(V::loadu(p + i) - v0);
-    a1.add(V::loadu(p + i + W) - v0);
+    a0.add(V::loadu(p + i));
+    a1.add(V::loadu(p + i + W));
   }
-  for (; i < M; i += W) {
-    const int64_t n = std::min<int64_t>(W, M - i);
-    a0.add(V::set(zero, V::loadu(p + i, n) - v0, n));
-  }
-  mean = double(x0) + (a0.sum() + a1.sum()) / M;
+  for (; i < M; i += W) a0.add(V::loadu(p + i, std::min<int64_t>(W, M - i)));
+  mean = (a0.sum() + a1.sum()) / M;
+  var = 0.0;
+  if (!need_var && !precise_mean) return;
+  const V vm(static_cast<T>(mean));
   if (!need_var) {
-    var = 0.0;
+    PlaneSum<T> s0;
+    for (i = 0; i < M; i += W) s0.add(V::set(zero, V::loadu(p + i, std::min<int64_t>(W, M - i)) - vm, std::min<int64_t>(W, M - i)));
+    const double shift = s0.sum() / M;
+    if (std::isfinite(shift)) mean = double(static_cast<T>(mean)) + shift;
     return;
   }
-  const V vm(static_cast<T>(mean));
-  PlaneSum<T> q0, q1;
+  PlaneSum<T> q0, q1, s0;
   for (i = 0; i + 2 * W <= M; i += 2 * W) {
     const V d0 = V::loadu(p + i) - vm, d1 = V::loadu(p + i + W) - vm;
     q0.fmadd(d0, d0);
     q1.fmadd(d1, d1);
+    s0.add(d0 + d1);
   }
   for (; i < M; i += W) {
     const int64_t n = std::min<int64_t>(W, M - i);
     const V d = V::set(zero, V::loadu(p + i, n) - vm, n);
     q0.fmadd(d, d);
+    s0.add(d);
   }
-  var = (q0.sum() + q1.sum()) / M;
+  const double shift = s0.sum() / M;  // mean - m
+  if (std::isfinite(shift)) {
+    mean = double(static_cast<T>(mean)) + shift;
+    var = std::max(0.0, (q0.sum() + q1.sum()) / M - shift * shift);
+  } else {  // inf or NaN in the plane: the first pass's mean says so already
+    var = (q0.sum() + q1.sum()) / M;
+  }
 }
 
 // ---------------------------------------------------------------- SA geometry and gate
@@ -348,16 +361,22 @@ struct Gate {
   double Ax() const { return Az * a; }
 };
 
-// z = a*x + b of one plane as a*(x - m) + z(m), m the plane mean rounded to T: with training
-// BatchNorm in front, b = beta - mean*a is large next to z's spread when |mean| >> std, and
-// rounding b to T would shift the whole plane (1e-4 relative at mean/std = 1000).
+// z = a*x + b of one plane (times a scale) from x and d = x - m, m the plane mean rounded to
+// T. With BatchNorm in front, as a*d + z(m): b = beta - mean*a is large next to z's spread
+// when |mean| >> std, and rounding b to T would shift the whole plane (1e-4 relative at
+// mean/std = 1000). Without (a = 1, b = 0), z is x itself, exactly as in the reference: x*s
+// keeps zeros zero and each element's own precision, where d*s + m*s would round to m's.
 template <typename T>
 struct CentredZ {
   Vectorized<T> m, a, zm;
+  bool identity;
   explicit CentredZ(const Gate& g, double scale = 1.0)
       : m(centre<T>(g.mx)), a(static_cast<T>(g.a * scale)),
-        zm(static_cast<T>((g.a * double(centre<T>(g.mx)) + g.b) * scale)) {}
-  Vectorized<T> operator()(const Vectorized<T>& d) const { return at::vec::fmadd(d, a, zm); }  // d = x - m
+        zm(static_cast<T>((g.a * double(centre<T>(g.mx)) + g.b) * scale)),
+        identity(g.a == 1.0 && g.b == 0.0) {}
+  Vectorized<T> operator()(const Vectorized<T>& x, const Vectorized<T>& d) const {
+    return identity ? x * a : at::vec::fmadd(d, a, zm);
+  }
 };
 
 inline Gate plane_gate(const Layout& L, const Params& P, int64_t ch, double a, double b,
@@ -390,7 +409,8 @@ void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool 
   if (g.Az == 0.0) {  // channel branch, or sweight == 0: no exp per element
     const CentredZ<T> zs(g, ssigmoid(g.Bc));  // z * s
     map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
-      return finish(zs(V::loadu(x + i, n) - zs.m), i, n);
+      const V xv = V::loadu(x + i, n);
+      return finish(zs(xv, xv - zs.m), i, n);
     });
     return;
   }
@@ -404,8 +424,8 @@ void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool 
   }
   const CentredZ<T> z(g);
   map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
-    const V d = V::loadu(x + i, n) - z.m;
-    return finish(z(d) * sigmoid.centred(d), i, n);
+    const V xv = V::loadu(x + i, n), d = xv - z.m;
+    return finish(z(xv, d) * sigmoid.centred(d), i, n);
   });
 }
 
@@ -514,7 +534,7 @@ struct Fwd {
         if (!moments_done)
           for (int64_t i = 0; i < b.cnt; ++i) {
             const int64_t k = b.ns[i] * L.C + b.chs[i];
-            plane_moments(x + k * L.M, L.M, pm[k], pv[k], L.spatial(b.chs[i]));
+            plane_moments(x + k * L.M, L.M, pm[k], pv[k], L.spatial(b.chs[i]), bn.on);
           }
         for (int64_t i = 0; i < b.cnt; ++i) {
           const int64_t k = b.ns[i] * L.C + b.chs[i];
@@ -619,8 +639,8 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
     // gu = go * z * s(1-s) with constant s: sum go*z (and go*z*(z - mean z) for the spatial branch).
     r.s_const = ssigmoid(g.Bc);
     for (; i + W <= M; i += W) {
-      const V d = V::loadu(xr + i) - vmx;
-      const V gz = V::loadu(go + i) * zc(d);
+      const V xv = V::loadu(xr + i), d = xv - vmx;
+      const V gz = V::loadu(go + i) * zc(xv, d);
       acc1.add(gz);
       acc2.fmadd(gz, d * va);
     }
@@ -636,8 +656,8 @@ PlaneBwd bwd_pass_a(const Layout& L, const Params& P, int64_t ch, const Gate& g,
   } else {
     const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bc, g.mx);
     for (; i + W <= M; i += W) {
-      const V d = V::loadu(xr + i) - vmx;
-      const V z = zc(d);
+      const V xv = V::loadu(xr + i), d = xv - vmx;
+      const V z = zc(xv, d);
       const V s = sigmoid.centred(d);
       s.store(sig + i);
       const V gu = V::loadu(go + i) * z * s * (one - s);
@@ -690,8 +710,8 @@ struct GradZ {
     const V gv = V::loadu(go + i, n);
     if (const_gate) return at::vec::fmadd(gv, vs, vK0);  // Az == 0, hence Kgu == Kz == 0
     const V s = V::loadu(sig + i, n);
-    const V d = V::loadu(xr + i, n) - zc.m;
-    const V gu = gv * zc(d) * s * (one - s);
+    const V xv = V::loadu(xr + i, n), d = xv - zc.m;
+    const V gu = gv * zc(xv, d) * s * (one - s);
     return at::vec::fmadd(gv, s, at::vec::fmadd(vKgu, gu, at::vec::fmadd(vKzd, d, vK0)));
   }
 };
