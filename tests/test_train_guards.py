@@ -60,6 +60,9 @@ def test_resume_with_another_optimizer_is_refused(capsys, tmp_path, data, change
 def test_bad_model_kwargs_are_user_errors(capsys, tmp_path, data):
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "a", "--model-kwargs", "bogus=1", "--json"))
     assert code == 2 and "does not accept" in err and "bogus" in err
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "a2", "--model-kwargs", "bogus=1",
+                                              "--pretrained-file", str(_weights_file(tmp_path))))
+    assert code == 2 and "does not accept" in err  # the group-count probe of the file, too
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "b", "--model-kwargs", "in_chans=1"))
     assert code == 2 and "RGB" in err
     with pytest.raises(SystemExit) as info:  # a usage error, as argparse reports them
@@ -67,6 +70,14 @@ def test_bad_model_kwargs_are_user_errors(capsys, tmp_path, data):
     out, err = capsys.readouterr()
     assert info.value.code == 2 and "is not K=V" in err
     assert json.loads(out)["command"] == "train" and "K=V" in json.loads(out)["error"]
+
+
+def _weights_file(tmp_path):
+    import timm
+
+    path = tmp_path / "w.pt"
+    torch.save(timm.create_model("sa_resnet_test", num_classes=3).state_dict(), path)
+    return path
 
 
 def test_empty_class_folder_is_named(capsys, tmp_path):
@@ -88,7 +99,10 @@ def test_results_do_not_depend_on_the_worker_count(capsys, tmp_path, data):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def test_a_closed_stdout_does_not_stop_training(monkeypatch, tmp_path, data):
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_closed_console_does_not_stop_training(monkeypatch, tmp_path, data, stream):
+    """`sanet train ... | head` (stdout), or with stderr (progress bars) piped into something
+    that exited: the run goes on, its epochs are in log.csv."""
     import sys
 
     from sanet.cli import main
@@ -97,6 +111,33 @@ def test_a_closed_stdout_does_not_stop_training(monkeypatch, tmp_path, data):
         def write(self, text):
             raise BrokenPipeError
 
-    monkeypatch.setattr(sys, "stdout", ClosedPipe())
-    assert main(train_argv(data, tmp_path / "run", epochs=2)) == 0
+    monkeypatch.setattr(sys, stream, ClosedPipe())
+    argv = train_argv(data, tmp_path / "run", epochs=2)
+    argv.remove("--no-progress")  # progress bars write to stderr
+    assert main(argv) == 0
     assert load_ckpt(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
+def test_large_seeds_and_seeds_per_image(capsys, tmp_path, data):
+    """Seeds up to 2**32 - 1 train; each image's augmentation seed is a hash of (seed, epoch,
+    index), so no image reuses another's seed from the epoch before."""
+    from sanet.engine.data import _sample_seed
+
+    assert run_cli(capsys, train_argv(data, tmp_path / "r", "--seed", str(2**32 - 1)))[0] == 0
+    seeds = {_sample_seed(0, epoch, i) for epoch in range(3) for i in range(2_000_010)[::1000]}
+    assert len(seeds) == 3 * len(range(2_000_010)[::1000])
+    assert _sample_seed(0, 1, 5) != _sample_seed(0, 0, 5 + 1_000_003)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_usage_errors_name_the_command_in_json(capsys, monkeypatch):
+    from sanet.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["convert", "a.pt", "b.safetensors", "--model", "x", "-o", "y", "--json"])
+    out, _ = capsys.readouterr()
+    assert json.loads(out) == {"error": "unrecognized arguments: -o y", "command": "convert"}
+    monkeypatch.setenv("RANK", "1")  # under torchrun: one JSON object per job, from rank 0
+    with pytest.raises(SystemExit):
+        main(["info", "--json"])
+    assert capsys.readouterr().out == ""

@@ -29,11 +29,14 @@ class _Parser(argparse.ArgumentParser):
     """argparse, plus the error object on stdout for a usage error when ``--json`` was asked
     for: a machine reading stdout gets one JSON object whatever went wrong."""
 
-    json_requested = False  # set by main() from the raw arguments
+    argv: List[str] = []  # set by main(): the raw arguments
 
     def error(self, message: str):
-        if _Parser.json_requested:
-            command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+        if "--json" in _Parser.argv and os.environ.get("RANK", "0") == "0":  # one object per job
+            # "sanet train" for a subcommand's errors; the top parser's (unrecognized
+            # arguments) name the subcommand among the arguments
+            command = self.prog.split(" ", 1)[1] if " " in self.prog else next(
+                (a for a in _Parser.argv if a in COMMANDS), None)
             print(json.dumps({"error": message, "command": command}), flush=True)
         super().error(message)
 
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    _Parser.json_requested = "--json" in (sys.argv[1:] if argv is None else argv)
+    _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

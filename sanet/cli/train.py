@@ -6,6 +6,7 @@ import contextlib
 import sys
 
 from .common import add_json_flag, check_model_name, print_json
+from .pipes import pipe_safe_console
 
 _EPILOG = """\
 defaults reproduce the authors' recipe: SGD momentum 0.9, lr 0.1 per 256 images scaled to the
@@ -38,6 +39,12 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A closed console (`sanet train ... | head`) does not stop the run: log.csv keeps it.
+    with pipe_safe_console():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from sanet.engine import fit
 
     check_model_name(args.model)

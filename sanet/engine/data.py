@@ -62,10 +62,10 @@ class SafeImageFolder(ImageFolder):
     def __init__(self, root: str, transform=None, skip_bad: bool = False) -> None:
         super().__init__(root, transform=transform)
         self.skip_bad = skip_bad
-        # Set per epoch by reseed_loader: each sample's augmentation then draws from its own
-        # generators, seeded from (seed, epoch, index), so it does not depend on which worker
-        # (or how many) loads it. None: the transform uses the process's generators.
-        self.aug_seed: Optional[int] = None
+        # (seed, epoch), set per epoch by reseed_loader: each sample's augmentation then draws
+        # from its own generators, seeded from (seed, epoch, index), so it does not depend on
+        # which worker (or how many) loads it. None: the transform uses the process's generators.
+        self.aug_seed: Optional[Tuple[int, int]] = None
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -81,9 +81,16 @@ class SafeImageFolder(ImageFolder):
             if self.aug_seed is None:
                 sample = self.transform(sample)
             else:
-                with _seeded(self.aug_seed * 1_000_003 + index):
+                with _seeded(_sample_seed(*self.aug_seed, index)):
                     sample = self.transform(sample)
         return sample, target
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed per (run seed, epoch, image): Python's tuple hash of ints, which is the
+    same in every process (string hashing is what PYTHONHASHSEED salts). Not an affine mix,
+    where image i of one epoch would reuse the seed of image i + k of the previous one."""
+    return hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 @contextmanager
@@ -136,8 +143,10 @@ def open_image_folder(root: Path, what: str, skip_bad: bool = False, transform=N
         if empty and len(empty) < sum(1 for d in root.iterdir() if d.is_dir()):
             raise FileNotFoundError(
                 f"{what} folder {root}: class folder(s) {empty[:10]} hold no images (image files: "
-                f"{', '.join(IMG_EXTENSIONS)}); every class needs images in train/ and val/ "
-                "(labels are class-folder indices): add images or remove the folder") from None
+                f"{', '.join(IMG_EXTENSIONS)}); "
+                + ("every class needs images in train/ and val/ (labels are class-folder indices)"
+                   if what in ("training", "validation") else "every class folder needs images")
+                + ": add images or remove the folder") from None
         raise FileNotFoundError(f"{what} folder {root} is empty or holds no images: {exc} "
                                 f"(expected {root}/<class name>/<image file>)") from None
 
@@ -212,7 +221,7 @@ def reseed_loader(loader: DataLoader, epoch: int, seed: int) -> None:
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 1_000_003 + epoch)
     if isinstance(loader.dataset, SafeImageFolder):
-        loader.dataset.aug_seed = seed * 1_000_003 + epoch
+        loader.dataset.aug_seed = (seed, epoch)
 
 
 def build_eval_loader(dataset, batch_size: int, *, workers: int, ctx: DistContext) -> DataLoader:

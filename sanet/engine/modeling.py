@@ -69,7 +69,12 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     from sanet.models import CheckpointMismatchError, with_sa_groups_of
 
     state_dict = load_state_dict_file(pretrained_file)
-    kwargs = with_sa_groups_of(state_dict, name, kwargs)  # fine-tune the G it was trained with
+    try:
+        kwargs = with_sa_groups_of(state_dict, name, kwargs)  # fine-tune the G it was trained with
+    except TypeError as exc:
+        if not model_kwargs:
+            raise
+        raise _kwargs_error(name, model_kwargs, exc) from None
     overlay: Dict[str, Any] = dict(state_dict=state_dict)
     file_classes = _classifier_size(state_dict, name)
     if file_classes is not None:
@@ -99,8 +104,12 @@ def _create(name: str, model_kwargs: Optional[Dict[str, Any]], **kwargs: Any) ->
     except TypeError as exc:
         if not model_kwargs:
             raise
-        raise ValueError(f"--model-kwargs {' '.join(f'{k}={v!r}' for k, v in model_kwargs.items())}: "
-                         f"{name} does not accept them ({exc})") from None
+        raise _kwargs_error(name, model_kwargs, exc) from None
+
+
+def _kwargs_error(name: str, model_kwargs: Dict[str, Any], exc: TypeError) -> ValueError:
+    return ValueError(f"--model-kwargs {' '.join(f'{k}={v!r}' for k, v in model_kwargs.items())}: "
+                      f"{name} does not accept them ({exc})")
 
 
 def check_checkpoint_model(ckpt: Dict[str, Any], model_name: Optional[str], source: str) -> str:

@@ -13,7 +13,6 @@ import datetime
 import math
 import os
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,14 +68,8 @@ def fit(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _say(ctx: DistContext, *parts: Any) -> None:
-    if not ctx.is_main:
-        return
-    try:
+    if ctx.is_main:
         print(*parts, flush=True)
-    except BrokenPipeError:
-        # stdout piped into e.g. `head`, which has exited: training is the job, and log.csv
-        # keeps every line, so go on without the console
-        sys.stdout = open(os.devnull, "w")
 
 
 def _check_output(out: Path, args: argparse.Namespace) -> None:
