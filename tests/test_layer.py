@@ -540,6 +540,18 @@ def test_gn_hook_other_ranks(shape):
     assert seen == [(shape[0] * 4, 4) + shape[2:]]
 
 
+def test_gn_hook_and_planes_without_pixels():
+    """nn.GroupNorm refuses planes without pixels; the layer without hooks returns the empty
+    output. A hook on gn changes nothing there (gn is not called: there is nothing to see)."""
+    module = randomize_sa_(ShuffleAttention(32, 4))
+    seen = []
+    module.gn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 32, 0, 5, requires_grad=True)
+    y = module(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape and seen == []
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_global_forward_hook_sees_gn(impl):
     require_fused(impl)

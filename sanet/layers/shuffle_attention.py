@@ -112,7 +112,10 @@ class ShuffleAttention(nn.Module):
     @torch.jit.unused
     def _forward_dispatch(self, x: Tensor) -> Tensor:
         gn = self.gn  # one nn.Module.__getattr__ lookup (it costs more than has_hooks)
-        if has_hooks(gn):  # every impl below reads gn's parameters without calling it
+        # Every impl below reads gn's parameters without calling it. (Planes without pixels
+        # have nothing to normalise, and nn.GroupNorm refuses them: no call, no hooks. Under
+        # torch.fx, x is a Proxy whose sizes are not known yet: gn is recorded.)
+        if has_hooks(gn) and (isinstance(x, torch.fx.Proxy) or x.shape[2:].numel() > 0):
             return self._forward_calling_gn(x)
         impl = self.impl
         if impl in ("auto", "fused") and needs_pytorch_ops():
