@@ -211,37 +211,34 @@ struct PlaneSum {
 
 // Mean and population variance of one plane: two passes (the second hits L1). The last
 // partial vector is loaded masked (zero-filled), and masked again where zeros would count.
-// The second pass also sums x - m (m: the first pass's mean, rounded to T) and corrects the
-// mean with it: T-lanes summing x itself lose the mean's low bits when |mean| >> std (1e-5 of
-// std at mean/std = 1000 on a 64x64 plane), and the mean centres the gate. (Summing x - x[0]
-// instead fails when x[0] is an outlier, and turns an inf at x[0] into NaN.) Without need_var
-// (a channel-branch plane, which only pools) var is 0, and the second pass only corrects the
-// mean, if precise_mean: BatchNorm in front, where z's mean a*mean + b is small next to
-// a*mean. Without BatchNorm the pooled mean is z's own, as precise as the reference's.
+// The first pass sums x - shift: T-lanes summing x itself lose the mean's low bits when
+// |mean| >> std (1e-5 of std at mean/std = 1000 on a 64x64 plane), and the mean centres the
+// gate. The shift is a per-channel constant, BatchNorm's running mean in eval (what x is
+// normalised by), else 0: never a data element (an outlier there would be added to every
+// lane, an inf there make the plane NaN). The second pass, which the variance needs anyway,
+// also sums x - m (m: the first pass's mean, rounded to T) and corrects the mean with it.
+// Without need_var (a channel-branch plane, which only pools) var is 0 and the first pass's
+// mean is kept.
 template <typename T>
 inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool need_var = true,
-                          bool precise_mean = true) {
+                          T shift = T(0)) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
-  const V zero(static_cast<T>(0));
+  const V zero(static_cast<T>(0)), vs(shift);
   PlaneSum<T> a0, a1;
   int64_t i = 0;
   for (; i + 2 * W <= M; i += 2 * W) {
-    a0.add(V::loadu(p + i));
-    a1.add(V::loadu(p + i + W));
+    a0.add(V::loadu(p + i) - vs);
+    a1.add(V::loadu(p + i + W) - vs);
   }
-  for (; i < M; i += W) a0.add(V::loadu(p + i, std::min<int64_t>(W, M - i)));
-  mean = (a0.sum() + a1.sum()) / M;
+  for (; i < M; i += W) {
+    const int64_t n = std::min<int64_t>(W, M - i);
+    a0.add(V::set(zero, V::loadu(p + i, n) - vs, n));
+  }
+  mean = double(shift) + (a0.sum() + a1.sum()) / M;
   var = 0.0;
-  if (!need_var && !precise_mean) return;
+  if (!need_var) return;
   const V vm(static_cast<T>(mean));
-  if (!need_var) {
-    PlaneSum<T> s0;
-    for (i = 0; i < M; i += W) s0.add(V::set(zero, V::loadu(p + i, std::min<int64_t>(W, M - i)) - vm, std::min<int64_t>(W, M - i)));
-    const double shift = s0.sum() / M;
-    if (std::isfinite(shift)) mean = double(static_cast<T>(mean)) + shift;
-    return;
-  }
   PlaneSum<T> q0, q1, s0;
   for (i = 0; i + 2 * W <= M; i += 2 * W) {
     const V d0 = V::loadu(p + i) - vm, d1 = V::loadu(p + i + W) - vm;
@@ -255,10 +252,10 @@ inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool
     q0.fmadd(d, d);
     s0.add(d);
   }
-  const double shift = s0.sum() / M;  // mean - m
-  if (std::isfinite(shift)) {
-    mean = double(static_cast<T>(mean)) + shift;
-    var = std::max(0.0, (q0.sum() + q1.sum()) / M - shift * shift);
+  const double correction = s0.sum() / M;  // mean - m
+  if (std::isfinite(correction)) {
+    mean = double(static_cast<T>(mean)) + correction;
+    var = std::max(0.0, (q0.sum() + q1.sum()) / M - correction * correction);
   } else {  // inf or NaN in the plane: the first pass's mean says so already
     var = (q0.sum() + q1.sum()) / M;
   }
@@ -534,7 +531,8 @@ struct Fwd {
         if (!moments_done)
           for (int64_t i = 0; i < b.cnt; ++i) {
             const int64_t k = b.ns[i] * L.C + b.chs[i];
-            plane_moments(x + k * L.M, L.M, pm[k], pv[k], L.spatial(b.chs[i]), bn.on);
+            plane_moments(x + k * L.M, L.M, pm[k], pv[k], L.spatial(b.chs[i]),
+                          bn.on ? static_cast<T>(bn.mean[b.chs[i]]) : T(0));
           }
         for (int64_t i = 0; i < b.cnt; ++i) {
           const int64_t k = b.ns[i] * L.C + b.chs[i];
