@@ -1,0 +1,150 @@
+"""ShuffleAttention and its functional forms refuse bad input with errors that say what was
+wrong and what is valid: rank, channel count, dtype, group count, parameter sizes."""
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import sanet
+from sanet import ShuffleAttention
+
+from conftest import randomize_sa_, rel_err, require_fused
+from sa_reference import FP32_TOL, IMPLS
+
+
+# --------------------------------------------------------------------------- errors
+def test_construction_error_bad_impl():
+    with pytest.raises(ValueError, match=r"impl must be one of .*'auto'.*got 'cuda'"):
+        ShuffleAttention(16, 2, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(2, 16), (16,), (1, 2, 16, 2, 2, 2)])
+def test_call_error_wrong_rank(impl, shape):
+    require_fused(impl)
+    m = ShuffleAttention(16, 2, impl=impl)
+    with pytest.raises(ValueError) as info:
+        m(torch.randn(shape))
+    msg = str(info.value)
+    assert "(N, C, L)" in msg and "(N, C, H, W)" in msg and "(N, C, D, H, W)" in msg
+    assert f"{len(shape)}-D input of shape {list(shape)}" in msg
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_call_error_wrong_channels(impl):
+    require_fused(impl)
+    m = ShuffleAttention(16, 2, impl=impl)
+    with pytest.raises(ValueError, match=r"built for 16 channels but the input has 32"):
+        m(torch.randn(2, 32, 4, 4))
+    with pytest.raises(ValueError, match=r"built for 16 channels but the input has 4"):
+        m(torch.randn(2, 4, 16, 16))  # a channels-last-shaped tensor (N, H, W, C) mistake
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_call_error_integer_input(impl, dtype):
+    """Integer input used to fail inside mean() ("could not infer output dtype")."""
+    require_fused(impl)
+    m = ShuffleAttention(16, 2, impl=impl)
+    x = torch.randint(0, 2, (2, 16, 4, 4)).to(dtype)
+    with pytest.raises(TypeError, match=re.escape(
+            "expects floating-point input (float32, float64, float16 or bfloat16; averages and "
+            f"gates need fractions), got {dtype}: convert it first, e.g. x.float()")):
+        m(x)
+
+
+def test_call_error_integer_input_torchscript():
+    scripted = torch.jit.script(ShuffleAttention(16, 2))
+    with pytest.raises(Exception, match=r"expects floating-point input \(float32"):
+        scripted(torch.randint(0, 5, (2, 16, 4, 4)))
+
+
+# --------------------------------------------------------------------------- functional forms: errors
+FUNCTIONALS = [sanet.shuffle_attention_reference, sanet.shuffle_attention_torch]
+FN_IDS = ["reference", "torch"]
+FN_PARAM_NAMES = ("cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias")
+
+
+def _params(channels: int, groups: int):
+    return [p.detach() for p in randomize_sa_(ShuffleAttention(channels, groups)).parameters()]
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+def test_functional_error_groups_do_not_divide_channels(fn):
+    """C = 96, G = 32: the reference used to regroup silently, the torch form to fail in reshape."""
+    params = [torch.ones(1, 1, 1, 1)] * 6  # 96 // 64 = 1 value each
+    with pytest.raises(ValueError, match=re.escape(
+            "channels (96) must be divisible by 2 * groups (2 * 32 = 64); valid groups for 96 "
+            "channels: [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]")):
+        fn(torch.randn(2, 96, 4, 4), *params, 32)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+@pytest.mark.parametrize("groups", [0, -4, 2.5, "4", True])
+def test_functional_error_bad_groups(fn, groups):
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        fn(torch.randn(2, 32, 4, 4), *_params(32, 4), groups)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+@pytest.mark.parametrize("bad", range(6), ids=FN_PARAM_NAMES)
+@pytest.mark.parametrize("shape", [(1, 8, 1, 1), (3,), ()], ids=["2c", "c-1", "scalar"])
+def test_functional_error_wrong_parameter_size(fn, bad, shape):
+    """Wrong gate parameters used to give raw reshape or broadcast errors (or none)."""
+    params = _params(32, 4)  # c = 4
+    params[bad] = torch.ones(shape)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{fn.__name__}: {FN_PARAM_NAMES[bad]} must hold C / (2 * groups) = 32 / (2 * 4) = 4 "
+            f"values (shape (1, 4, 1, 1) or (4,)), got shape {list(shape)}")):
+        fn(torch.randn(2, 32, 4, 4), *params, 4)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+def test_functional_error_input(fn):
+    with pytest.raises(TypeError, match="floating-point input"):
+        fn(torch.ones(2, 32, 4, 4, dtype=torch.int32), *_params(32, 4), 4)
+    with pytest.raises(ValueError, match=r"got 2-D input of shape \[2, 32\]"):
+        fn(torch.randn(2, 32), *_params(32, 4), 4)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+def test_functional_accepts_flat_parameters_and_numpy_groups(fn):
+    np = pytest.importorskip("numpy")
+    params = _params(32, 4)
+    x = torch.randn(2, 32, 5, 3)
+    expect = fn(x, *params, 4)
+    assert rel_err(fn(x, *[p.reshape(-1) for p in params], 4), expect) <= 1e-6
+    assert rel_err(fn(x, *params, np.int64(4)), expect) <= 1e-6
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+def test_functional_checks_keep_graph_capture_working(fn):
+    """The checks run in eager mode and fx graphs, are skipped by TorchScript and jit.trace,
+    and don't break torch.compile's graph (fullgraph)."""
+    params = _params(32, 4)
+    x = torch.randn(2, 32, 5, 3)
+    expect = fn(x, *params, 4)
+    scripted = torch.jit.script(fn)
+    assert rel_err(scripted(x, *params, 4), expect) <= FP32_TOL
+
+    class Wrap(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return fn(x, *params, 4)
+
+    traced = torch.fx.symbolic_trace(Wrap())
+    assert rel_err(traced(x), expect) <= FP32_TOL
+    with pytest.raises(ValueError, match=r"channels \(36\) must be divisible"):
+        traced(torch.randn(2, 36, 4, 4))  # the check is a node of the fx graph
+    compiled = torch.compile(Wrap(), backend="eager", fullgraph=True)
+    assert rel_err(compiled(x), expect) <= FP32_TOL
+    exported = torch.export.export(Wrap(), (x,))
+    assert rel_err(exported.module()(x), expect) <= FP32_TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # the check is skipped, not traced
+        warnings.filterwarnings("ignore", category=FutureWarning)  # trace's deprecation
+        jit_traced = torch.jit.trace(Wrap(), x)
+    assert rel_err(jit_traced(x), expect) <= FP32_TOL
