@@ -154,12 +154,13 @@ def test_extension_builds_and_is_exact_for_avx2(tmp_path):
     isa = "from sanet.ops import cpu_ext_status; st = cpu_ext_status(); print(st['loaded'], st['isa'])"
     proc = subprocess.run([sys.executable, "-c", isa], capture_output=True, text=True, env=env, timeout=600)
     assert proc.stdout.split() == ["True", "AVX2"], proc.stderr[-3000:]
-    tests = Path(__file__).with_name("test_fused.py")
+    here = Path(__file__).parent
+    tests = [str(here / "test_fused.py"), str(here / "test_fused_precision.py")]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k",
          "nan_reaches or inf_in or identity_planes or outlier_plane or saturated or large_mean or large_planes "
          "or matches_reference_fp32 or bn_sa_fusion"],
-        capture_output=True, text=True, env=env, timeout=900, cwd=tests.parent)
+        capture_output=True, text=True, env=env, timeout=900, cwd=here)
     assert proc.returncode == 0 and " passed" in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
 
 

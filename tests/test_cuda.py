@@ -263,7 +263,7 @@ def test_bn_sa_tail_half_precision_training(dtype, shape, groups, scale):
 @pytest.mark.parametrize("mode", ["sa", "bn_train", "bn_eval"])
 @pytest.mark.parametrize("hw", [(4, 4), (64, 64)])
 def test_large_mean_against_fp64(mode, hw, tiling):
-    """tests/test_fused.py's case for the CPU kernel: input whose mean is 1000 standard
+    """tests/test_fused_precision.py's case for the CPU kernel: input whose mean is 1000 standard
     deviations from 0, built exactly representable in fp32 and with channel means exactly
     1000, so fp32 can be exact to ~1e-7. Rounding b = beta - mean * a (~1000 a) to fp32, or
     the plane mean the gate is centred on, shifts whole planes by 1e-5 to 1e-4 of their

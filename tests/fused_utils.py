@@ -1,0 +1,54 @@
+"""Helpers of the fused-kernel tests (test_fused.py, test_fused_precision.py)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import sanet
+from sanet.ops import load_cpu_ext
+
+
+def require_cpu_ext() -> None:
+    """Skip the calling test module where the C++ kernels can't be built (a clean fallback
+    exists), except under SANET_REQUIRE_EXT (make test), where that is an error."""
+    if load_cpu_ext() is None:
+        if os.environ.get("SANET_REQUIRE_EXT", "") not in ("", "0"):
+            raise RuntimeError("SANET_REQUIRE_EXT is set but the CPU extension did not build")
+        pytest.skip("fused CPU extension unavailable (no compiler?)", allow_module_level=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error of a against b."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def randomize(module: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def sa_params(sa):
+    return [sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias]
+
+
+def grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def bn_sa_pair(C, G, gen, dtype, momentum=0.1, affine=True):
+    bn = nn.BatchNorm2d(C, momentum=momentum, affine=affine).to(dtype)
+    sa = sanet.ShuffleAttention(C, G).to(dtype)
+    randomize(sa, gen)
+    randomize(bn, gen)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(C, generator=gen))
+        bn.running_var.copy_(torch.rand(C, generator=gen) + 0.5)
+    ref_sa = copy.deepcopy(sa)
+    ref_sa.impl = "reference"
+    return bn, sa, copy.deepcopy(bn), ref_sa
