@@ -5,6 +5,7 @@ import copy
 import os
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -52,3 +53,17 @@ def bn_sa_pair(C, G, gen, dtype, momentum=0.1, affine=True):
     ref_sa = copy.deepcopy(sa)
     ref_sa.impl = "reference"
     return bn, sa, copy.deepcopy(bn), ref_sa
+
+
+def fused_and_unfused_models(num_classes: int, gen: torch.Generator):
+    """sa_resnet_test in fp64 with random SA parameters, and a copy that runs op by op."""
+    torch.manual_seed(0)
+    fused = timm.create_model("sa_resnet_test", num_classes=num_classes).double()
+    for m in fused.modules():
+        if isinstance(m, sanet.ShuffleAttention):
+            randomize(m, gen)
+    unfused = copy.deepcopy(fused)
+    for m in unfused.modules():
+        if isinstance(m, sanet.ShuffleAttention):
+            m.impl = "reference"  # reference SA never fuses with BatchNorm
+    return fused, unfused

@@ -13,7 +13,9 @@ from torch import nn
 import sanet
 from sanet.ops import bn_shuffle_attention
 
-from test_fused import _bn_sa_pair, _fused_and_unfused_models, grads, randomize, rel
+from fused_utils import bn_sa_pair, fused_and_unfused_models, grads, randomize, rel, require_cpu_ext
+
+require_cpu_ext()
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -24,7 +26,7 @@ def test_second_order_gradients_fp64(train, relu):
     from torch.autograd import gradgradcheck
 
     gen = torch.Generator().manual_seed(11)
-    bn, sa, _, _ = _bn_sa_pair(16, 2, gen, torch.float64)
+    bn, sa, _, _ = bn_sa_pair(16, 2, gen, torch.float64)
     bn.train(train)
     x = torch.randn(2, 16, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     sc = torch.randn(2, 16, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -34,7 +36,7 @@ def test_second_order_gradients_fp64(train, relu):
 
 def test_second_order_with_only_the_shortcut_requiring_grad():
     gen = torch.Generator().manual_seed(14)
-    bn, sa, _, _ = _bn_sa_pair(16, 2, gen, torch.float64)
+    bn, sa, _, _ = bn_sa_pair(16, 2, gen, torch.float64)
     for p in [*bn.parameters(), *sa.parameters()]:
         p.requires_grad_(False)
     x = torch.randn(2, 16, 3, 4, generator=gen, dtype=torch.float64)
@@ -49,7 +51,7 @@ def test_gradient_penalty_matches_reference_model_fp64():
     """An input-gradient penalty (R1-style) through a whole fused model: every parameter's
     gradient equals the op-by-op reference model's (second-order terms of SA and BN)."""
     gen = torch.Generator().manual_seed(12)
-    fused, unfused = _fused_and_unfused_models(4, gen)
+    fused, unfused = fused_and_unfused_models(4, gen)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=gen)  # layer4 at 2x2 (1x1 planes: 0 vs 1e-12)
     results = []
     for model in (fused, unfused):

@@ -26,7 +26,7 @@ from sanet.analysis.memory import saved_tensor_bytes
 from sanet.ops import bn_shuffle_attention, fused_sa_supported, sa_op, triton_sa
 
 from conftest import SA_PARAM_NAMES, case_seed, randomize_sa_, rel_err
-from test_layer import authors_sa_nd
+from sa_reference import authors_sa_nd
 
 DEVICE = torch.device(os.environ.get("SANET_TEST_DEVICE", "cuda"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():

@@ -20,7 +20,7 @@ from sanet.ops import bn_shuffle_attention, fused_sa_supported
 from sanet.ops.sa_op import sa_forward
 
 from conftest import case_seed
-from fused_utils import bn_sa_pair, grads, randomize, rel, require_cpu_ext, sa_params
+from fused_utils import bn_sa_pair, fused_and_unfused_models, grads, randomize, rel, require_cpu_ext, sa_params
 
 require_cpu_ext()
 
@@ -178,24 +178,10 @@ def _plain_twin(name: str) -> nn.Module:
     return ResNet(**args)
 
 
-def _fused_and_unfused_models(num_classes: int, gen: torch.Generator):
-    """sa_resnet_test in fp64 with random SA parameters, and a copy that runs op by op."""
-    torch.manual_seed(0)
-    fused = timm.create_model("sa_resnet_test", num_classes=num_classes).double()
-    for m in fused.modules():
-        if isinstance(m, sanet.ShuffleAttention):
-            randomize(m, gen)
-    unfused = copy.deepcopy(fused)
-    for m in unfused.modules():
-        if isinstance(m, sanet.ShuffleAttention):
-            m.impl = "reference"  # reference SA never fuses with BatchNorm
-    return fused, unfused
-
-
 def test_block_fusion_matches_unfused_model_fp64():
     """A whole SA network: fused tails vs the same weights run op by op (reference SA)."""
     gen = torch.Generator().manual_seed(5)
-    fused, unfused = _fused_and_unfused_models(10, gen)
+    fused, unfused = fused_and_unfused_models(10, gen)
     x = torch.randn(3, 3, 48, 48, dtype=torch.float64, generator=gen)
     for train in (True, False):
         fused.train(train)
