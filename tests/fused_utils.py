@@ -67,3 +67,31 @@ def fused_and_unfused_models(num_classes: int, gen: torch.Generator):
         if isinstance(m, sanet.ShuffleAttention):
             m.impl = "reference"  # reference SA never fuses with BatchNorm
     return fused, unfused
+
+
+def large_mean_input(hw, gen: torch.Generator) -> torch.Tensor:
+    """(4, 16, *hw) input 1000 standard deviations from 0, exactly representable in fp32 and
+    with channel means exactly 1000: fp32 can then be exact to ~1e-7 (test_large_mean_*)."""
+    half = (torch.randn(2, 16, *hw, generator=gen) * 256).round() / 256
+    return torch.cat([half, -half]) + 1000.0
+
+
+def fused_and_fp64(mode: str, bn: nn.Module, sa: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    """Output and gradients (input, SA parameters, BatchNorm's unless ``mode`` is "sa") of the
+    fused op in fp32 and of BatchNorm then the reference SA in fp64, by name."""
+    from sanet.ops import bn_shuffle_attention
+
+    results = []
+    for dtype, impl in ((torch.float32, "fused"), (torch.float64, "reference")):
+        b, s = copy.deepcopy(bn).to(dtype), copy.deepcopy(sa).to(dtype)
+        s.impl = impl
+        xi = x.to(dtype).requires_grad_(True)
+        if mode == "sa":
+            y = s(xi)
+        else:
+            y = bn_shuffle_attention(xi, b, s) if impl == "fused" else s(b(xi))
+        inputs = [xi, *s.parameters()] + ([] if mode == "sa" else list(b.parameters()))
+        results.append([y, *torch.autograd.grad(y, inputs, g.to(dtype))])
+    names = ["out", "input", *(n for n, _ in sa.named_parameters()), "bn.weight", "bn.bias"]
+    return {name: (fused, ref64) for name, fused, ref64 in zip(names, *results)}
+

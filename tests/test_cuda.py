@@ -26,6 +26,7 @@ from sanet.analysis.memory import saved_tensor_bytes
 from sanet.ops import bn_shuffle_attention, fused_sa_supported, sa_op, triton_sa
 
 from conftest import SA_PARAM_NAMES, case_seed, randomize_sa_, rel_err
+from fused_utils import fused_and_fp64, large_mean_input
 from sa_reference import authors_sa_nd
 
 DEVICE = torch.device(os.environ.get("SANET_TEST_DEVICE", "cuda"))
@@ -276,22 +277,9 @@ def test_large_mean_against_fp64(mode, hw, tiling):
     with torch.no_grad():
         bn.running_mean.fill_(1000.0)
     bn.train(mode == "bn_train")
-    half = (torch.randn(2, 16, *hw, generator=gen) * 256).round() / 256
-    x = (torch.cat([half, -half]) + 1000.0).to(DEVICE)
+    x = large_mean_input(hw, gen).to(DEVICE)
     g = torch.randn(x.shape, generator=gen).to(DEVICE)
-    results = []
-    for dtype, impl in ((torch.float32, "fused"), (torch.float64, "reference")):
-        b, s = copy.deepcopy(bn).to(dtype), copy.deepcopy(sa).to(dtype)
-        s.impl = impl
-        xi = x.to(dtype).requires_grad_(True)
-        if mode == "sa":
-            y = s(xi)
-        else:
-            y = bn_shuffle_attention(xi, b, s) if impl == "fused" else s(b(xi))
-        inputs = [xi, *s.parameters()] + ([] if mode == "sa" else list(b.parameters()))
-        results.append([y, *torch.autograd.grad(y, inputs, g.to(dtype))])
-    names = ["out", "input", *(n for n, _ in sa.named_parameters()), "bn.weight", "bn.bias"]
-    errs = {name: rel_err(fused, ref64) for name, fused, ref64 in zip(names, *results)}
+    errs = {name: rel_err(fused, ref64) for name, (fused, ref64) in fused_and_fp64(mode, bn, sa, x, g).items()}
     assert max(errs.values()) <= 3e-6, ", ".join(f"{k} {v:.2g}" for k, v in errs.items())
 
 

@@ -11,7 +11,7 @@ import torch
 import sanet
 from sanet.ops import bn_shuffle_attention
 
-from fused_utils import bn_sa_pair, grads, randomize, rel, require_cpu_ext
+from fused_utils import bn_sa_pair, fused_and_fp64, grads, large_mean_input, randomize, rel, require_cpu_ext
 
 require_cpu_ext()
 
@@ -83,22 +83,9 @@ def test_large_mean_against_fp64(mode, hw):
     with torch.no_grad():
         bn.running_mean.fill_(1000.0)
     bn.train(mode == "bn_train")
-    half = (torch.randn(2, 16, *hw, generator=gen) * 256).round() / 256
-    x = torch.cat([half, -half]) + 1000.0
+    x = large_mean_input(hw, gen)
     g = torch.randn(x.shape, generator=gen)
-    results = []
-    for dtype, impl in ((torch.float32, "fused"), (torch.float64, "reference")):
-        b, s = copy.deepcopy(bn).to(dtype), copy.deepcopy(sa).to(dtype)
-        s.impl = impl
-        xi = x.to(dtype).requires_grad_(True)
-        if mode == "sa":
-            y = s(xi)
-        else:
-            y = bn_shuffle_attention(xi, b, s) if impl == "fused" else s(b(xi))
-        inputs = [xi, *s.parameters()] + ([] if mode == "sa" else list(b.parameters()))
-        results.append([y] + list(grads(y, inputs, g.to(dtype))))
-    names = ["out", "input"] + [n for n, _ in sa.named_parameters()] + ["bn.weight", "bn.bias"]
-    for name, fused, ref64 in zip(names, *results):
+    for name, (fused, ref64) in fused_and_fp64(mode, bn, sa, x, g).items():
         assert rel(fused.double(), ref64) <= 3e-6, (name, rel(fused.double(), ref64))
 
 

@@ -133,47 +133,41 @@ def test_hooks_on_the_fused_tail_modules_run(name):
     x = torch.randn(2, 3, 64, 64)
     model(x)
     assert seen == ["bn", "sa", "act"]
+    _check_pruning(name, model, x, lambda m: m.layer2[0].sa, "cweight")  # may be 1 value
+
+
+def _check_pruning(name: str, model, x, owner, param: str) -> None:
+    """Prune ``owner(model).param`` away, in ``model`` and in a reference twin: the function
+    changes, in the fused model as in the reference, and training reaches ``param_orig``
+    (prune's pre-hook recomputes the weight every call; a fused tail that skipped it
+    backpropagated through a stale graph)."""
     from torch.nn.utils import prune
 
     ref = create(name, sa_impl="reference").eval()
     ref.load_state_dict(model.state_dict())
     before = model(x)
     for m in (model, ref):
-        prune.l1_unstructured(m.layer2[0].sa, "cweight", amount=1.0)  # may be 1 value
+        prune.l1_unstructured(owner(m), param, amount=1.0)
     after = model(x)
     assert rel_err(after, before) > 1e-4  # pruning changed the function...
     assert rel_err(after, ref(x)) <= 1e-5  # ...in the fused model as in the reference
-    # Training through the pruned weight: its pre-hook recomputes cweight from cweight_orig
-    # every call (the fused tail, skipping it, backpropagated through a stale graph).
     model.train()
     for _ in range(2):
         model(x).sum().backward()
-    assert model.layer2[0].sa.cweight_orig.grad is not None
+    assert getattr(owner(model), f"{param}_orig").grad is not None
 
 
 @pytest.mark.parametrize("name", ["sa_resnet_test", "sa_resnet18"])
 def test_hooks_and_pruning_on_sa_gn_in_fused_blocks(name):
     """has_hooks(sa) sees SA's own hooks, not gn's: a hook on sa.gn must also stop the block
     from fusing (SA then calls gn), and pruning gn.weight must train."""
-    from torch.nn.utils import prune
-
     model = randomize_sa_(create(name).eval())
     seen = []
     model.layer2[0].sa.gn.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
     x = torch.randn(2, 3, 64, 64)
-    before = model(x)
+    model(x)
     assert len(seen) == 1
-    ref = create(name, sa_impl="reference").eval()
-    ref.load_state_dict(model.state_dict())
-    for m in (model, ref):
-        prune.l1_unstructured(m.layer2[0].sa.gn, "weight", amount=1.0)  # c = 1 here
-    after = model(x)
-    assert rel_err(after, before) > 1e-4  # pruning changed the function...
-    assert rel_err(after, ref(x)) <= 1e-5  # ...in the fused model as in the reference
-    model.train()
-    for _ in range(2):
-        model(x).sum().backward()
-    assert model.layer2[0].sa.gn.weight_orig.grad is not None
+    _check_pruning(name, model, x, lambda m: m.layer2[0].sa.gn, "weight")  # c = 1 here
 
 
 @pytest.mark.parametrize("name", NAMES)
