@@ -93,8 +93,9 @@ def _for_the_user(exc: BaseException) -> bool:
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
-    # CUDA raises torch.OutOfMemoryError; the CPU allocator a plain RuntimeError
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+    # CUDA raises torch.cuda.OutOfMemoryError (aliased torch.OutOfMemoryError from torch 2.5);
+    # the CPU allocator a plain RuntimeError
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 def _describe(exc: BaseException) -> str:

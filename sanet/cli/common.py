@@ -7,8 +7,8 @@ import sys
 from typing import Any
 
 
-def add_json_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+def add_json_flag(p: argparse.ArgumentParser, *, what: str = "one JSON object") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} instead of text")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 

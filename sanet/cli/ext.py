@@ -9,7 +9,8 @@ from .common import add_json_flag, print_json
 def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="build and check the fused C++ kernels",
                        description="Build the fused Shuffle Attention CPU kernels (cached after the "
-                                   "first time) and report whether they load. Exit status 1 if not.")
+                                   "first time) and report whether they load. Exit status 1 if not (2, with the build's "
+                                   "error, when SANET_REQUIRE_EXT=1 makes a failed build an error).")
     add_json_flag(p)
     return p
 

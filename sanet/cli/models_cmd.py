@@ -11,7 +11,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="list the SA model family",
                        description="List the registered SA models: parameters, default input size, "
                                    "block type and whether the authors published weights.")
-    add_json_flag(p)
+    add_json_flag(p, what="one JSON array, one object per model")
     return p
 
 

@@ -108,7 +108,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
     data = p.add_argument_group("data and augmentation")
     data.add_argument("--img-size", type=int, default=None,
-                      help="train/eval crop size (default: the model's, 224 for SA-ResNets)")
+                      help="train/eval crop size (default: the model's input size, 224 for the SA-ResNets, 64 for "
+                           "sa_resnet_test)")
     data.add_argument("--crop-pct", type=float, default=None,
                       help="eval center-crop fraction (default: the model's, 0.875: resize 256, crop 224)")
     data.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,

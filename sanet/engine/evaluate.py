@@ -34,8 +34,6 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, *, amp: Optional[str] =
     Sums are reduced over ranks, so each image counts once (the eval loader shards without
     padding). ``target_map`` maps dataset class indices to model outputs.
     """
-    from timm.utils import accuracy
-
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # correct1, correct5, loss, n, skipped
     start = time.perf_counter()
@@ -55,10 +53,12 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, *, amp: Optional[str] =
             logits = model(images)
         logits = logits.float()
         n = targets.numel()
-        top1, top5 = accuracy(logits, targets, topk=(1, 5))
-        # accumulated on the device: no host sync per batch (it would stall a GPU pipeline)
-        sums[0] += top1.double() * (n / 100.0)
-        sums[1] += top5.double() * (n / 100.0)
+        # Whole counts of correct images (timm's accuracy() gives fp32 percentages, whose
+        # rounding made equal top-1 epochs compare unequal and a tie replace best.pt).
+        # Accumulated on the device: no host sync per batch (it would stall a GPU pipeline).
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+        sums[0] += hits[:, :1].sum()
+        sums[1] += hits.sum()
         sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
         sums[3] += n
         if warm is None:
