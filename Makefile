@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sanet-installed
+# The venv's tools first for everything the recipes start: torch.utils.cpp_extension runs
+# `ninja` (installed into .venv/bin by pip) from PATH, and the venv need not be activated.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: demo test ext bench clean
 

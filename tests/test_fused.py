@@ -16,7 +16,7 @@ from torch import nn
 import sanet
 from sanet.analysis.memory import saved_tensor_bytes
 from sanet.layers import shuffle_attention_reference
-from sanet.ops import bn_shuffle_attention, fused_sa_supported
+from sanet.ops import bn_shuffle_attention, fused_bn_sa_supported, fused_sa_supported
 from sanet.ops.sa_op import sa_forward
 
 from conftest import case_seed
@@ -331,7 +331,79 @@ def test_auto_without_a_kernel_runs_the_authors_formulation(monkeypatch):
 
     calls = []
     real = sa_mod._IMPL_FNS["reference"]
-    monkeypatch.setattr(sa_mod, "fused_sa_supported", lambda x: False)
+    monkeypatch.setattr(sa_mod, "fused_sa_supported", lambda x, *params: False)
     monkeypatch.setitem(sa_mod._IMPL_FNS, "reference", lambda *a: calls.append(1) or real(*a))
     sanet.ShuffleAttention(32, 4)(torch.randn(2, 32, 5, 5))
     assert calls == [1]
+
+
+def _meta(module: nn.Module, *names: str) -> None:
+    """Put some of a module's parameters or buffers on "meta" (another device than the input)."""
+    for name in names:
+        t = getattr(module, name)
+        new = t.detach().to("meta")
+        if isinstance(t, nn.Parameter):
+            setattr(module, name, nn.Parameter(new))
+        else:
+            module.register_buffer(name, new)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("moved", ["bn3", "sa", "running_var"])
+def test_block_with_a_tensor_on_another_device_runs_unfused(train, moved):
+    """The fused tail needs every tensor it reads on x's device; otherwise the modules run one
+    by one and PyTorch names the devices (the C++ kernel would read them through host
+    pointers: "data is not allocated yet" for meta, a crash for CUDA)."""
+    block = timm.create_model("sa_resnet_test").layer1[0].train(train)
+    if moved == "bn3":
+        block.bn3.to("meta")
+    elif moved == "sa":
+        block.sa.to("meta")
+    else:
+        _meta(block.bn3, "running_var")
+    x = torch.randn(2, block.conv1.in_channels, 6, 6)
+    mid = torch.randn(2, block.bn3.num_features, 6, 6)
+    assert not fused_bn_sa_supported(mid, block.bn3, block.sa, mid)
+    with pytest.raises(RuntimeError, match="device") as info:
+        block(x)
+    assert "not allocated" not in str(info.value)
+
+
+@pytest.mark.parametrize("case,name", [("bn", "bn_weight"), ("shortcut", "shortcut"),
+                                       ("running_mean", "bn.running_mean")])
+def test_bn_shuffle_attention_names_a_tensor_on_another_device(case, name):
+    gen = torch.Generator().manual_seed(11)
+    bn, sa, _, _ = bn_sa_pair(16, 2, gen, torch.float32)
+    x = torch.randn(2, 16, 3, 3, generator=gen)
+    shortcut = torch.randn(2, 16, 3, 3, generator=gen)
+    if case == "bn":
+        bn.eval().to("meta")
+    elif case == "shortcut":
+        shortcut = shortcut.to("meta")
+    else:
+        _meta(bn, "running_mean")  # training: updated after the op, checked before it
+    before = [t.clone() for t in (bn.running_var, bn.num_batches_tracked)]
+    with pytest.raises(sanet.SanetError, match=rf"{name} is on meta but the input x is on cpu"):
+        bn_shuffle_attention(x, bn, sa, shortcut, relu=True)
+    if case == "running_mean":  # nothing was updated
+        assert all(torch.equal(a, b) for a, b in zip(before, (bn.running_var, bn.num_batches_tracked)))
+
+
+def test_flop_counter_runs_the_authors_formulation(monkeypatch):
+    """FlopCounterMode registers global module hooks (torch.utils.module_tracker), so under it
+    the layer runs the authors' formulation module by module (docs/kernels.md says so, and
+    `sanet info` counts that); its count is the same: SA has no matmul or convolution."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import sanet.layers.shuffle_attention as sa_mod
+
+    calls = []
+    real = sa_mod.ShuffleAttention._forward_calling_gn
+    monkeypatch.setattr(sa_mod.ShuffleAttention, "_forward_calling_gn",
+                        lambda self, x: calls.append(1) or real(self, x))
+    sa = sanet.ShuffleAttention(32, 4)
+    x = torch.randn(2, 32, 5, 5)
+    with FlopCounterMode(display=False) as counter:
+        y = sa(x)
+    assert calls == [1] and counter.get_total_flops() == 0
+    assert rel(y, shuffle_attention_reference(x, *sa_params(sa), 4, sa.gn.eps)) < 1e-6

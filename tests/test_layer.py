@@ -199,6 +199,55 @@ def test_empty_batch(impl, shape):
     assert all(p.grad is not None and not p.grad.any() for p in module.parameters())
 
 
+EMPTY_PLANES = [(2, 32, 0, 4), (2, 32, 4, 0), (2, 32, 0), (2, 32, 2, 0, 3), (0, 32, 0, 3)]
+
+
+def _empty_output_zero_grads(fn, module, shape, dtype=torch.float32):
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    y = fn(x)
+    y.sum().backward()
+    assert y.shape == x.shape and y.dtype == x.dtype and x.grad.shape == x.shape
+    for name, p in module.named_parameters():  # zero, as from the fused kernels: not NaN, not None
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", EMPTY_PLANES, ids=["2d-h0", "2d-w0", "1d", "3d", "batch0"])
+def test_planes_without_pixels(impl, shape):
+    """Every impl agrees on planes of no pixels: an empty output and zero parameter gradients
+    (the authors' GroupNorm refuses them; the per-channel form's mean was NaN)."""
+    require_fused(impl)
+    module = randomize_sa_(ShuffleAttention(32, 4, impl=impl))
+    _empty_output_zero_grads(module, module, shape)
+
+
+@pytest.mark.parametrize("form", ["reference", "torch", "script", "fx", "bf16", "gn-hook"])
+def test_planes_without_pixels_other_paths(form):
+    """The functional forms and the paths that run them: TorchScript, torch.fx, bf16 on CPU
+    ("auto" falls back to the reference) and a hook on gn (no call on empty planes)."""
+    module = randomize_sa_(ShuffleAttention(32, 4, impl="torch" if form in ("script", "fx") else "auto"))
+    fn, dtype = module, torch.float32
+    if form in ("reference", "torch"):
+        f = getattr(sanet.layers, f"shuffle_attention_{form}")
+        params = [dict(module.named_parameters())[n] for n in SA_PARAM_NAMES]
+        fn = lambda x: f(x, *params, 4, module.gn.eps)  # noqa: E731
+    elif form == "script":
+        fn = torch.jit.script(module)
+    elif form == "fx":
+        fn = torch.fx.symbolic_trace(module)
+    elif form == "bf16":
+        module, dtype = module.bfloat16(), torch.bfloat16
+        fn = module
+    else:
+        calls = []
+        module.gn.register_forward_hook(lambda *a: calls.append(1))
+    for shape in EMPTY_PLANES:
+        module.zero_grad()
+        _empty_output_zero_grads(fn, module, shape, dtype)
+    if form == "gn-hook":
+        assert calls == []
+
+
 @pytest.mark.parametrize("impl", ["reference", "torch", "fused"])
 def test_gradcheck_fp64(impl):
     require_fused(impl)

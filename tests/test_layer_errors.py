@@ -148,3 +148,45 @@ def test_functional_checks_keep_graph_capture_working(fn):
         warnings.filterwarnings("ignore", category=FutureWarning)  # trace's deprecation
         jit_traced = torch.jit.trace(Wrap(), x)
     assert rel_err(jit_traced(x), expect) <= FP32_TOL
+
+
+# --------------------------------------------------------------------------- devices
+# A CPU-only machine has one real device; parameters on "meta" stand in for "another device"
+# (CUDA parameters with CPU input would have the C++ kernel read device pointers on the host).
+@pytest.mark.parametrize("moved", ["all", "gn.bias"])
+def test_parameters_on_another_device_auto_gives_pytorchs_device_error(moved):
+    """The fused kernel is chosen only when the parameters are on x's device; elsewhere
+    "auto" runs PyTorch ops, which name the devices (the kernel used to be chosen from x
+    alone and fail with "data is not allocated yet", which points at torch.compile)."""
+    m = ShuffleAttention(16, 2)
+    if moved == "all":
+        m.to("meta")
+    else:
+        m.gn.bias = nn.Parameter(m.gn.bias.detach().to("meta"))
+    with pytest.raises(RuntimeError, match="device") as info:
+        m(torch.randn(2, 16, 3, 3))
+    assert "not allocated" not in str(info.value)
+
+
+@pytest.mark.parametrize("moved,name", [("all", "cweight"), ("gn.weight", "gn_weight"), ("sbias", "sbias")])
+def test_parameters_on_another_device_fused_names_tensor_and_devices(moved, name):
+    require_fused("fused")
+    from sanet.ops import fused_sa_supported, shuffle_attention_fused
+
+    m = ShuffleAttention(16, 2, impl="fused")
+    if moved == "all":
+        m.to("meta")
+    else:
+        owner, attr = (m.gn, "weight") if moved == "gn.weight" else (m, moved)
+        setattr(owner, attr, nn.Parameter(getattr(owner, attr).detach().to("meta")))
+    x = torch.randn(2, 16, 3, 3)
+    expect = rf"{name} is on meta but the input x is on cpu; .*module\.to\('cpu'\) or x\.to\('meta'\)"
+    with pytest.raises(sanet.SanetError, match=expect):
+        m(x)
+    params = (m.cweight, m.cbias, m.sweight, m.sbias, m.gn.weight, m.gn.bias)
+    assert fused_sa_supported(x) and not fused_sa_supported(x, *params)
+    with pytest.raises(sanet.SanetError, match=expect):  # the public functional entry
+        shuffle_attention_fused(x, *params, 2)
+    with pytest.raises(sanet.SanetError, match=expect):  # the registered op itself
+        torch.ops.sanet.sa_forward(x, None, *params, 2, 1e-5, None, None, None, None, False, 1e-5, False)
+    assert fused_sa_supported(x, *(torch.zeros_like(p, device="cpu") for p in params))

@@ -105,6 +105,43 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 torch.fx.wrap("_compute_dtype")
 
 
+# Planes without pixels (a spatial size of 0): the output is empty, but the parameters still
+# get gradients, zero ones (as from the fused kernels). The mean of an empty plane is NaN and
+# GroupNorm refuses one, and NaN times the gate's zero gradient put NaN into the parameters'
+# gradients: these helpers give 0 statistics there (no NaN, nothing to normalise) and keep
+# the parameters in the graph. (jit.trace records one branch whatever the test: it records
+# the general one, without a TracerWarning for the size test.)
+def _plane_mean(x: Tensor) -> Tensor:
+    """Mean over the last dim (kept); 0 for empty planes (or an empty batch)."""
+    if not torch.jit.is_tracing() and x.numel() == 0:
+        return x.sum(dim=-1, keepdim=True)
+    return x.mean(dim=-1, keepdim=True)
+
+
+def _plane_group_norm(x: Tensor, c: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """GroupNorm(c, c) of (N', c, M) planes; the affine alone (empty) for empty input."""
+    if not torch.jit.is_tracing() and x.numel() == 0:
+        return x * weight.reshape(1, c, 1) + bias.reshape(1, c, 1)
+    # torch.group_norm is F.group_norm without its Python-side check, which rejects one value
+    # per group (G = 1, one sample, 1x1 planes) where the formula is well defined.
+    return torch.group_norm(x, c, weight, bias, eps)
+
+
+def _plane_var_mean(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Population variance and mean over the last dim; 0 and 0 for empty planes (or an
+    empty batch, where var_mean warns about degrees of freedom)."""
+    if not torch.jit.is_tracing() and x.numel() == 0:
+        mean = x.sum(dim=-1)
+        return torch.zeros_like(mean), mean
+    return torch.var_mean(x, dim=-1, correction=0)
+
+
+# torch.fx can't trace their branches on sizes; record each call as one graph node instead.
+torch.fx.wrap("_plane_mean")
+torch.fx.wrap("_plane_group_norm")
+torch.fx.wrap("_plane_var_mean")
+
+
 def shuffle_attention_reference(
     x: Tensor,
     cweight: Tensor,
@@ -147,12 +184,10 @@ def _shuffle_attention_reference(
     xg = xf.reshape(n * groups, c_total // groups, m)
     x0, x1 = xg.chunk(2, dim=1)
     # 2. Channel branch: global average pool, per-channel affine, sigmoid gate.
-    s = x0.mean(dim=-1, keepdim=True)
+    s = _plane_mean(x0)
     x0 = x0 * torch.sigmoid(cweight.reshape(1, c, 1) * s + cbias.reshape(1, c, 1))
     # 3. Spatial branch: GroupNorm(c, c) (one channel per group), affine, sigmoid gate.
-    # torch.group_norm is F.group_norm without its Python-side check, which rejects one value
-    # per group (G = 1, one sample, 1x1 planes) where the formula is well defined.
-    gn = torch.group_norm(x1, c, gn_weight.to(xc.dtype), gn_bias.to(xc.dtype), eps)
+    gn = _plane_group_norm(x1, c, gn_weight.to(xc.dtype), gn_bias.to(xc.dtype), eps)
     x1 = x1 * torch.sigmoid(sweight.reshape(1, c, 1) * gn + sbias.reshape(1, c, 1))
     # 4. Concatenate and view back; 5. channel shuffle with 2 groups.
     y = torch.cat([x0, x1], dim=1).reshape(n, c_total, m)
@@ -225,7 +260,7 @@ def _shuffle_attention_torch(
     xf = x.to(_compute_dtype(x)).flatten(2)  # (N, C, M); explicit sizes: -1 is ambiguous for N = 0
     m = xf.shape[2]
     xc = xf.reshape(n * groups, 2, c, m)
-    var, mean = torch.var_mean(xc, dim=-1, correction=0)
+    var, mean = _plane_var_mean(xc)
     a, b = sa_coefficients(mean, var, cweight, cbias, sweight, sbias, gn_weight, gn_bias, eps)
     y = xc * torch.sigmoid(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), xc - mean.unsqueeze(-1)))
     # Channel order g*C/G + branch*c + j, then the 2-group shuffle.

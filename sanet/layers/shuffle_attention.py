@@ -121,7 +121,9 @@ class ShuffleAttention(nn.Module):
         if impl in ("auto", "fused") and needs_pytorch_ops():
             impl = "torch"
         if impl == "auto":
-            impl = "fused" if fused_sa_supported(x) else "reference"
+            # Parameters on another device than x: the reference, for PyTorch's device error.
+            impl = "fused" if fused_sa_supported(
+                x, self.cweight, self.cbias, self.sweight, self.sbias, gn.weight, gn.bias) else "reference"
         elif impl == "fused" and not fused_sa_supported(x):
             raise SanetError(
                 f"ShuffleAttention(impl='fused'): no fused kernel for {x.device.type} "

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -79,6 +80,40 @@ def _source_in(build_dir: Path) -> Path:
     return src
 
 
+def _ninja_dir() -> Optional[str]:
+    """The directory of the ``ninja`` binary that the pip package (a dependency) installed,
+    or None if there is none."""
+    dirs = []
+    try:
+        import ninja  # the pip package: BIN_DIR is where its binary lives
+
+        dirs.append(getattr(ninja, "BIN_DIR", "") or "")
+    except ImportError:
+        pass
+    dirs.append(os.path.dirname(sys.executable))  # a venv's bin/, where pip puts console tools
+    for d in dirs:
+        if d and shutil.which("ninja", path=d):
+            return d
+    return None
+
+
+def _ensure_ninja_on_path() -> None:
+    """Make ``ninja`` findable for torch.utils.cpp_extension, which runs it from PATH.
+
+    pip installs it into the environment's bin/, which is not on PATH when the environment
+    isn't activated (``.venv/bin/python script.py``, ``.venv/bin/sanet``). Appended, and for
+    good rather than around the build: cpp_extension runs ninja in every process that loads
+    the extension (a no-op build when it is up to date), a thread loading at the same time
+    would see PATH restored under it, and at the end of PATH the directory only supplies
+    commands that nothing before it does."""
+    if shutil.which("ninja"):
+        return
+    d = _ninja_dir()
+    if d is not None:
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = f"{path}{os.pathsep}{d}" if path else d
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpu_ext() -> Optional[ModuleType]:
     """The compiled extension module, or None if it is disabled or can't be built."""
@@ -93,6 +128,7 @@ def load_cpu_ext() -> Optional[ModuleType]:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load
 
+        _ensure_ninja_on_path()
         build_dir = _build_dir(name)
         if not any(build_dir.glob("*.so")):
             print("sanet: compiling the fused Shuffle Attention CPU kernels (once, about a "
@@ -102,7 +138,7 @@ def load_cpu_ext() -> Optional[ModuleType]:
     except Exception as exc:  # no compiler, headers missing, ...
         _status["error"] = f"{type(exc).__name__}: {exc}"
         if os.environ.get("SANET_REQUIRE_EXT", "") not in ("", "0"):
-            raise SanetError(f"sanet: building the CPU extension failed: {exc}") from exc
+            raise SanetError(f"building the fused CPU kernels failed (SANET_REQUIRE_EXT is set): {exc}") from exc
         warnings.warn(
             "sanet: the fused CPU kernels could not be built, Shuffle Attention falls back to "
             f"PyTorch ops (correct, slower). Reason: {_status['error'][:500]}", RuntimeWarning)

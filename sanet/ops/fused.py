@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
+from ..errors import SanetError
 from .cpu_ext import load_cpu_ext
 from .sa_op import KERNELS, sa_op, torch_update_running_stats
 
@@ -36,13 +37,21 @@ def _triton_ok() -> bool:
     return triton_available()
 
 
-def fused_sa_supported(x: Tensor) -> bool:
-    """Whether a fused kernel exists for ``x``'s device and dtype (and can be loaded)."""
-    if x.device.type == "cpu":
-        return x.dtype in _CPU_DTYPES and _cpu_ext_ok()
-    if x.device.type == "cuda":
-        return x.dtype in _CUDA_DTYPES and _triton_ok()
-    return False
+def fused_sa_supported(x: Tensor, *tensors: Optional[Tensor]) -> bool:
+    """Whether a fused kernel exists for ``x``'s device and dtype (and can be loaded), and
+    ``tensors`` (the parameters the kernel would read with ``x``; None skipped) are on
+    ``x``'s device. (The op raises on a misplaced tensor; callers with a fallback ask first.)"""
+    dev = x.device
+    if dev.type == "cpu":
+        ok = x.dtype in _CPU_DTYPES and _cpu_ext_ok()
+    elif dev.type == "cuda":
+        ok = x.dtype in _CUDA_DTYPES and _triton_ok()
+    else:
+        return False
+    for t in tensors:
+        if t is not None and t.device != dev:
+            return False
+    return ok
 
 
 def needs_pytorch_ops() -> bool:
@@ -68,7 +77,9 @@ def needs_pytorch_ops() -> bool:
 def has_hooks(*modules: nn.Module) -> bool:
     """Whether calling these modules would run hooks (theirs or global ones): forward hooks
     (activation capture, ``torch.nn.utils.prune``, old-style weight/spectral norm) and
-    module backward hooks. A fused op that replaces the module calls would skip them."""
+    module backward hooks. A fused op that replaces the module calls would skip them.
+    (``FlopCounterMode`` registers global hooks too, to attribute work to modules: under it
+    the layers run PyTorch ops, module by module.)"""
     m = _nn_module  # the global hook registries live in this module
     if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
             or m._global_backward_pre_hooks):
@@ -99,13 +110,16 @@ def shuffle_attention_fused(
 
 def fused_bn_sa_supported(x: Tensor, bn: nn.Module, sa: nn.Module, shortcut: Optional[Tensor] = None) -> bool:
     """BN+SA(+add+ReLU) fusion needs a plain BatchNorm2d, a fused kernel for ``x`` (CPU or
-    CUDA) and a shortcut of x's dtype (``x + shortcut`` would otherwise promote)."""
+    CUDA), a shortcut of x's dtype (``x + shortcut`` would otherwise promote) and every
+    tensor the op reads (shortcut, SA's parameters, BatchNorm's parameters and running
+    statistics) on x's device: elsewhere the modules one by one give PyTorch's own errors."""
     return (
         type(bn) is nn.BatchNorm2d
         and x.numel() > 0  # empty batches: nn.BatchNorm2d's own handling (statistics untouched)
         and getattr(sa, "impl", None) in ("auto", "fused")
         and (shortcut is None or shortcut.dtype == x.dtype)
-        and fused_sa_supported(x)
+        and fused_sa_supported(x, shortcut, *_sa_params(sa), bn.weight, bn.bias, bn.running_mean,
+                               bn.running_var, bn.num_batches_tracked)
     )
 
 
@@ -128,6 +142,14 @@ def bn_shuffle_attention(
     if use_batch_stats and n * m <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    if bn.training and bn.track_running_stats:  # updated after the op, which doesn't check them
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            t = getattr(bn, name)
+            if t is not None and t.device != x.device:
+                raise SanetError(
+                    f"bn_shuffle_attention: bn.{name} is on {t.device} but the input x is on {x.device}; "
+                    f"put the modules and the input on one device (module.to({str(x.device)!r}) or "
+                    f"x.to({str(t.device)!r}))")
     out, _, _, bmean, bvar = sa_op(
         x, shortcut, *_sa_params(sa),
         sa.groups, sa.gn.eps, bn.weight, bn.bias, None if use_batch_stats else bn.running_mean,

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..errors import SanetError
 from .cpu_ext import load_cpu_ext
 
-__all__ = ["sa_op", "sa_forward", "sa_backward", "KERNELS", "torch_update_running_stats"]
+__all__ = ["sa_op", "sa_forward", "sa_backward", "KERNELS", "torch_update_running_stats", "check_devices"]
 
 _Out = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -92,7 +92,34 @@ def _like(out: Tensor, x: Tensor) -> Tensor:
     return out if res.is_contiguous() else res.copy_(out)
 
 
+#: The op's tensor arguments after ``x``, by position in ``sa_forward``'s (None: not a tensor).
+_ARG_NAMES = ("shortcut", "cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias", None, None,
+              "bn_weight", "bn_bias", "bn_mean", "bn_var")
+
+
+def check_devices(x: Tensor, shortcut: Optional[Tensor], cw: Tensor, cb: Tensor, sw: Tensor, sb: Tensor,
+                  gw: Tensor, gb: Tensor, groups: int, eps: float, bw: Optional[Tensor], bb: Optional[Tensor],
+                  bm: Optional[Tensor], bv: Optional[Tensor], *_) -> None:
+    """Raise if a tensor argument of the op (arguments as ``sa_forward``'s) is not on ``x``'s
+    device: the kernels read every one of them with ``x`` (the C++ kernel through host
+    pointers, which for CUDA or meta tensors would crash or read garbage)."""
+    dev = x.device
+    # Spelled out: this runs on every call, and a loop costs twice as much (~1 us).
+    if not (cw.device != dev or cb.device != dev or sw.device != dev or sb.device != dev
+            or gw.device != dev or gb.device != dev or (shortcut is not None and shortcut.device != dev)
+            or (bw is not None and bw.device != dev) or (bb is not None and bb.device != dev)
+            or (bm is not None and bm.device != dev) or (bv is not None and bv.device != dev)):
+        return
+    for name, t in zip(_ARG_NAMES, (shortcut, cw, cb, sw, sb, gw, gb, groups, eps, bw, bb, bm, bv)):
+        if name is not None and t is not None and t.device != dev:
+            raise SanetError(
+                f"sanet's fused Shuffle Attention op: {name} is on {t.device} but the input x is on "
+                f"{dev}; put the module and its input on one device (module.to({str(dev)!r}) or "
+                f"x.to({str(t.device)!r}))")
+
+
 def _forward_impl(x: Tensor, shortcut: Optional[Tensor], *args) -> _Out:
+    check_devices(x, shortcut, *args)
     # The kernels walk contiguous planes. The op takes any layout and returns x's, so autograd
     # saves the tensors the layers around keep anyway (a channels_last x and out), not copies.
     out, *stats = KERNELS[x.device.type][0](x.contiguous(), None if shortcut is None else shortcut.contiguous(),
@@ -134,6 +161,9 @@ def sa_forward(
 @sa_forward.register_fake
 def _sa_forward_fake(x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
                      bn_weight, bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu):
+    # Fake tensors keep their devices: torch.compile reports a misplaced tensor while tracing.
+    check_devices(x, shortcut, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
+                  bn_weight, bn_bias, bn_mean, bn_var)
     n, c = x.shape[0], x.shape[1]
     stats = x.new_empty((n, c), dtype=torch.float64)
     bstats = x.new_empty((c if bn_train else 0,), dtype=torch.float64)
@@ -271,7 +301,8 @@ def sa_op(x: Tensor, shortcut: Optional[Tensor], cweight: Tensor, cbias: Tensor,
             bn_bias, bn_mean, bn_var, bn_train, bn_eps, relu)
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack():
         # Through the dispatcher: compile and trace record the op, and dispatch modes (fake
-        # tensors, FLOP and memory counters) see it.
+        # tensors, memory trackers) see it. (FlopCounterMode's global module hooks make the
+        # layers run PyTorch ops instead: see fused.has_hooks.)
         return sa_forward(*args)
     if not torch.is_grad_enabled():
         # Nothing to record: skip autograd.Function's bookkeeping (tens of microseconds
