@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .errors import SanetError
 
 __all__ = [
+    "RUN_METADATA",
     "UnsafeCheckpointError",
     "atomic_write",
     "atomic_torch_save",
@@ -45,6 +46,12 @@ PathLike = Union[str, os.PathLike]
 # would briefly change it for every thread.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+#: What ``sanet convert`` keeps of a ``sanet train`` checkpoint beyond its weights, as JSON
+#: strings in the safetensors metadata, so that ``sanet eval``/``predict`` of the converted file
+#: use the run's class names, image size, crop and model kwargs as they do for the checkpoint.
+RUN_METADATA = ("class_names", "img_size", "crop_pct", "interpolation", "model_kwargs")
 
 
 class UnsafeCheckpointError(SanetError):
@@ -106,11 +113,12 @@ def save_safetensors(state_dict: Dict[str, Tensor], path: PathLike,
 
 def safetensors_metadata(path: PathLike) -> Dict[str, str]:
     """The string metadata of a safetensors file (``sanet convert`` records ``model``,
-    ``num_classes``, ``in_chans``, ``source``); empty for any other file."""
+    ``num_classes``, ``in_chans``, ``source``, and a run's ``RUN_METADATA``); empty for any
+    other file."""
     from safetensors import safe_open
 
     path = Path(path)
-    if not (path.is_file() and (path.suffix == ".safetensors" or _is_safetensors(path))):
+    if not (path.is_file() and _is_safetensors(path)):
         return {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -128,13 +136,20 @@ def _unsafe_globals(path: Path) -> str:
     return f" ({', '.join(names[:5])})" if names else ""
 
 
+# safetensors refuses headers above 100 MB; a larger "size" means the bytes are something else.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _starts_like_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header size, then a JSON header.
+    (torch.save's zip starts with ``PK``, its legacy pickle with the PROTO opcode.)"""
+    head = _head(path, 9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _MAX_SAFETENSORS_HEADER
+
+
 def _is_safetensors(path: Path) -> bool:
-    """safetensors files start with an 8-byte little-endian header size, then a JSON header."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+    """Starts like safetensors and its header fits in the file."""
+    return _starts_like_safetensors(path) and 8 + int.from_bytes(_head(path, 8), "little") <= path.stat().st_size
 
 
 def _head(path: Path, n: int = 16) -> bytes:
@@ -152,18 +167,20 @@ def _starts_like_torch_save(path: Path) -> bool:
 def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
     """Load a checkpoint without executing pickled code (safetensors or weights_only).
 
-    The format is read from the file's first bytes, not its name: a safetensors file named
-    ``.pth`` loads as safetensors."""
+    The format is read from the file's first bytes, never its name: a safetensors file named
+    ``.pth`` loads as safetensors, a ``torch.save`` file named ``.safetensors`` with torch.load."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors" or _is_safetensors(path):
+    if _starts_like_safetensors(path):  # by content only: a torch.save file named .safetensors loads too
         try:
             return _st_load(str(path), device=str(map_location))
         except Exception as exc:  # safetensors raises its own error types
             raise SanetError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # An open file, not the path: torch.load reads a path ending in .safetensors as safetensors.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         if not _starts_like_torch_save(path):
             raise SanetError(

@@ -89,6 +89,28 @@ def test_format_is_read_from_the_content_not_the_name(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_torch_save_file_named_safetensors_loads_by_its_content(tmp_path, legacy):
+    """The name says safetensors, the bytes say torch.save: the bytes win (torch.load itself
+    would read any path ending in .safetensors as safetensors)."""
+    model = timm.create_model("sa_resnet_test")
+    path = tmp_path / "weights.safetensors"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    loaded = load_checkpoint_file(path)
+    assert set(loaded) == set(model.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    via_timm = load_pretrained("sa_resnet_test", path)
+    assert torch.equal(via_timm.layer4[0].sa.cbias, model.layer4[0].sa.cbias)
+
+
+def test_malicious_pickle_named_safetensors_is_refused(tmp_path):
+    path, marker = _malicious_checkpoint(tmp_path, "renamed")
+    renamed = path.rename(tmp_path / "renamed.safetensors")
+    with pytest.raises(UnsafeCheckpointError, match="refused to load.*executed nothing"):
+        load_checkpoint_file(renamed)
+    assert not marker.exists()
+
+
 def test_missing_pretrained_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"checkpoint not found: {tmp_path / 'nope.pth'}"):
         load_pretrained("sa_resnet_test", tmp_path / "nope.pth")

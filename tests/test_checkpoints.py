@@ -268,13 +268,24 @@ def test_strict_loading_lists_what_is_wrong(authors_r50, tmp_path, mutate, expec
         load_weights(timm.create_model("sa_resnet50", device="meta"), path)
 
 
-def test_headless_file_gets_the_num_classes_0_hint(authors_r50, tmp_path):
+def test_headless_file_builds_a_headless_model_or_gets_the_num_classes_0_hint(authors_r50, tmp_path):
+    """A file without classifier sets num_classes=0 as create_model's default (like the file's
+    class count otherwise); loading it into a model with a classifier says to pass 0."""
+    theirs, _ = authors_r50
     path = _mutated(authors_r50, tmp_path, lambda sd: (sd.pop("module.fc.weight"), sd.pop("module.fc.bias")))
+    headless = load_pretrained("sa_resnet50", path)
+    assert headless.num_classes == 0 and torch.equal(headless.layer4[2].sa.cweight, theirs.layer4[2].sa.cweight)
+    features = load_pretrained("sa_resnet50", path, features_only=True, out_indices=(4,)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(features(x)[0], theirs.features(x)) <= 1e-5
+    new_head = load_pretrained("sa_resnet50", path, num_classes=5)  # explicit: a new classifier
+    assert new_head.num_classes == 5 and torch.equal(new_head.conv1.weight, theirs.conv1.weight)
     with pytest.raises(CheckpointMismatchError) as info:
-        load_pretrained("sa_resnet50", path)
+        load_weights(timm.create_model("sa_resnet50", device="meta"), path)
     assert "missing keys (2): fc.weight, fc.bias" in str(info.value) and "num_classes=0" in str(info.value)
     assert "another architecture" not in str(info.value)
-    assert load_pretrained("sa_resnet50", path, num_classes=0).num_classes == 0
+    assert load_weights(timm.create_model("sa_resnet50", num_classes=0), path).num_classes == 0
 
 
 def test_mismatch_hints_say_what_to_pass(tmp_path):

@@ -131,3 +131,52 @@ def test_weights_of_another_group_count_convert_and_evaluate(capsys, trained, tm
     assert code == 0, err
     assert last_json(out)["model"] == "sa_resnet_test"
     assert last_json(out)["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_converted_run_is_evaluated_at_its_training_size(capsys, trained, tmp_path):
+    """A converted run checkpoint brings its image size (16, not the model's default 64)
+    and class names: eval of the .safetensors file equals eval of the checkpoint."""
+    data, run = trained
+    st = tmp_path / "run.safetensors"
+    assert run_cli(capsys, ["convert", str(run / "last.pt"), str(st), "--model", "sa_resnet_test"])[0] == 0
+    argv = ["--data", str(data / "val"), "--workers", "0", "--json"]
+    expected = last_json(run_cli(capsys, ["eval", "--checkpoint", str(run / "last.pt"), *argv])[1])
+    code, out, err = run_cli(capsys, ["eval", "--pretrained-file", str(st), *argv])
+    assert code == 0, err
+    assert last_json(out)["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert last_json(out)["top1"] == expected["top1"]
+
+
+def test_run_fine_tuned_from_another_group_count_evaluates_and_resumes(capsys, trained, tmp_path):
+    """Fine-tuning from a sa_groups=2 run builds G = 2 (read off the weights); the new run
+    stores it in its args, so eval and --resume rebuild that model. Runs saved before it was
+    stored are read the same way (their G read off the weights)."""
+    import torch
+
+    data, _ = trained
+    argv = ["--data", str(data / "val"), "--workers", "0", "--json"]
+    g2, ft = tmp_path / "g2", tmp_path / "ft"
+    assert run_cli(capsys, train_argv(data, g2, "--model-kwargs", "sa_groups=2"))[0] == 0
+    code, _, err = run_cli(capsys, train_argv(data, ft, "--pretrained-file", str(g2 / "last.pt")))
+    assert code == 0, err
+    ckpt = load_ckpt(ft / "last.pt")
+    assert ckpt["args"]["model_kwargs"] == {"sa_groups": 2}
+    assert ckpt["model"]["layer4.0.sa.cweight"].numel() == 256 // (2 * 2)
+    code, out, err = run_cli(capsys, ["eval", "--checkpoint", str(ft / "last.pt"), *argv])
+    assert code == 0, err
+    assert last_json(out)["loss"] == pytest.approx(ckpt["history"][-1]["val_loss"], rel=1e-4)
+    code, _, err = run_cli(capsys, train_argv(data, ft, "--resume", epochs=2))  # without --pretrained-file
+    assert code == 0, err
+    assert load_ckpt(ft / "last.pt")["epoch"] == 2
+    # a checkpoint whose args lack the G (as saved before it was stored)
+    old = load_ckpt(ft / "last.pt")
+    old["args"]["model_kwargs"] = {}
+    old_run = tmp_path / "old"
+    old_run.mkdir()
+    torch.save(old, old_run / "last.pt")
+    code, out, err = run_cli(capsys, ["eval", "--checkpoint", str(old_run / "last.pt"), *argv])
+    assert code == 0, err
+    assert last_json(out)["loss"] == pytest.approx(old["history"][-1]["val_loss"], rel=1e-4)
+    code, _, err = run_cli(capsys, train_argv(data, old_run, "--resume", epochs=3))
+    assert code == 0, err
+    assert load_ckpt(old_run / "last.pt")["args"]["model_kwargs"] == {"sa_groups": 2}

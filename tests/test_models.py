@@ -179,6 +179,40 @@ def test_bad_sa_groups_rejected_alike(name, groups):
         create(name, sa_groups=groups)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_sa_groups_that_do_not_fit_name_the_model_and_the_valid_choices(name):
+    """G = the narrowest SA layer's C splits it into groups of one channel, half a group too few.
+    Plain models reject it naming the model, its SA widths and the G that fit every SA layer
+    (read off a built model); fitted ones (BasicBlock, sa_resnet_test) fit it down per layer."""
+    widths = sorted({m.channels for m in sa_layers(create(name, device="meta"))})
+    groups = widths[0]
+    if SA_MODELS[name].get("fit_groups"):
+        model = create(name, device="meta", sa_groups=groups)
+        assert [m.groups for m in sa_layers(model)] == [
+            sanet.fit_sa_groups(m.channels, groups) for m in sa_layers(model)]
+        return
+    valid = sorted(set.intersection(*(set(sanet.valid_sa_groups(c)) for c in widths)))
+    with pytest.raises(ValueError) as info:
+        create(name, device="meta", sa_groups=groups)
+    msg = str(info.value)
+    assert msg.startswith(f"{name}: sa_groups={groups} does not fit its {widths[0]}-channel SA layers")
+    assert msg.endswith(f"valid sa_groups: {valid}") and "fit_sa_groups" not in msg
+    assert {m.groups for m in sa_layers(create(name, device="meta", sa_groups=valid[-1]))} == {valid[-1]}
+
+
+@pytest.mark.parametrize("attn", [None, "se", "eca"])
+def test_another_attention_layer_is_refused_not_replaced(attn):
+    """block_args attn_layer used to be overwritten: a model asked for without (or with SE)
+    attention was built with SA. The error points at timm's own ResNet, which takes it."""
+    with pytest.raises(ValueError, match=(r"^sa_resnet50: block_args attn_layer=.* sa_\* models fix the "
+                                          r"attention layer to ShuffleAttention \(its options are sa_groups "
+                                          r"and sa_impl\).*timm.create_model\('resnet50'")):
+        create("sa_resnet50", device="meta", block_args=dict(attn_layer=attn))
+    # the advice works: timm's resnet50 builds with that attention, and no SA
+    plain = create("resnet50", device="meta", block_args=dict(attn_layer=attn))
+    assert not sa_layers(plain) and (plain.layer1[0].se is None) == (attn is None)
+
+
 def test_numpy_sa_groups_accepted():
     np = pytest.importorskip("numpy")
     model = create("sa_resnet_test", sa_groups=np.int64(4))

@@ -88,3 +88,38 @@ def test_predict_errors(capsys, trained, tmp_path):
     torch.save(torch.load(run / "last.pt", weights_only=True)["model"], bare)
     code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(bare), str(bad)])
     assert code == 2 and "needs --model" in err
+
+
+def test_converted_run_keeps_its_class_names_and_image_size(capsys, trained, tmp_path):
+    """sanet convert of a run checkpoint keeps class names, img_size and crop_pct in the
+    safetensors metadata: predict on the .safetensors file equals predict on the checkpoint
+    (the same labels, and probabilities that only the run's 16-pixel transform reproduces)."""
+    from safetensors import safe_open
+
+    data, run = trained
+    st = tmp_path / "run.safetensors"
+    code, out, err = run_cli(capsys, ["convert", str(run / "last.pt"), str(st), "--model", "sa_resnet_test",
+                                      "--json"])
+    assert code == 0, err
+    saved = torch.load(run / "last.pt", weights_only=True)
+    with safe_open(str(st), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["class_names"]) == saved["class_names"] == ["a", "b", "c"]
+    assert json.loads(meta["img_size"]) == saved["args"]["img_size"] == 16
+    assert json.loads(meta["crop_pct"]) == saved["args"]["crop_pct"]
+    images = [str(data / "val" / "a" / "000.png"), str(data / "val" / "c" / "001.png")]
+    expected = last_json(run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), "--json", *images])[1])
+    code, out, err = run_cli(capsys, ["predict", "--pretrained-file", str(st), "--json", *images])
+    assert code == 0, err
+    got = last_json(out)
+    assert got["model"] == "sa_resnet_test"
+    for a, b in zip(got["predictions"], expected["predictions"]):
+        assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
+        assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], abs=1e-6)
+    # metadata that contradicts the weights is an error, not wrong labels
+    from sanet.checkpoint import save_safetensors
+
+    bad = tmp_path / "bad.safetensors"
+    save_safetensors(saved["model"], bad, metadata={"model": "sa_resnet_test", "class_names": json.dumps(["x"])})
+    code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(bad), *images])
+    assert code == 2 and "names 1 classes, its classifier has 3" in err

@@ -141,3 +141,16 @@ def test_usage_errors_name_the_command_in_json(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["info", "--json"])
     assert capsys.readouterr().out == ""
+
+
+def test_fixed_input_size_model_at_another_size_is_refused_before_the_output_is_touched(capsys, tmp_path, data):
+    out = tmp_path / "vit"
+    argv = ["train", "--model", "vit_tiny_patch16_224", "--data", str(data), "--output", str(out),
+            "--img-size", "32", "--batch-size", "4", "--epochs", "1", "--workers", "0", "--no-progress"]
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2 and "--model-kwargs img_size=32" in err, err
+    assert not out.exists()
+    # what the message says works
+    code, _, err = run_cli(capsys, argv + ["--model-kwargs", "img_size=32", "patch_size=8", "depth=1"])
+    assert code == 0, err
+    assert load_ckpt(out / "last.pt")["args"]["img_size"] == 32

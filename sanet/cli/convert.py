@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any, Dict
 
 from .common import add_json_flag, check_model_name, print_json
 
@@ -13,7 +15,9 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         description="Read a checkpoint in the authors' layout (sa_resnet50.pth.tar: 'state_dict' with "
                     "'module.' keys) or ours, check it strictly against the model (its classifier "
                     "size, input channels and SA group count read off the weights), and write "
-                    "OUT.safetensors plus OUT.json (model, source file, sha256, parameter count). "
+                    "OUT.safetensors plus OUT.json (model, source file, sha256, parameter count). A sanet "
+                    "train checkpoint keeps its class names, image size, crop and model kwargs in "
+                    "the safetensors metadata, for sanet eval/predict. "
                     "The input is read with torch.load(weights_only=True): no pickled code runs.")
     p.add_argument("input", type=Path, help="checkpoint file (.pth/.pth.tar/.pt/.safetensors)")
     p.add_argument("output", type=Path, help="output .safetensors file")
@@ -24,20 +28,41 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     return p
 
 
+def _run_metadata(checkpoint: Any) -> Dict[str, Any]:
+    """The run's class names, data settings and model kwargs (``RUN_METADATA``), if
+    ``checkpoint`` is a ``sanet train`` checkpoint (empty otherwise)."""
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
+            and "class_names" in checkpoint):
+        return {}
+    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    found = {"class_names": [str(c) for c in checkpoint["class_names"]],
+             **{k: args.get(k) for k in ("img_size", "crop_pct", "interpolation")},
+             "model_kwargs": dict(args.get("model_kwargs") or {})}
+    return {k: v for k, v in found.items() if v not in (None, {})}
+
+
 def run(args: argparse.Namespace) -> int:
     import timm
 
-    from sanet.checkpoint import load_state_dict_file, model_card, save_safetensors, write_json_atomic
+    from sanet.checkpoint import RUN_METADATA, load_checkpoint_file, model_card, save_safetensors, \
+        state_dict_from, write_json_atomic
+    from sanet.engine.modeling import check_checkpoint_model
     from sanet.models import check_state_dict
     from sanet.models.checkpoint_filter import cfg_from_weights, with_sa_groups_of
 
     check_model_name(args.model)
     if args.output.suffix != ".safetensors":
         raise ValueError(f"output must end in .safetensors, got {args.output}")
-    state_dict = load_state_dict_file(args.input)
-    # The model the file holds: its classifier size and input channels (e.g. a 1-channel stem)
+    checkpoint = load_checkpoint_file(args.input)
+    state_dict = state_dict_from(checkpoint, args.input)
+    run_info = _run_metadata(checkpoint)
+    if run_info:  # a sanet train checkpoint names its architecture
+        check_checkpoint_model(checkpoint, args.model, str(args.input))
+    # The model the file holds: its classifier size and input channels (e.g. a 1-channel stem),
+    # built with the run's model kwargs if it is a run's
     found = cfg_from_weights(state_dict)
-    kwargs = {"num_classes": args.num_classes if args.num_classes is not None else found.get("num_classes")}
+    kwargs = dict(run_info.get("model_kwargs", {}))
+    kwargs["num_classes"] = args.num_classes if args.num_classes is not None else found.get("num_classes")
     if "input_size" in found:
         kwargs["in_chans"] = found["input_size"][0]
     kwargs = with_sa_groups_of(state_dict, args.model, {k: v for k, v in kwargs.items() if v is not None})
@@ -48,12 +73,14 @@ def run(args: argparse.Namespace) -> int:
                 "source": args.input.name}
     if "sa_groups" in kwargs:  # a non-default G: the file needs it to be rebuilt
         metadata["sa_groups"] = str(kwargs["sa_groups"])
+    metadata.update({k: json.dumps(run_info[k]) for k in RUN_METADATA if k in run_info})
     save_safetensors(state_dict, args.output, metadata=metadata)
     card = model_card(args.model, args.input, args.output, sum(p.numel() for p in model.parameters()))
     card["num_classes"] = model.num_classes
     card["in_chans"] = in_chans
     if "sa_groups" in kwargs:
         card["sa_groups"] = kwargs["sa_groups"]
+    card.update(run_info)
     card_path = args.output.with_suffix(".json")
     write_json_atomic(card, card_path)
     if args.json:

@@ -6,6 +6,7 @@ error, never a silent partial load.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -133,6 +134,32 @@ def imagenet_class_names() -> List[str]:
     return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
+def _converted_run_info(path: Path, num_classes: int) -> Dict[str, Any]:
+    """What ``sanet convert`` kept of a ``sanet train`` checkpoint in a safetensors file's
+    metadata (class names, img_size, crop_pct, interpolation, model_kwargs; JSON strings)."""
+    from sanet.checkpoint import RUN_METADATA, safetensors_metadata
+    from sanet.errors import SanetError
+
+    meta = safetensors_metadata(path)
+    info: Dict[str, Any] = {}
+    for key in RUN_METADATA:
+        if key in meta:
+            try:
+                info[key] = json.loads(meta[key])
+            except ValueError:
+                raise SanetError(f"{path}: its metadata entry {key!r} is not JSON ({meta[key][:80]!r}); "
+                                 "convert the checkpoint again with sanet convert") from None
+    names = info.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != num_classes):
+        raise SanetError(f"{path}: its metadata names {len(names) if isinstance(names, list) else 'no list of'} "
+                         f"classes, its classifier has {num_classes}; convert the checkpoint again with "
+                         "sanet convert")
+    if not isinstance(info.get("model_kwargs", {}), dict):
+        raise SanetError(f"{path}: its metadata entry 'model_kwargs' is not a dict; convert the checkpoint "
+                         "again with sanet convert")
+    return info
+
+
 @dataclass
 class LoadedModel:
     """A model ready for inference and what is known about its inputs and labels."""
@@ -170,7 +197,8 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
         class_names = [str(c) for c in raw["class_names"]]
         args = raw.get("args") or {}
         data_args = {k: args.get(k) for k in ("img_size", "crop_pct", "interpolation")}
-        model_kwargs = dict(args.get("model_kwargs") or {})
+        # runs fine-tuned from weights of another G before sanet stored it: read it off the weights
+        model_kwargs = with_sa_groups_of(state_dict, name, dict(args.get("model_kwargs") or {}))
         num_classes = len(class_names)
     else:
         if use_ema:
@@ -182,10 +210,10 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
                              "metadata)")
         state_dict = state_dict_from(raw, source)
         num_classes = _classifier_size(state_dict, name) or 1000
-        class_names = imagenet_class_names() if num_classes == 1000 else None
-        data_args = {}
-        model_kwargs = {k: v for k, v in with_sa_groups_of(state_dict, name, {"num_classes": num_classes}).items()
-                        if k != "num_classes"}
+        run_info = _converted_run_info(source, num_classes)  # a `sanet convert`ed run's
+        class_names = run_info.get("class_names") or (imagenet_class_names() if num_classes == 1000 else None)
+        data_args = {k: run_info[k] for k in ("img_size", "crop_pct", "interpolation") if k in run_info}
+        model_kwargs = with_sa_groups_of(state_dict, name, dict(run_info.get("model_kwargs") or {}))
     model = _create(name, model_kwargs, num_classes=num_classes, **model_kwargs)
     check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file))
     model.load_state_dict(state_dict)

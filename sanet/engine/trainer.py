@@ -16,7 +16,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
@@ -96,11 +96,35 @@ def _prepare_output(out: Path, args: argparse.Namespace, ctx: DistContext) -> No
                 _say(ctx, f"removed {tmp.name}, an unfinished write of {name} from an interrupted run")
 
 
-def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext):
+def _sa_groups_from(args: argparse.Namespace, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Put the SA group count of ``state_dict`` into ``args.model_kwargs`` where they name none
+    and it is not the model's default, so that the run's checkpoints say how to rebuild it
+    (``sanet eval``/``predict``/``--resume`` build the model from the saved args)."""
+    from sanet.models import strip_prefix, with_sa_groups_of
+
+    kwargs = dict(args.model_kwargs or {})
+    if "sa_groups" in kwargs:
+        return
+    try:
+        found = with_sa_groups_of(strip_prefix(state_dict), args.model, kwargs)
+    except TypeError:  # kwargs the model does not take: create_train_model reports them
+        return
+    if "sa_groups" in found:
+        args.model_kwargs = found
+
+
+def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext,
+                 resume_ckpt: Optional[Dict[str, Any]] = None):
     if args.sync_bn and ctx.device.type != "cuda":
         raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation")
+    if resume_ckpt is not None and isinstance(resume_ckpt.get("model"), dict):
+        _sa_groups_from(args, resume_ckpt["model"])  # runs saved before sanet stored an inferred G
     model = create_train_model(args.model, num_classes, pretrained_file=args.pretrained_file,
                                drop_path=args.drop_path, model_kwargs=args.model_kwargs)
+    if args.pretrained_file is not None:
+        # create_train_model built the G of the file's SA weights (e.g. a run trained with
+        # --model-kwargs sa_groups=2): record it with the run's arguments
+        _sa_groups_from(args, model.state_dict())
     first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     in_chans = getattr(model.get_submodule(first_conv), "in_channels", 3) if isinstance(first_conv, str) else 3
     if in_chans != 3:
@@ -124,9 +148,28 @@ def _data_config(args: argparse.Namespace, model) -> Dict[str, Any]:
     if args.img_size:
         overrides["input_size"] = (3, args.img_size, args.img_size)
     cfg = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
+    _check_input_size(model, cfg["input_size"])
     args.img_size, args.crop_pct = cfg["input_size"][-1], cfg["crop_pct"]
     args.interpolation = cfg["interpolation"]
     return cfg
+
+
+def _check_input_size(model, input_size) -> None:
+    """Models built for one input size (timm's ``fixed_input_size``: ViTs and the like) fail
+    in the first step on another one; say so before the output folder is touched."""
+    if not (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"):
+        return  # convolutional nets take any size
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"the model takes a fixed input size and failed on {input_size[-1]}x{input_size[-1]} images "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); build it for that size with "
+            f"--model-kwargs img_size={input_size[-1]}, or leave --img-size at the model's") from None
+    finally:
+        model.train(was_training)
 
 
 def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, updates_per_epoch: int) -> None:
@@ -261,7 +304,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     ckpt = load_resume_checkpoint(out, args.model, class_names) if args.resume else None
 
     seed_everything(args.seed)  # same initial weights on every rank and every run
-    model = _build_model(args, len(class_names), ctx)
+    model = _build_model(args, len(class_names), ctx, ckpt)
     cfg = _data_config(args, model)
     aug = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
                color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)

@@ -8,7 +8,7 @@ mis-shaped key instead.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
@@ -22,11 +22,23 @@ class CheckpointMismatchError(SanetError):
     """The checkpoint's keys or shapes don't match the model."""
 
 
-def strip_prefix(state_dict: Dict[str, Tensor], prefix: str = "module.") -> Dict[str, Tensor]:
-    """Drop a key prefix (DataParallel/DDP's ``module.``) where every key has it."""
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+# Key prefixes of wrapped models: DataParallel/DDP (``module.``) and torch.compile
+# (``_orig_mod.``), nested in either order (``module._orig_mod.`` for DDP of a compiled model).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefix(state_dict: Dict[str, Tensor],
+                 prefix: Union[str, Tuple[str, ...]] = _WRAPPER_PREFIXES) -> Dict[str, Tensor]:
+    """Drop key prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``) where every key
+    has them, repeatedly, so nested wrappers are undone too."""
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+    state_dict = dict(state_dict)
+    while state_dict:
+        found = next((p for p in prefixes if all(k.startswith(p) for k in state_dict)), None)
+        if found is None:
+            break
+        state_dict = {k[len(found):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def _fmt(keys: List[str], limit: int = 20) -> str:
@@ -78,23 +90,69 @@ _SA_KEYS = (".cweight", ".cbias", ".sweight", ".sbias", ".gn.weight", ".gn.bias"
 
 def _hint(state_dict: Dict[str, Tensor], model: nn.Module, missing: List[str], unexpected: List[str],
           mismatched: List[str]) -> str:
-    """What most likely differs, and what to pass."""
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-
-    def in_head(keys: List[str]) -> bool:
-        return bool(keys) and isinstance(classifier, str) and all(k.startswith(f"{classifier}.") for k in keys)
-
-    if in_head(missing) and not unexpected and not mismatched:
-        return "the file has no classifier: load it headless with num_classes=0, or --num-classes 0"
-    if in_head(mismatched) and not missing and not unexpected:
-        n = state_dict[f"{classifier}.weight"].shape[0]
-        return (f"the file's classifier has {n} classes: build the model with num_classes={n} "
-                f"(--num-classes {n}), or 0 for no classifier")
-    groups = sa_groups_of(state_dict, model)
-    if groups is not None and not missing and not unexpected and all(k.endswith(_SA_KEYS) for k in mismatched):
-        return (f"its SA layers were built with another group count: build the model with "
-                f"sa_groups={groups} (--model-kwargs sa_groups={groups})")
-    return "is this a checkpoint of another architecture or depth?"
+    """What most likely differs, and what to pass: one part per explained difference (classifier,
+    first conv, SA group count), or a general question when some difference is unexplained."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture", type(model).__name__)
+    via_timm = f"timm.create_model('{arch}', pretrained=True, {{}}, pretrained_cfg_overlay=dict(file=...))"
+    if hasattr(model, "feature_info") and not hasattr(model, "num_classes") and unexpected and not (
+            missing or mismatched):
+        # timm's features_only wrappers keep the layers up to the last of out_indices, no classifier
+        return ("this is a features_only model: it has no classifier (nor the layers after its "
+                "out_indices), so the file's classifier keys are unexpected; load features_only models "
+                f"with {via_timm.format('features_only=True')}")
+    classifier, first_conv = cfg.get("classifier"), cfg.get("first_conv")
+    expected = model.state_dict()
+    head = {f"{classifier}.weight", f"{classifier}.bias"} if isinstance(classifier, str) else set()
+    parts: List[str] = []
+    left_missing, left_unexpected, left_mismatched = set(missing), set(unexpected), set(mismatched)
+    file_head, model_head = state_dict.get(f"{classifier}.weight"), expected.get(f"{classifier}.weight")
+    if head and left_missing and left_missing <= head:
+        parts.append("the file has no classifier: build the model with num_classes=0 "
+                     "(sanet convert: --num-classes 0)")
+        left_missing.clear()
+    if head and left_unexpected and left_unexpected <= head:
+        n = int(file_head.shape[0]) if isinstance(file_head, Tensor) and file_head.dim() == 2 else None
+        parts.append(f"the file has a classifier{f' of {n} classes' if n else ''}, the model none: build the "
+                     f"model with num_classes={n if n else 'N'} (sanet convert: leave --num-classes out), "
+                     f"or load it with {via_timm.format('num_classes=0')}, which drops the file's classifier")
+        left_unexpected.clear()
+    if (head & left_mismatched and isinstance(file_head, Tensor) and isinstance(model_head, Tensor)
+            and file_head.dim() == model_head.dim() == 2):
+        (nf, df), (nm, dm) = file_head.shape, model_head.shape
+        if nf != nm:
+            parts.append(f"the file's classifier has {nf} classes, the model {nm}: build the model with "
+                         f"num_classes={nf} (sanet convert: --num-classes {nf}), or start a new {nm}-class "
+                         f"classifier with {via_timm.format(f'num_classes={nm}')}, which drops the file's")
+        if df != dm:
+            pool = getattr(getattr(model, "global_pool", None), "pool_type", None)
+            same_pool = " (global_pool='avg', the default)" if df == getattr(model, "num_features", None) else ""
+            parts.append(f"the file's classifier takes {df} features, the model's {dm}"
+                         f"{f' (global_pool={pool!r} changes the pooled width)' if pool else ''}: build the "
+                         f"model with the file's pooling{same_pool}, or load it with "
+                         f"{via_timm.format(f'num_classes=0, global_pool={pool!r}' if pool else 'num_classes=0')}, "
+                         "which drops the file's classifier, then model.reset_classifier(num_classes"
+                         f"{f', {pool!r}' if pool else ''})")
+        left_mismatched -= head
+    conv_key = f"{first_conv}.weight" if isinstance(first_conv, str) else None
+    file_conv, model_conv = state_dict.get(conv_key), expected.get(conv_key)
+    if (conv_key in left_mismatched and isinstance(file_conv, Tensor) and isinstance(model_conv, Tensor)
+            and file_conv.dim() == model_conv.dim() == 4 and file_conv.shape[1] != model_conv.shape[1]
+            and file_conv.shape[0] == model_conv.shape[0] and file_conv.shape[2:] == model_conv.shape[2:]):
+        a, b = int(file_conv.shape[1]), int(model_conv.shape[1])
+        parts.append(f"the file's first conv ({conv_key}) takes {a} input channels, the model's {b}: build the "
+                     f"model with in_chans={a}, or load it with {via_timm.format(f'in_chans={b}')}, which "
+                     f"converts the conv")
+        left_mismatched.discard(conv_key)
+    if left_mismatched and not (left_missing or left_unexpected) and all(k.endswith(_SA_KEYS) for k in left_mismatched):
+        groups = sa_groups_of(state_dict, model)
+        if groups is not None:
+            parts.append(f"its SA layers were built with another group count: build the model with "
+                         f"sa_groups={groups} (--model-kwargs sa_groups={groups})")
+            left_mismatched.clear()
+    if left_missing or left_unexpected or left_mismatched or not parts:
+        return "is this a checkpoint of another architecture or depth?"
+    return "; ".join(parts)
 
 
 def sa_groups_of(state_dict: Dict[str, Tensor], model: nn.Module) -> Optional[int]:
@@ -117,7 +175,8 @@ def sa_groups_of(state_dict: Dict[str, Tensor], model: nn.Module) -> Optional[in
 
 
 def weights_of(checkpoint: dict) -> Dict[str, Tensor]:
-    """The tensors of a checkpoint's weights, without DataParallel's ``module.`` prefix.
+    """The tensors of a checkpoint's weights, without DDP's ``module.`` or torch.compile's
+    ``_orig_mod.`` prefix.
 
     The PyTorch ImageNet example (the authors' script) nests them under ``state_dict``,
     ``sanet train`` under ``model``; a bare state_dict is taken as it is."""
@@ -133,15 +192,20 @@ def cfg_from_weights(checkpoint: dict, classifier: Optional[str] = "fc", first_c
     """``num_classes`` and ``input_size`` (its channel count) as the weights have them.
 
     Given to timm as ``pretrained_cfg`` entries, they become ``create_model``'s defaults, so a
-    10-class file builds a 10-class model and keeps its classifier; an explicit
-    ``num_classes``/``in_chans`` still wins (timm then drops the classifier / converts the conv).
+    10-class file builds a 10-class model and keeps its classifier, and a file with a first conv
+    but no classifier a model without one (``num_classes=0``); an explicit
+    ``num_classes``/``in_chans`` still wins (timm then drops the classifier, or starts a new one /
+    converts the conv).
     """
     state_dict = weights_of(checkpoint)
     cfg: Dict[str, Any] = {}
     head = state_dict.get(f"{classifier}.weight")
+    conv = state_dict.get(f"{first_conv}.weight")
     if isinstance(head, Tensor) and head.dim() == 2:
         cfg["num_classes"] = int(head.shape[0])
-    conv = state_dict.get(f"{first_conv}.weight")
+    elif classifier and isinstance(conv, Tensor):
+        # a backbone without classifier (a feature extractor's weights): a headless model by default
+        cfg["num_classes"] = 0
     if isinstance(conv, Tensor) and conv.dim() == 4:
         cfg["input_size"] = (int(conv.shape[1]), *input_size[1:])
     return cfg

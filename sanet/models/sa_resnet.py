@@ -14,6 +14,7 @@ Choices where the authors are silent:
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Any, Dict
 
@@ -24,7 +25,7 @@ from timm.models.resnet import ResNet
 from ..checkpoint import load_checkpoint_file
 from ..errors import SanetError
 from ..layers import ShuffleAttention
-from ..layers.groups import is_positive_int
+from ..layers.groups import is_positive_int, valid_sa_groups
 from .blocks import SABasicBlock, SABottleneck
 from .checkpoint_filter import CheckpointMismatchError, cfg_from_weights, checkpoint_filter_fn
 
@@ -86,6 +87,23 @@ def weights_help(variant: str) -> str:
     )
 
 
+def _check_groups_fit(variant: str, groups: int, kwargs: Dict[str, Any]) -> None:
+    """Reject a G that some SA layer can't split its channels into, naming the model's SA widths
+    and the G that fit all of them (ShuffleAttention itself could name neither the model nor
+    ``sa_groups``, and suggests ``fit_sa_groups``, which ``create_model`` can't apply)."""
+    # SA runs on each stage's block output: channels[i] * expansion (the stem is never attended)
+    stage_channels = kwargs.get("channels", inspect.signature(ResNet).parameters["channels"].default)
+    widths = sorted({int(c) * kwargs["block"].expansion for c in stage_channels})
+    bad = [c for c in widths if c % (2 * groups)]
+    if not bad:
+        return
+    valid = sorted(set.intersection(*(set(valid_sa_groups(c)) for c in widths)))
+    raise ValueError(
+        f"{variant}: sa_groups={groups} does not fit its {', '.join(map(str, bad))}-channel SA layers "
+        f"(SA needs channels divisible by 2 * sa_groups; its SA layers have {', '.join(map(str, widths))} "
+        f"channels); valid sa_groups: {valid}")
+
+
 def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: bool = False,
                       **kwargs) -> ResNet:
     groups = kwargs.pop("sa_groups", 64)
@@ -95,8 +113,17 @@ def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: boo
         raise ValueError(f"{variant}: sa_groups must be a positive int (the SA group count G, "
                          f"default 64), got {groups!r} of type {type(groups).__name__}")
     impl = kwargs.pop("sa_impl", "auto")
-    attn = partial(ShuffleAttention.fitted if fit_groups else ShuffleAttention, groups=groups, impl=impl)
-    block_args = dict(kwargs.pop("block_args", None) or {}, attn_layer=attn)
+    block_args = dict(kwargs.pop("block_args", None) or {})
+    if "attn_layer" in block_args:  # overwriting it would build SA silently
+        raise ValueError(
+            f"{variant}: block_args attn_layer={block_args['attn_layer']!r} is not accepted: sa_* models fix "
+            f"the attention layer to ShuffleAttention (its options are sa_groups and sa_impl). For another "
+            f"attention, use timm's own ResNet, e.g. timm.create_model('resnet50', "
+            f"block_args=dict(attn_layer='se'))")
+    if not fit_groups:
+        _check_groups_fit(variant, groups, kwargs)
+    block_args["attn_layer"] = partial(ShuffleAttention.fitted if fit_groups else ShuffleAttention,
+                                       groups=groups, impl=impl)
     kwargs.setdefault("zero_init_last", False)
     if pretrained:
         cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
