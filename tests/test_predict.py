@@ -123,3 +123,15 @@ def test_converted_run_keeps_its_class_names_and_image_size(capsys, trained, tmp
     save_safetensors(saved["model"], bad, metadata={"model": "sa_resnet_test", "class_names": json.dumps(["x"])})
     code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(bad), *images])
     assert code == 2 and "names 1 classes, its classifier has 3" in err
+
+
+def test_headless_weights_are_refused_with_what_to_do(capsys, trained, tmp_path):
+    data, run = trained
+    weights = torch.load(run / "last.pt", weights_only=True)["model"]
+    headless = tmp_path / "backbone.pth"
+    torch.save({k: v for k, v in weights.items() if not k.startswith("fc.")}, headless)
+    image = next((data / "val").rglob("*.png"))
+    for argv in (["predict", "--model", "sa_resnet_test", "--pretrained-file", str(headless), str(image)],
+                 ["eval", "--model", "sa_resnet_test", "--pretrained-file", str(headless), "--data", str(data / "val")]):
+        code, _, err = run_cli(capsys, argv)
+        assert code == 2 and "eval and predict need one" in err and "sanet train" in err, err

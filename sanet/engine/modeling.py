@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..errors import SanetError
+
 __all__ = ["create_train_model", "unwrap_model", "LoadedModel", "load_for_inference",
            "check_checkpoint_model", "imagenet_class_names"]
 
@@ -36,6 +38,15 @@ def _classifier_size(state_dict: Dict[str, torch.Tensor], model_name: str) -> Op
     name = (clf.classifier if clf is not None else None) or "fc"
     weight = state_dict.get(f"{name}.weight")
     return None if weight is None else int(weight.shape[0])
+
+
+def _has_stem(state_dict: Dict[str, torch.Tensor], model_name: str) -> bool:
+    """Whether the weights hold the model's first conv (they are that model's, whole or not)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    first_conv = (cfg.first_conv if cfg is not None else None) or "conv1"
+    return f"{first_conv}.weight" in state_dict
 
 
 def _registered_arch(checkpoint: Any, path: Path) -> Optional[str]:
@@ -138,7 +149,6 @@ def _converted_run_info(path: Path, num_classes: int) -> Dict[str, Any]:
     """What ``sanet convert`` kept of a ``sanet train`` checkpoint in a safetensors file's
     metadata (class names, img_size, crop_pct, interpolation, model_kwargs; JSON strings)."""
     from sanet.checkpoint import RUN_METADATA, safetensors_metadata
-    from sanet.errors import SanetError
 
     meta = safetensors_metadata(path)
     info: Dict[str, Any] = {}
@@ -209,7 +219,13 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
                              "(the authors' files name theirs in 'arch', `sanet convert` files in their "
                              "metadata)")
         state_dict = state_dict_from(raw, source)
-        num_classes = _classifier_size(state_dict, name) or 1000
+        num_classes = _classifier_size(state_dict, name)
+        if num_classes is None and _has_stem(state_dict, name):
+            raise SanetError(
+                f"{source} has no classifier ({name} weights saved headless, e.g. with num_classes=0): "
+                f"eval and predict need one. Fine-tune it first: sanet train --model {name} "
+                f"--pretrained-file {source} --data DIR ...")
+        num_classes = num_classes or 1000  # no stem either: the mismatch error lists the keys
         run_info = _converted_run_info(source, num_classes)  # a `sanet convert`ed run's
         class_names = run_info.get("class_names") or (imagenet_class_names() if num_classes == 1000 else None)
         data_args = {k: run_info[k] for k in ("img_size", "crop_pct", "interpolation") if k in run_info}
