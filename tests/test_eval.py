@@ -180,3 +180,34 @@ def test_run_fine_tuned_from_another_group_count_evaluates_and_resumes(capsys, t
     code, _, err = run_cli(capsys, train_argv(data, old_run, "--resume", epochs=3))
     assert code == 0, err
     assert load_ckpt(old_run / "last.pt")["args"]["model_kwargs"] == {"sa_groups": 2}
+
+
+def test_convert_ema_weights_evaluate_as_eval_ema(capsys, trained, tmp_path):
+    """An EMA run: convert --ema writes the EMA weights, whose eval equals `eval --ema` of the
+    checkpoint; without --ema the model weights (and a note on stderr); --ema elsewhere errors."""
+    data, _ = trained
+    run = tmp_path / "ema"
+    assert run_cli(capsys, train_argv(data, run, "--model-ema", "--model-ema-warmup"))[0] == 0
+    ckpt = load_ckpt(run / "last.pt")
+    val = ["--data", str(data / "val"), "--workers", "0", "--json"]
+    results = {}
+    for ema in (True, False):
+        st = tmp_path / f"w{ema}.safetensors"
+        code, out, err = run_cli(capsys, ["convert", str(run / "last.pt"), str(st), "--model", "sa_resnet_test",
+                                          "--json", *(["--ema"] if ema else [])])
+        assert code == 0, err
+        assert last_json(out)["weights"] == ("ema" if ema else "model")
+        assert ("--ema converts those" in err) is not ema
+        from safetensors.torch import load_file
+
+        weights = load_file(str(st))
+        source = ckpt["model_ema" if ema else "model"]
+        assert all(weights[k].equal(v) for k, v in source.items())
+        results[ema] = last_json(run_cli(capsys, ["eval", "--pretrained-file", str(st), *val])[1])
+        expected = last_json(run_cli(capsys, ["eval", "--checkpoint", str(run / "last.pt"), *val,
+                                              *(["--ema"] if ema else [])])[1])
+        assert results[ema]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert results[True]["loss"] != results[False]["loss"]
+    code, _, err = run_cli(capsys, ["convert", str(trained[1] / "last.pt"), str(tmp_path / "x.safetensors"),
+                                    "--model", "sa_resnet_test", "--ema"])
+    assert code == 2 and "holds no EMA weights" in err

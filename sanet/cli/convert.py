@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
@@ -24,6 +25,9 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="architecture, e.g. sa_resnet50")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier size of the checkpoint (default: read from its fc layer)")
+    p.add_argument("--ema", action="store_true",
+                   help="convert a sanet train checkpoint's EMA weights (--model-ema runs; their best.pt "
+                        "is chosen by the EMA's top-1) instead of its model weights")
     add_json_flag(p)
     return p
 
@@ -47,15 +51,22 @@ def run(args: argparse.Namespace) -> int:
     from sanet.checkpoint import RUN_METADATA, load_checkpoint_file, model_card, save_safetensors, \
         state_dict_from, write_json_atomic
     from sanet.engine.modeling import check_checkpoint_model
-    from sanet.models import check_state_dict
+    from sanet.models import check_state_dict, strip_prefix
     from sanet.models.checkpoint_filter import cfg_from_weights, with_sa_groups_of
 
     check_model_name(args.model)
     if args.output.suffix != ".safetensors":
         raise ValueError(f"output must end in .safetensors, got {args.output}")
     checkpoint = load_checkpoint_file(args.input)
-    state_dict = state_dict_from(checkpoint, args.input)
     run_info = _run_metadata(checkpoint)
+    has_ema = bool(run_info) and isinstance(checkpoint.get("model_ema"), dict)
+    if args.ema and not has_ema:
+        raise ValueError(f"--ema: {args.input} holds no EMA weights (only sanet train checkpoints of "
+                         "--model-ema runs do)")
+    state_dict = strip_prefix(checkpoint["model_ema"]) if args.ema else state_dict_from(checkpoint, args.input)
+    if has_ema and not args.ema:
+        print(f"sanet convert: note: {args.input} also holds EMA weights (its run's best.pt is chosen by "
+              "their top-1); --ema converts those", file=sys.stderr)
     if run_info:  # a sanet train checkpoint names its architecture
         check_checkpoint_model(checkpoint, args.model, str(args.input))
     # The model the file holds: its classifier size and input channels (e.g. a 1-channel stem),
@@ -74,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if "sa_groups" in kwargs:  # a non-default G: the file needs it to be rebuilt
         metadata["sa_groups"] = str(kwargs["sa_groups"])
     metadata.update({k: json.dumps(run_info[k]) for k in RUN_METADATA if k in run_info})
+    if run_info:
+        metadata["weights"] = "ema" if args.ema else "model"
     save_safetensors(state_dict, args.output, metadata=metadata)
     card = model_card(args.model, args.input, args.output, sum(p.numel() for p in model.parameters()))
     card["num_classes"] = model.num_classes
@@ -81,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if "sa_groups" in kwargs:
         card["sa_groups"] = kwargs["sa_groups"]
     card.update(run_info)
+    if run_info:
+        card["weights"] = metadata["weights"]
     card_path = args.output.with_suffix(".json")
     write_json_atomic(card, card_path)
     if args.json:
