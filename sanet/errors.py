@@ -6,9 +6,19 @@ exception is a bug or an environment failure and keeps its traceback. It derives
 """
 from __future__ import annotations
 
-__all__ = ["SanetError"]
+__all__ = ["SanetError", "is_out_of_memory"]
 
 
 class SanetError(RuntimeError):
     """A failure the user can act on (bad file, missing kernel, wrong options); the message
     says what was wrong and what would work."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is PyTorch running out of memory (CUDA or CPU): the user can act on it
+    (a smaller batch), and no other diagnosis should replace it."""
+    import torch
+
+    # CUDA raises torch.cuda.OutOfMemoryError (aliased torch.OutOfMemoryError from torch 2.5);
+    # the CPU allocator a plain RuntimeError
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc)

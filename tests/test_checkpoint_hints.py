@@ -144,3 +144,34 @@ def test_headless_file_defaults_to_no_classifier(tmp_path, capsys):
     assert cli_main(["convert", str(path), str(out), "--model", NAME, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["num_classes"] == 0
     assert same_weights(load_weights(timm.create_model(NAME, num_classes=0), out), sd)
+
+
+def test_plain_timm_model_hints_offer_only_routes_that_load(tmp_path):
+    """For a timm model without sanet's loader, the hint names the kwarg that matches the file
+    and no create_model(pretrained=True) route (timm's loader compares with the registry's
+    defaults and fails on such a file); following the hint loads it."""
+    torch.manual_seed(0)
+    for file_kwargs, model_kwargs, fix in (({"num_classes": 10}, {}, "num_classes=10"),
+                                           ({"in_chans": 1}, {}, "in_chans=1")):
+        sd = timm.create_model("resnet10t", **file_kwargs).state_dict()
+        path = tmp_path / "plain.pt"
+        torch.save(sd, path)
+        msg = mismatch(timm.create_model("resnet10t", **model_kwargs), path)
+        assert fix in msg and "pretrained=True" not in msg, msg
+        model = load_weights(timm.create_model("resnet10t", **file_kwargs), path)
+        assert same_weights(model, sd)
+
+
+def test_convert_reads_the_models_own_classifier_name(tmp_path, capsys):
+    """A timm model whose classifier is not `fc` (hrnet: `classifier`) converts whole, and a
+    file without its classifier still converts headless."""
+    torch.manual_seed(0)
+    model = timm.create_model("hrnet_w18_small", num_classes=5)
+    full, headless = tmp_path / "full.pth", tmp_path / "headless.pth"
+    torch.save(model.state_dict(), full)
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}, headless)
+    for path, classes in ((full, 5), (headless, 0)):
+        out = tmp_path / f"{path.stem}.safetensors"
+        assert cli_main(["convert", str(path), str(out), "--model", "hrnet_w18_small", "--json"]) == 0
+        card = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert card["num_classes"] == classes

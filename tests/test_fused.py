@@ -7,6 +7,7 @@ fused, its parameters and running statistics.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import timm
@@ -350,10 +351,11 @@ def _meta(module: nn.Module, *names: str) -> None:
 
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("moved", ["bn3", "sa", "running_var"])
-def test_block_with_a_tensor_on_another_device_runs_unfused(train, moved):
-    """The fused tail needs every tensor it reads on x's device; otherwise the modules run one
-    by one and PyTorch names the devices (the C++ kernel would read them through host
-    pointers: "data is not allocated yet" for meta, a crash for CUDA)."""
+def test_block_with_a_tensor_on_another_device_gives_a_device_error(train, moved):
+    """The fused tail needs every tensor it reads on x's device (the C++ kernel would read
+    them through host pointers: "data is not allocated yet" for meta, a crash for CUDA). A
+    module on another device: the modules run one by one and PyTorch names the devices; one
+    tensor moved by hand: the op's own check names it."""
     block = timm.create_model("sa_resnet_test").layer1[0].train(train)
     if moved == "bn3":
         block.bn3.to("meta")
@@ -363,10 +365,13 @@ def test_block_with_a_tensor_on_another_device_runs_unfused(train, moved):
         _meta(block.bn3, "running_var")
     x = torch.randn(2, block.conv1.in_channels, 6, 6)
     mid = torch.randn(2, block.bn3.num_features, 6, 6)
-    assert not fused_bn_sa_supported(mid, block.bn3, block.sa, mid)
+    assert fused_bn_sa_supported(mid, block.bn3, block.sa, mid) is (moved == "running_var")
     with pytest.raises(RuntimeError, match="device") as info:
         block(x)
     assert "not allocated" not in str(info.value)
+    if moved == "running_var":
+        assert isinstance(info.value, sanet.SanetError)
+        assert re.search(r"(bn\.running_var|bn_var) is on meta but the input x is on cpu", str(info.value))
 
 
 @pytest.mark.parametrize("case,name", [("bn", "bn_weight"), ("shortcut", "shortcut"),

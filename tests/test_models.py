@@ -358,3 +358,14 @@ def test_fx_feature_extraction():
         ref.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
         l2, l4 = ref.eval()(x)
     assert rel_err(out["l2"], l2) <= 1e-5 and rel_err(out["l4"], l4) <= 1e-5
+
+
+def test_one_block_class_per_stage_builds_as_timm_allows():
+    """timm's ResNet takes `block` as one class per stage too; the sa_groups check reads each."""
+    from sanet.models import SABottleneck
+
+    a = timm.create_model("sa_resnet50", block=(SABottleneck,) * 4, device="meta")
+    b = timm.create_model("sa_resnet50", device="meta")
+    assert [type(m).__name__ for m in a.modules()] == [type(m).__name__ for m in b.modules()]
+    with pytest.raises(ValueError, match="sa_groups=256 does not fit"):
+        timm.create_model("sa_resnet50", block=(SABottleneck,) * 4, sa_groups=256, device="meta")

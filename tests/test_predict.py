@@ -135,3 +135,27 @@ def test_headless_weights_are_refused_with_what_to_do(capsys, trained, tmp_path)
                  ["eval", "--model", "sa_resnet_test", "--pretrained-file", str(headless), "--data", str(data / "val")]):
         code, _, err = run_cli(capsys, argv)
         assert code == 2 and "eval and predict need one" in err and "sanet train" in err, err
+
+
+@pytest.mark.parametrize("entry,value,words", [
+    ("model_kwargs", {"pretrained": True}, "which a weights file may not"),
+    ("model_kwargs", {"num_classes": 3}, "which a weights file may not"),
+    ("model_kwargs", {"bogus": 1}, "do not fit sa_resnet_test"),
+    ("model_kwargs", [1], "not a dict"),
+    ("img_size", "abc", "not a positive int"),
+    ("img_size", -5, "not a positive int"),
+    ("crop_pct", "x", "not a positive number"),
+    ("interpolation", 5, "not one of"),
+])
+def test_hostile_or_damaged_run_metadata_is_refused(capsys, trained, tmp_path, entry, value, words):
+    """A .safetensors file's run metadata (from sanet convert) is checked before use: nothing in
+    it may load other weights (a download) or reach timm/torchvision as a bad value."""
+    from sanet.checkpoint import save_safetensors
+
+    data, run = trained
+    weights = torch.load(run / "last.pt", weights_only=True)["model"]
+    path = tmp_path / "w.safetensors"
+    save_safetensors(weights, path, metadata={"model": "sa_resnet_test", entry: json.dumps(value)})
+    image = next((data / "val").rglob("*.png"))
+    code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(path), str(image)])
+    assert code == 2 and words in err, err

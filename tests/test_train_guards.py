@@ -154,3 +154,15 @@ def test_fixed_input_size_model_at_another_size_is_refused_before_the_output_is_
     code, _, err = run_cli(capsys, argv + ["--model-kwargs", "img_size=32", "patch_size=8", "depth=1"])
     assert code == 0, err
     assert load_ckpt(out / "last.pt")["args"]["img_size"] == 32
+
+
+def test_fixed_input_size_model_built_for_another_size_trains_at_that_size(capsys, tmp_path, data):
+    """--model-kwargs img_size=N without --img-size: the data follow the model (timm's cfg
+    still says 224)."""
+    out = tmp_path / "vit16"
+    argv = ["train", "--model", "vit_tiny_patch16_224", "--data", str(data), "--output", str(out),
+            "--batch-size", "4", "--epochs", "1", "--workers", "0", "--no-progress",
+            "--model-kwargs", "img_size=16", "patch_size=8", "depth=1"]
+    code, _, err = run_cli(capsys, argv)
+    assert code == 0, err
+    assert load_ckpt(out / "last.pt")["args"]["img_size"] == 16

@@ -84,25 +84,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _for_the_user(exc: BaseException) -> bool:
     """Errors whose message says what the user did wrong (and so needs no traceback): ours,
     bad values and missing files, running out of memory, and a torchrun peer's failure."""
-    from ..errors import SanetError
+    from ..errors import SanetError, is_out_of_memory
 
-    return isinstance(exc, (SanetError, ValueError, FileNotFoundError)) or _is_oom(exc) \
+    return isinstance(exc, (SanetError, ValueError, FileNotFoundError)) or is_out_of_memory(exc) \
         or _is_peer_failure(exc)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    # CUDA raises torch.cuda.OutOfMemoryError (aliased torch.OutOfMemoryError from torch 2.5);
-    # the CPU allocator a plain RuntimeError
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 def _describe(exc: BaseException) -> str:
     """The error for the user. Under torchrun, a process whose peer stopped (a user error
     there, e.g. an unreadable image) fails inside a collective with a backend message."""
+    from ..errors import is_out_of_memory
+
     text = str(exc)
-    if _is_oom(exc):
+    if is_out_of_memory(exc):
         text = f"out of memory ({text.splitlines()[0]}); try a smaller --batch-size"
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and _is_peer_failure(exc):
         text += (" [another process of this torchrun job probably failed first: its own error "

@@ -71,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
         check_checkpoint_model(checkpoint, args.model, str(args.input))
     # The model the file holds: its classifier size and input channels (e.g. a 1-channel stem),
     # built with the run's model kwargs if it is a run's
-    found = cfg_from_weights(state_dict)
+    pretrained_cfg = timm.models.get_pretrained_cfg(args.model)  # the model's own layer names
+    classifier, first_conv = (getattr(pretrained_cfg, k, None) for k in ("classifier", "first_conv"))
+    found = cfg_from_weights(state_dict, classifier if isinstance(classifier, str) else None,
+                             first_conv if isinstance(first_conv, str) else None)
     kwargs = dict(run_info.get("model_kwargs", {}))
     kwargs["num_classes"] = args.num_classes if args.num_classes is not None else found.get("num_classes")
     if "input_size" in found:

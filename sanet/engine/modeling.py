@@ -160,14 +160,57 @@ def _converted_run_info(path: Path, num_classes: int) -> Dict[str, Any]:
                 raise SanetError(f"{path}: its metadata entry {key!r} is not JSON ({meta[key][:80]!r}); "
                                  "convert the checkpoint again with sanet convert") from None
     names = info.get("class_names")
-    if names is not None and (not isinstance(names, list) or len(names) != num_classes):
-        raise SanetError(f"{path}: its metadata names {len(names) if isinstance(names, list) else 'no list of'} "
-                         f"classes, its classifier has {num_classes}; convert the checkpoint again with "
-                         "sanet convert")
-    if not isinstance(info.get("model_kwargs", {}), dict):
-        raise SanetError(f"{path}: its metadata entry 'model_kwargs' is not a dict; convert the checkpoint "
-                         "again with sanet convert")
+    if names is not None:
+        if not isinstance(names, list) or len(names) != num_classes:
+            raise SanetError(f"{path}: its metadata names {len(names) if isinstance(names, list) else 'no list of'} "
+                             f"classes, its classifier has {num_classes}; convert the checkpoint again with "
+                             "sanet convert")
+        info["class_names"] = [str(c) for c in names]
     return info
+
+
+# create_model kwargs a weights file may not set: they would load other weights (a download,
+# another file) or contradict what the file's own tensors decide.
+_REFUSED_FILE_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                        "num_classes", "in_chans", "features_only")
+
+
+def _checked_settings(source: Path, data_args: Dict[str, Any], model_kwargs: Any) -> Dict[str, Any]:
+    """The data settings and model kwargs a checkpoint or converted file carries, checked
+    (the file may come from anywhere): model kwargs that load or reshape nothing, a positive
+    int image size, a positive crop fraction, a known interpolation."""
+    from .config import INTERPOLATIONS
+
+    def bad(what: str) -> SanetError:
+        return SanetError(f"{source}: its saved {what}; the file is damaged or not from sanet (pass "
+                          "--model and --img-size/--crop-pct yourself, or convert the checkpoint again)")
+
+    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+        raise bad(f"model_kwargs are not a dict of names ({type(model_kwargs).__name__})")
+    refused = sorted(k for k in model_kwargs if k in _REFUSED_FILE_KWARGS)
+    if refused:
+        raise bad(f"model_kwargs set {', '.join(refused)}, which a weights file may not (they would load "
+                  "other weights or contradict the file's own)")
+    size, crop, interp = (data_args.get(k) for k in ("img_size", "crop_pct", "interpolation"))
+    if size is not None and not (type(size) is int and size > 0):
+        raise bad(f"img_size is {size!r}, not a positive int")
+    if crop is not None and not (type(crop) in (int, float) and crop > 0):
+        raise bad(f"crop_pct is {crop!r}, not a positive number")
+    if interp is not None and interp not in INTERPOLATIONS:
+        raise bad(f"interpolation is {interp!r}, not one of {', '.join(INTERPOLATIONS)}")
+    return dict(model_kwargs)
+
+
+def _groups_read_off(state_dict: Dict[str, torch.Tensor], name: str, model_kwargs: Dict[str, Any],
+                     source: Path) -> Dict[str, Any]:
+    """``model_kwargs`` with the SA group count of the weights (see ``with_sa_groups_of``)."""
+    from sanet.models import with_sa_groups_of
+
+    try:
+        return with_sa_groups_of(state_dict, name, model_kwargs)
+    except TypeError as exc:  # saved kwargs this timm's model does not take
+        raise SanetError(f"{source}: its saved model kwargs {model_kwargs} do not fit {name} in this "
+                         f"version of timm ({exc})") from None
 
 
 @dataclass
@@ -185,7 +228,7 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
     """Model + class names from a ``sanet train`` checkpoint or any weights file."""
     import sanet  # noqa: F401
     from sanet.checkpoint import load_checkpoint_file, state_dict_from
-    from sanet.models import check_state_dict, strip_prefix, with_sa_groups_of
+    from sanet.models import check_state_dict, strip_prefix
 
     if (checkpoint is None) == (pretrained_file is None):
         raise ValueError("pass exactly one of --checkpoint (a sanet train checkpoint) or "
@@ -205,10 +248,11 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
             raise ValueError(f"{source} has no EMA weights (trained without --model-ema)")
         state_dict = strip_prefix(raw[key])
         class_names = [str(c) for c in raw["class_names"]]
-        args = raw.get("args") or {}
+        args = raw.get("args") if isinstance(raw.get("args"), dict) else {}
         data_args = {k: args.get(k) for k in ("img_size", "crop_pct", "interpolation")}
+        model_kwargs = _checked_settings(source, data_args, args.get("model_kwargs") or {})
         # runs fine-tuned from weights of another G before sanet stored it: read it off the weights
-        model_kwargs = with_sa_groups_of(state_dict, name, dict(args.get("model_kwargs") or {}))
+        model_kwargs = _groups_read_off(state_dict, name, model_kwargs, source)
         num_classes = len(class_names)
     else:
         if use_ema:
@@ -229,7 +273,8 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
         run_info = _converted_run_info(source, num_classes)  # a `sanet convert`ed run's
         class_names = run_info.get("class_names") or (imagenet_class_names() if num_classes == 1000 else None)
         data_args = {k: run_info[k] for k in ("img_size", "crop_pct", "interpolation") if k in run_info}
-        model_kwargs = with_sa_groups_of(state_dict, name, dict(run_info.get("model_kwargs") or {}))
+        model_kwargs = _checked_settings(source, data_args, run_info.get("model_kwargs") or {})
+        model_kwargs = _groups_read_off(state_dict, name, model_kwargs, source)
     model = _create(name, model_kwargs, num_classes=num_classes, **model_kwargs)
     check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file))
     model.load_state_dict(state_dict)

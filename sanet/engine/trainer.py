@@ -118,7 +118,11 @@ def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext,
     if args.sync_bn and ctx.device.type != "cuda":
         raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation")
     if resume_ckpt is not None and isinstance(resume_ckpt.get("model"), dict):
+        before = dict(args.model_kwargs or {})
         _sa_groups_from(args, resume_ckpt["model"])  # runs saved before sanet stored an inferred G
+        saved = resume_ckpt.get("args")
+        if isinstance(saved, dict) and args.model_kwargs != before and dict(saved.get("model_kwargs") or {}) == before:
+            saved["model_kwargs"] = dict(args.model_kwargs)  # read off the weights: not an option that changed
     model = create_train_model(args.model, num_classes, pretrained_file=args.pretrained_file,
                                drop_path=args.drop_path, model_kwargs=args.model_kwargs)
     if args.pretrained_file is not None:
@@ -145,29 +149,51 @@ def _data_config(args: argparse.Namespace, model) -> Dict[str, Any]:
     from timm.data import resolve_data_config
 
     overrides = {"crop_pct": args.crop_pct, "interpolation": args.interpolation}
-    if args.img_size:
-        overrides["input_size"] = (3, args.img_size, args.img_size)
+    built = _built_input_size(model)
+    size = args.img_size or built  # timm keeps the registry's size in the cfg of a ViT built for another
+    if size:
+        overrides["input_size"] = (3, size, size)
     cfg = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
-    _check_input_size(model, cfg["input_size"])
+    _check_input_size(model, cfg["input_size"], built, explicit=bool(args.img_size))
     args.img_size, args.crop_pct = cfg["input_size"][-1], cfg["crop_pct"]
     args.interpolation = cfg["interpolation"]
     return cfg
 
 
-def _check_input_size(model, input_size) -> None:
-    """Models built for one input size (timm's ``fixed_input_size``: ViTs and the like) fail
-    in the first step on another one; say so before the output folder is touched."""
+def _built_input_size(model) -> Optional[int]:
+    """The square input size a fixed-size model (timm's ``fixed_input_size``: ViTs and the
+    like) was built for, where it says (``patch_embed.img_size``); None otherwise."""
+    if not (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"):
+        return None
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size,)
+    return int(size[0]) if len(size) in (1, 2) and len(set(size)) == 1 and isinstance(size[0], int) else None
+
+
+def _check_input_size(model, input_size, built: Optional[int], *, explicit: bool) -> None:
+    """Fixed-size models fail in the first step on another size: say so, and what to pass,
+    before the output folder is touched (one forward pass of a zero image, in eval mode)."""
     if not (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"):
         return  # convolutional nets take any size
+    from sanet.errors import is_out_of_memory
+
+    param = next(model.parameters(), None)
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+            model.eval()(torch.zeros(1, *input_size, device=param.device if param is not None else None))
     except (AssertionError, RuntimeError, ValueError) as exc:
-        raise ValueError(
-            f"the model takes a fixed input size and failed on {input_size[-1]}x{input_size[-1]} images "
-            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); build it for that size with "
-            f"--model-kwargs img_size={input_size[-1]}, or leave --img-size at the model's") from None
+        if is_out_of_memory(exc):
+            raise
+        size = input_size[-1]
+        if explicit:
+            advice = (f"build it for that size with --model-kwargs img_size={size}"
+                      + (f", or train at --img-size {built}" if built else ""))
+        else:
+            advice = "pass --img-size with the size it was built for (--model-kwargs img_size=N builds it for N)"
+        raise ValueError(f"{model.pretrained_cfg.get('architecture', 'the model')} takes a fixed input size "
+                         f"and failed on {size}x{size} images "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {advice}") from None
     finally:
         model.train(was_training)
 

@@ -118,12 +118,12 @@ class ShuffleAttention(nn.Module):
         if has_hooks(gn) and (isinstance(x, torch.fx.Proxy) or x.shape[2:].numel() > 0):
             return self._forward_calling_gn(x)
         impl = self.impl
+        params = (self.cweight, self.cbias, self.sweight, self.sbias, gn.weight, gn.bias)
         if impl in ("auto", "fused") and needs_pytorch_ops():
             impl = "torch"
         if impl == "auto":
             # Parameters on another device than x: the reference, for PyTorch's device error.
-            impl = "fused" if fused_sa_supported(
-                x, self.cweight, self.cbias, self.sweight, self.sbias, gn.weight, gn.bias) else "reference"
+            impl = "fused" if fused_sa_supported(x, *params) else "reference"
         elif impl == "fused" and not fused_sa_supported(x):
             raise SanetError(
                 f"ShuffleAttention(impl='fused'): no fused kernel for {x.device.type} "
@@ -131,10 +131,7 @@ class ShuffleAttention(nn.Module):
                 "Triton); use impl='auto' to fall back to PyTorch ops"
             )
         fn = _IMPL_FNS[impl] if impl != "fused" else shuffle_attention_fused
-        return fn(
-            x, self.cweight, self.cbias, self.sweight, self.sbias,
-            gn.weight, gn.bias, self.groups, gn.eps,
-        )
+        return fn(x, *params, self.groups, gn.eps)
 
     @torch.jit.unused
     def _forward_calling_gn(self, x: Tensor) -> Tensor:

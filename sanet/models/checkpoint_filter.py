@@ -95,6 +95,12 @@ def _hint(state_dict: Dict[str, Tensor], model: nn.Module, missing: List[str], u
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture", type(model).__name__)
     via_timm = f"timm.create_model('{arch}', pretrained=True, {{}}, pretrained_cfg_overlay=dict(file=...))"
+
+    def or_load(kwargs: str, effect: str) -> str:
+        # Only SA models load files through sanet's filter, which takes the file's class count
+        # and input channels as the defaults that timm then adapts; timm's own loader compares
+        # with the registry's and would fail on the same file.
+        return f", or load it with {via_timm.format(kwargs)}, {effect}" if _sanet_loads(arch) else ""
     if hasattr(model, "feature_info") and not hasattr(model, "num_classes") and unexpected and not (
             missing or mismatched):
         # timm's features_only wrappers keep the layers up to the last of out_indices, no classifier
@@ -114,25 +120,25 @@ def _hint(state_dict: Dict[str, Tensor], model: nn.Module, missing: List[str], u
     if head and left_unexpected and left_unexpected <= head:
         n = int(file_head.shape[0]) if isinstance(file_head, Tensor) and file_head.dim() == 2 else None
         parts.append(f"the file has a classifier{f' of {n} classes' if n else ''}, the model none: build the "
-                     f"model with num_classes={n if n else 'N'} (sanet convert: leave --num-classes out), "
-                     f"or load it with {via_timm.format('num_classes=0')}, which drops the file's classifier")
+                     f"model with num_classes={n if n else 'N'} (sanet convert: leave --num-classes out)"
+                     + or_load("num_classes=0", "which drops the file's classifier"))
         left_unexpected.clear()
     if (head & left_mismatched and isinstance(file_head, Tensor) and isinstance(model_head, Tensor)
             and file_head.dim() == model_head.dim() == 2):
         (nf, df), (nm, dm) = file_head.shape, model_head.shape
         if nf != nm:
             parts.append(f"the file's classifier has {nf} classes, the model {nm}: build the model with "
-                         f"num_classes={nf} (sanet convert: --num-classes {nf}), or start a new {nm}-class "
-                         f"classifier with {via_timm.format(f'num_classes={nm}')}, which drops the file's")
+                         f"num_classes={nf} (sanet convert: --num-classes {nf})"
+                         + or_load(f"num_classes={nm}", f"which drops the file's for a new {nm}-class classifier"))
         if df != dm:
             pool = getattr(getattr(model, "global_pool", None), "pool_type", None)
             same_pool = " (global_pool='avg', the default)" if df == getattr(model, "num_features", None) else ""
             parts.append(f"the file's classifier takes {df} features, the model's {dm}"
                          f"{f' (global_pool={pool!r} changes the pooled width)' if pool else ''}: build the "
-                         f"model with the file's pooling{same_pool}, or load it with "
-                         f"{via_timm.format(f'num_classes=0, global_pool={pool!r}' if pool else 'num_classes=0')}, "
-                         "which drops the file's classifier, then model.reset_classifier(num_classes"
-                         f"{f', {pool!r}' if pool else ''})")
+                         f"model with the file's pooling{same_pool}"
+                         + or_load(f"num_classes=0, global_pool={pool!r}" if pool else "num_classes=0",
+                                   "which drops the file's classifier, then model.reset_classifier(num_classes"
+                                   f"{f', {pool!r}' if pool else ''})"))
         left_mismatched -= head
     conv_key = f"{first_conv}.weight" if isinstance(first_conv, str) else None
     file_conv, model_conv = state_dict.get(conv_key), expected.get(conv_key)
@@ -141,8 +147,7 @@ def _hint(state_dict: Dict[str, Tensor], model: nn.Module, missing: List[str], u
             and file_conv.shape[0] == model_conv.shape[0] and file_conv.shape[2:] == model_conv.shape[2:]):
         a, b = int(file_conv.shape[1]), int(model_conv.shape[1])
         parts.append(f"the file's first conv ({conv_key}) takes {a} input channels, the model's {b}: build the "
-                     f"model with in_chans={a}, or load it with {via_timm.format(f'in_chans={b}')}, which "
-                     f"converts the conv")
+                     f"model with in_chans={a}" + or_load(f"in_chans={b}", "which converts the conv"))
         left_mismatched.discard(conv_key)
     if left_mismatched and not (left_missing or left_unexpected) and all(k.endswith(_SA_KEYS) for k in left_mismatched):
         groups = sa_groups_of(state_dict, model)
@@ -153,6 +158,13 @@ def _hint(state_dict: Dict[str, Tensor], model: nn.Module, missing: List[str], u
     if left_missing or left_unexpected or left_mismatched or not parts:
         return "is this a checkpoint of another architecture or depth?"
     return "; ".join(parts)
+
+
+def _sanet_loads(arch: str) -> bool:
+    """Whether ``timm.create_model(arch, pretrained=True)`` loads files through this module."""
+    from .sa_resnet import SA_MODELS  # here: sa_resnet imports this module
+
+    return arch.split(".")[0] in SA_MODELS
 
 
 def sa_groups_of(state_dict: Dict[str, Tensor], model: nn.Module) -> Optional[int]:

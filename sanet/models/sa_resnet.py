@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any, Dict
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_ntuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
@@ -93,7 +94,9 @@ def _check_groups_fit(variant: str, groups: int, kwargs: Dict[str, Any]) -> None
     ``sa_groups``, and suggests ``fit_sa_groups``, which ``create_model`` can't apply)."""
     # SA runs on each stage's block output: channels[i] * expansion (the stem is never attended)
     stage_channels = kwargs.get("channels", inspect.signature(ResNet).parameters["channels"].default)
-    widths = sorted({int(c) * kwargs["block"].expansion for c in stage_channels})
+    # ResNet also takes one block class per stage, as timm does: a tuple
+    blocks = to_ntuple(len(stage_channels))(kwargs["block"])
+    widths = sorted({int(c) * getattr(b, "expansion", 1) for c, b in zip(stage_channels, blocks)})
     bad = [c for c in widths if c % (2 * groups)]
     if not bad:
         return

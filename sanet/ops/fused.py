@@ -110,16 +110,17 @@ def shuffle_attention_fused(
 
 def fused_bn_sa_supported(x: Tensor, bn: nn.Module, sa: nn.Module, shortcut: Optional[Tensor] = None) -> bool:
     """BN+SA(+add+ReLU) fusion needs a plain BatchNorm2d, a fused kernel for ``x`` (CPU or
-    CUDA), a shortcut of x's dtype (``x + shortcut`` would otherwise promote) and every
-    tensor the op reads (shortcut, SA's parameters, BatchNorm's parameters and running
-    statistics) on x's device: elsewhere the modules one by one give PyTorch's own errors."""
+    CUDA), a shortcut of x's dtype (``x + shortcut`` would otherwise promote), and the
+    shortcut, SA and the BatchNorm on x's device: elsewhere the modules one by one give
+    PyTorch's own errors."""
     return (
         type(bn) is nn.BatchNorm2d
         and x.numel() > 0  # empty batches: nn.BatchNorm2d's own handling (statistics untouched)
         and getattr(sa, "impl", None) in ("auto", "fused")
         and (shortcut is None or shortcut.dtype == x.dtype)
-        and fused_sa_supported(x, shortcut, *_sa_params(sa), bn.weight, bn.bias, bn.running_mean,
-                               bn.running_var, bn.num_batches_tracked)
+        # One tensor per module: Module.to()/.cuda() move all of a module's tensors together.
+        # (A tensor moved on its own still meets the op's device check: an error, not a crash.)
+        and fused_sa_supported(x, shortcut, sa.cweight, bn.running_mean if bn.weight is None else bn.weight)
     )
 
 
