@@ -4,7 +4,8 @@ SE, ECA and CBAM come from timm (``resnet50`` with ``block_args=dict(attn_layer=
 which is how timm builds seresnet50/ecaresnet50); SA is ours, with the fused kernels and
 with the authors' formulation. Reports parameters, inference and SGD training step time
 (interleaved; ratios vs plain resnet50 are per-round paired medians) and bytes saved for
-backward.
+backward (all, and without the model's own parameters and buffers). The JSON holds the
+ratios the table prints, the arguments, versions and git commit.
 
     .venv/bin/python benchmarks/attention_modules.py --threads 2 --rounds 10 [--json] [--output F]
 """
@@ -18,7 +19,7 @@ import torch
 
 from pathlib import Path
 
-from sanet.analysis.bench import machine_info, model_bench, paired_ratio
+from sanet.analysis.bench import machine_info, model_bench, paired_ratio, run_info
 
 MODELS = {
     "resnet50": {"model": "resnet50"},
@@ -34,11 +35,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds (>= 1)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON result here")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     import timm
@@ -53,24 +56,34 @@ def main() -> int:
     res = model_bench(MODELS, batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds)
     res["params"] = params
     res["machine"] = machine_info(torch.device("cpu"))
+    res["run"] = run_info()
+    res["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    t, mem = res["times"], res["memory"]
+    base = mem["resnet50"]
+    # The same paired ratios the table prints, so that a result file holds them too.
+    res["ratios"] = {label: {
+        "inference": paired_ratio(t, f"{label}/inference", "resnet50/inference"),
+        "train_step": paired_ratio(t, f"{label}/train_step", "resnet50/train_step"),
+        "saved": mem[label]["saved_bytes"] / base["saved_bytes"],
+        "saved_activations": mem[label]["saved_activation_bytes"] / base["saved_activation_bytes"],
+    } for label in MODELS}
     if args.output:
         args.output.write_text(json.dumps(res, indent=2) + "\n")
     if args.json:
         json.dump(res, sys.stdout)
         print()
         return 0
-    t, mem = res["times"], res["memory"]
-    b_saved = mem["resnet50"]["saved_bytes"]
     print(f"ResNet-50 + attention, batch {args.batch_size} at {args.img_size}px, "
           f"{res['machine']['threads']} threads (ratios vs resnet50: per-round paired medians)")
-    print(f"{'module':<16}{'params':>12}{'infer ms':>10}{'ratio':>7}{'train ms':>10}{'ratio':>7}{'saved MiB':>11}{'ratio':>7}")
+    print(f"{'module':<16}{'params':>12}{'infer ms':>10}{'ratio':>7}{'train ms':>10}{'ratio':>7}{'saved MiB':>11}"
+          f"{'ratio':>7}{'act MiB':>9}{'ratio':>7}")
     for label in MODELS:
         inf, tr = t[f"{label}/inference"]["median_ms"], t[f"{label}/train_step"]["median_ms"]
-        r_inf = paired_ratio(t, f"{label}/inference", "resnet50/inference")
-        r_tr = paired_ratio(t, f"{label}/train_step", "resnet50/train_step")
-        saved = mem[label]["saved_bytes"]
-        print(f"{label:<16}{params[label]:>12,}{inf:>10.1f}{r_inf:>7.3f}{tr:>10.1f}{r_tr:>7.3f}"
-              f"{saved / 2**20:>11.1f}{saved / b_saved:>7.3f}")
+        r = res["ratios"][label]
+        print(f"{label:<16}{params[label]:>12,}{inf:>10.1f}{r['inference']:>7.3f}{tr:>10.1f}{r['train_step']:>7.3f}"
+              f"{mem[label]['saved_bytes'] / 2**20:>11.1f}{r['saved']:>7.3f}"
+              f"{mem[label]['saved_activation_bytes'] / 2**20:>9.1f}{r['saved_activations']:>7.3f}")
+    print("(saved: every storage autograd keeps, weights included; act: without the model's parameters and buffers)")
     return 0
 
 

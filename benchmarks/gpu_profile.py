@@ -8,6 +8,7 @@ Prints a short summary; writes the profiler tables to DIR (default: the current 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -124,16 +125,22 @@ def graphed_steps() -> None:
             print(f"{name}: CUDA graph capture failed: {type(e).__name__}: {e}")
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        # Every measurement here is of CUDA kernels and streams: nothing to fall back to.
+        print("gpu_profile.py: no CUDA device is available (torch.cuda.is_available() is false); "
+              "run it on a GPU machine", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     layer_costs()
     step_profile(args.out)
     graphed_steps()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

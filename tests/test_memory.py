@@ -24,3 +24,16 @@ def test_saved_bytes_count_each_storage_once():
     out = saved_tensor_bytes(lambda: (x * x).sum())  # mul saves x twice: one storage
     assert out["tensors"] == 2 and out["storages"] == 1
     assert out["bytes"] == x.numel() * x.element_size()
+
+
+def test_saved_bytes_without_the_excluded_storages():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    out = saved_tensor_bytes(lambda: torch.relu(lin(x)).sum(), exclude=list(lin.parameters()))
+    weight = lin.weight.numel() * lin.weight.element_size()
+    # linear saves x and the weight (as a view), relu its output; the weight is the model's
+    assert out["bytes"] - out["activation_bytes"] == weight
+    assert out["activation_bytes"] == (8 * 64 + 8 * 32) * 4
+    assert saved_tensor_bytes(lambda: lin(x).sum())["activation_bytes"] == \
+        saved_tensor_bytes(lambda: lin(x).sum())["bytes"]  # nothing excluded: the same
+

@@ -1,9 +1,13 @@
 """Parameter and FLOP counts of models.
 
 FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matrix
-multiplications and convolutions only. Like thop (the counter behind the paper's 2.76e-3
-GFLOPs), it sees none of SA's element-wise work (SA-NET.md section 2), so SA adds 0 FLOPs
-there; :func:`sa_elementwise_flops` gives a separate estimate of that work.
+multiplications and convolutions only: it sees none of SA's work (pooling, GroupNorm,
+sigmoid, products), so SA adds 0 FLOPs here; :func:`sa_elementwise_flops` gives a separate
+estimate of that work. thop, the hook-based counter behind the paper's 2.76e-3 GFLOPs
+(SA-NET.md section 2), counts per module type: of SA's modules it counts only the channel
+branch's ``nn.AdaptiveAvgPool2d``, (HW + 1) per pooled value, i.e. C/2 * (HW + 1) per layer
+and image (2.767 M for SA-ResNet-50 at 224x224: the paper's figure), and nothing for
+``nn.GroupNorm``, ``nn.Sigmoid`` or the functional affine and products.
 """
 from __future__ import annotations
 

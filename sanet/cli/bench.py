@@ -7,12 +7,24 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from .common import add_json_flag, print_json
+from ..errors import SanetError
+from .common import add_json_flag, check_model_name, print_json
 
 DEFAULT_SHAPES = ["8x256x56x56", "8x1024x14x14"]
 MIB = 2 ** 20
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp16": "float16",
           "bf16": "bfloat16"}
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: an int >= 1 (0 rounds would leave nothing to take a median of)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_parser(sub, name: str) -> argparse.ArgumentParser:
@@ -27,15 +39,16 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                    help=f"layer input shapes (default: {' '.join(DEFAULT_SHAPES)}); 3-D/5-D shapes work too")
     p.add_argument("--impls", nargs="*", default=["reference", "torch", "fused"],
                    help="layer implementations to time (default: reference torch fused)")
-    p.add_argument("--rounds", type=int, default=30, help="timing rounds per layer shape (default 30)")
-    p.add_argument("--model", default="sa_resnet50", help="SA model for the model table (default sa_resnet50)")
+    p.add_argument("--rounds", type=_at_least_one, default=30, help="timing rounds per layer shape (default 30)")
+    p.add_argument("--model", default="sa_resnet50",
+                   help="SA model for the model table, an sa_* model (default sa_resnet50)")
     p.add_argument("--baseline", default="resnet50", help="plain model to compare with (default resnet50)")
-    p.add_argument("--batch-size", type=int, default=8, help="model batch size (default 8)")
-    p.add_argument("--img-size", type=int, default=224, help="model input size (default 224)")
-    p.add_argument("--model-rounds", type=int, default=7, help="timing rounds for models (default 7)")
+    p.add_argument("--batch-size", type=_at_least_one, default=8, help="model batch size (default 8)")
+    p.add_argument("--img-size", type=_at_least_one, default=224, help="model input size (default 224)")
+    p.add_argument("--model-rounds", type=_at_least_one, default=7, help="timing rounds for models (default 7)")
     p.add_argument("--skip-layers", action="store_true", help="only the model table")
     p.add_argument("--skip-models", action="store_true", help="only the layer table")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--threads", type=_at_least_one, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="layers: input and parameters in this dtype; models: forward passes under "
@@ -55,90 +68,162 @@ def _shape(text: str) -> List[int]:
     return dims
 
 
-def _layer_text(res: Dict) -> List[str]:
+def layer_ratios(res: Dict) -> Dict[str, Dict[str, object]]:
+    """Per impl: speed-up over the authors' formulation (forward, forward+backward; None
+    without a reference row) and forward time over ``x.clone()``'s, as per-round paired
+    medians. The text table prints these; the JSON keeps them as ``ratios``."""
+    from sanet.analysis.bench import paired_ratio
+
+    t = res["times"]
+    has_ref = "reference/fwd" in t
+    return {impl: {"fwd_x_ref": paired_ratio(t, "reference/fwd", f"{impl}/fwd") if has_ref else None,
+                   "fwd_bwd_x_ref": paired_ratio(t, "reference/fwd+bwd", f"{impl}/fwd+bwd") if has_ref else None,
+                   "fwd_over_clone": paired_ratio(t, f"{impl}/fwd", "clone")}
+            for impl in res["memory"]}
+
+
+def model_ratios(res: Dict, baseline: str) -> Dict[str, Dict[str, float]]:
+    """Per model, against ``baseline``: inference and training-step time (per-round paired
+    medians), saved-for-backward bytes (all, and activations only) and peak bytes."""
     from sanet.analysis.bench import paired_ratio
 
     t, mem = res["times"], res["memory"]
-    has_ref = "reference/fwd" in t
+    b = mem[baseline]
+    return {label: {"inference": paired_ratio(t, f"{label}/inference", f"{baseline}/inference"),
+                    "train_step": paired_ratio(t, f"{label}/train_step", f"{baseline}/train_step"),
+                    "saved": m["saved_bytes"] / b["saved_bytes"],
+                    "saved_activations": m["saved_activation_bytes"] / b["saved_activation_bytes"],
+                    "peak": m["peak_train_step_bytes"] / b["peak_train_step_bytes"]}
+            for label, m in mem.items()}
+
+
+def _x(r) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _layer_text(res: Dict) -> List[str]:
+    t, mem, ratios = res["times"], res["memory"], res["ratios"]
     lines = [f"SA layer {'x'.join(map(str, res['shape']))}, G={res['groups']}, {res['dtype']} "
              f"(x.clone(): {t['clone']['median_ms']:.3f} ms; ratios are per-round paired medians)",
              f"  {'impl':<11}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x ref':>11}{'f+b x ref':>11}"
              f"{'fwd/clone':>11}{'saved MiB':>11}{'peak MiB':>10}"]
     for impl in mem:
         f, fb = t[f"{impl}/fwd"]["median_ms"], t[f"{impl}/fwd+bwd"]["median_ms"]
-        sp = f"{paired_ratio(t, 'reference/fwd', f'{impl}/fwd'):.2f}x" if has_ref else "-"
-        spb = f"{paired_ratio(t, 'reference/fwd+bwd', f'{impl}/fwd+bwd'):.2f}x" if has_ref else "-"
-        lines.append(f"  {impl:<11}{f:>9.3f}{fb:>12.3f}{sp:>11}{spb:>11}"
-                     f"{paired_ratio(t, f'{impl}/fwd', 'clone'):>10.2f}x"
+        r = ratios[impl]
+        lines.append(f"  {impl:<11}{f:>9.3f}{fb:>12.3f}{_x(r['fwd_x_ref']):>11}{_x(r['fwd_bwd_x_ref']):>11}"
+                     f"{_x(r['fwd_over_clone']):>11}"
                      f"{mem[impl]['saved_bytes'] / MIB:>11.1f}{mem[impl]['peak_fwd_bwd_bytes'] / MIB:>10.1f}")
     return lines
 
 
 def _model_text(res: Dict, baseline: str) -> List[str]:
-    from sanet.analysis.bench import paired_ratio
-
-    t, mem = res["times"], res["memory"]
-    b_saved, b_peak = mem[baseline]["saved_bytes"], mem[baseline]["peak_train_step_bytes"]
+    t, mem, ratios = res["times"], res["memory"], res["ratios"]
     amp = f", autocast {res['amp'].replace('torch.', '')}" if res["amp"] else ""
     lines = [f"Models, batch {res['batch_size']} at {res['img_size']}px{amp} (ratios vs {baseline}; "
-             "time ratios are per-round paired medians)",
-             f"  {'model':<24}{'infer ms':>10}{'ratio':>7}{'train ms':>10}{'ratio':>7}"
-             f"{'saved MiB':>11}{'ratio':>7}{'peak MiB':>10}{'ratio':>7}"]
+             "time ratios are per-round paired medians; saved = all bytes autograd keeps, "
+             "weights included; act = without the model's parameters and buffers)",
+             f"  {'model':<26}{'infer ms':>10}{'ratio':>7}{'train ms':>10}{'ratio':>7}"
+             f"{'saved MiB':>11}{'ratio':>7}{'act MiB':>9}{'ratio':>7}{'peak MiB':>10}{'ratio':>7}"]
     for label, m in mem.items():
         inf, tr = t[f"{label}/inference"]["median_ms"], t[f"{label}/train_step"]["median_ms"]
-        r_inf = paired_ratio(t, f"{label}/inference", f"{baseline}/inference")
-        r_tr = paired_ratio(t, f"{label}/train_step", f"{baseline}/train_step")
-        lines.append(f"  {label:<24}{inf:>10.1f}{r_inf:>7.3f}{tr:>10.1f}{r_tr:>7.3f}"
-                     f"{m['saved_bytes'] / MIB:>11.1f}{m['saved_bytes'] / b_saved:>7.3f}"
-                     f"{m['peak_train_step_bytes'] / MIB:>10.1f}{m['peak_train_step_bytes'] / b_peak:>7.3f}")
+        r = ratios[label]
+        lines.append(f"  {label:<26}{inf:>10.1f}{r['inference']:>7.3f}{tr:>10.1f}{r['train_step']:>7.3f}"
+                     f"{m['saved_bytes'] / MIB:>11.1f}{r['saved']:>7.3f}"
+                     f"{m['saved_activation_bytes'] / MIB:>9.1f}{r['saved_activations']:>7.3f}"
+                     f"{m['peak_train_step_bytes'] / MIB:>10.1f}{r['peak']:>7.3f}")
+    for label, why in res.get("dropped", {}).items():
+        lines.append(f"  ({label}: not run: {why})")
     return lines
+
+
+def _check_models(args: argparse.Namespace) -> None:
+    """--model must be an SA model (its rows are the fused and the reference SA), --baseline
+    any timm model other than it."""
+    from sanet.models import SA_MODELS
+
+    check_model_name(args.baseline)
+    check_model_name(args.model)
+    if args.model.split(".")[0] not in SA_MODELS:  # a pretrained tag (.authors_in1k) is fine
+        raise ValueError(f"--model {args.model!r} is not an SA model (the table runs it with the fused "
+                         f"and the reference SA); SA models: {', '.join(SA_MODELS)}. "
+                         "Any timm model works as --baseline.")
+    if args.model == args.baseline:
+        raise ValueError(f"--model and --baseline are both {args.model!r}; compare two different models")
+
+
+def _json_args(args: argparse.Namespace) -> Dict[str, object]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")}
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from sanet.analysis.bench import layer_bench, machine_info, model_bench
+    from sanet.analysis.bench import layer_bench, machine_info, model_bench, run_info
     from sanet.ops import fused_sa_supported
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SanetError("--device cuda: no CUDA device is available (use --device cpu)")
+    if not args.skip_models:
+        _check_models(args)
+    shapes = [_shape(s) for s in args.shapes]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
-    shapes = [_shape(s) for s in args.shapes]
-    result: Dict = {"machine": machine_info(device), "layers": [], "models": None}
-    quiet = args.json
+    # The models take this dtype too (autocast), so SA inside them has a kernel exactly when
+    # a layer in this dtype has one.
+    fused_ok = fused_sa_supported(torch.empty(1, 2, 1, device=device, dtype=dtype))
+    why = f"no fused SA kernel for {device.type} {DTYPES[args.dtype]}"
+    notes: List[str] = []
     impls = list(args.impls)
-    if "fused" in impls and not fused_sa_supported(torch.empty(1, 2, 1, device=device, dtype=dtype)):
+    if not args.skip_layers and "fused" in impls and not fused_ok:
         impls.remove("fused")
-        print(f"sanet bench: no fused kernel for {device.type} {args.dtype}; timing {', '.join(impls)} only",
-              file=sys.stderr)
+        notes.append(f"{why}: layers timed with {', '.join(impls) or 'x.clone() only'}")
+    dropped: Dict[str, str] = {}
+    if not args.skip_models and not fused_ok:
+        # impl="auto" would run the authors' formulation there: a second [reference] row
+        # under the fused default's name.
+        dropped[args.model] = (f"{why}; with sa_impl='auto' it would run the authors' formulation, "
+                               f"as the {args.model}[reference] row does")
+        notes.append(f"{why}: model table without the fused {args.model} row")
+    for note in notes:
+        print(f"sanet bench: {note}", file=sys.stderr)
+    result: Dict = {"args": _json_args(args), "run": run_info(), "machine": machine_info(device),
+                    "fused_kernel_available": fused_ok, "notes": notes, "layers": [], "models": None}
+    quiet = args.json
     if not args.skip_layers:
         for shape in shapes:
             bar = tqdm(total=args.rounds, desc=f"layer {'x'.join(map(str, shape))}", disable=quiet, leave=False)
-            result["layers"].append(layer_bench(shape, impls, rounds=args.rounds, device=device,
-                                                progress=lambda _: bar.update(), dtype=dtype))
+            res = layer_bench(shape, impls, rounds=args.rounds, device=device,
+                              progress=lambda _: bar.update(), dtype=dtype)
             bar.close()
+            res["ratios"] = layer_ratios(res)
+            result["layers"].append(res)
     if not args.skip_models:
-        specs = {
-            args.baseline: {"model": args.baseline},
-            args.model: {"model": args.model},
-            f"{args.model}[reference]": {"model": args.model, "sa_impl": "reference"},
-        }
+        specs = {args.baseline: {"model": args.baseline}}
+        if args.model not in dropped:
+            specs[args.model] = {"model": args.model}
+        specs[f"{args.model}[reference]"] = {"model": args.model, "sa_impl": "reference"}
         bar = tqdm(total=args.model_rounds, desc="models", disable=quiet, leave=False)
-        result["models"] = model_bench(specs, batch_size=args.batch_size, img_size=args.img_size, rounds=args.model_rounds,
-                                       device=device, progress=lambda _: bar.update(),
-                                       amp=None if dtype == torch.float32 else dtype)
+        res = model_bench(specs, batch_size=args.batch_size, img_size=args.img_size, rounds=args.model_rounds,
+                          device=device, progress=lambda _: bar.update(),
+                          amp=None if dtype == torch.float32 else dtype)
         bar.close()
+        res["baseline"] = args.baseline
+        res["dropped"] = dropped
+        res["ratios"] = model_ratios(res, args.baseline)
+        result["models"] = res
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print_json(result)
         return 0
-    m = result["machine"]
-    print(f"{m['processor']}, {m['cpu_count']} CPUs, {m['threads']} torch threads, "
+    m, r = result["machine"], result["run"]
+    commit = f", commit {r['git_commit']}{'+changes' if r['git_dirty'] else ''}" if r["git_commit"] else ""
+    print(f"{m['cpu_model'] or m['processor']}, {m['cpu_count']} CPUs, {m['threads']} torch threads, "
           f"{m['cpu_capability']}, torch {m['torch']}, device {m['device']}"
-          + (f" ({m['gpu']})" if "gpu" in m else "") + f", {args.dtype}")
+          + (f" ({m['gpu']})" if "gpu" in m else "") + f", {args.dtype}; sanet {r['sanet']}{commit}")
     for res in result["layers"]:
         print("\n".join(_layer_text(res)))
     if result["models"]:
