@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import sanet
-from sanet.ops import load_cpu_ext
+from sanet.ops import bn_shuffle_attention, load_cpu_ext
 
 
 def require_cpu_ext() -> None:
@@ -95,3 +95,19 @@ def fused_and_fp64(mode: str, bn: nn.Module, sa: nn.Module, x: torch.Tensor, g: 
     names = ["out", "input", *(n for n, _ in sa.named_parameters()), "bn.weight", "bn.bias"]
     return {name: (fused, ref64) for name, fused, ref64 in zip(names, *results)}
 
+
+def run_bn_sa(bn, sa, ref_bn, ref_sa, x, sc, relu, gen):
+    """``bn_shuffle_attention`` (fused) and BatchNorm then SA (the reference modules) on the same
+    input: each one's (output, gradients of input, shortcut when ``relu``, SA and BN parameters)."""
+    xf = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    scf = sc.clone().requires_grad_(True) if relu else None
+    scr = sc.clone().requires_grad_(True) if relu else None
+    y = bn_shuffle_attention(xf, bn, sa, scf, relu=relu)
+    y_ref = ref_sa(ref_bn(xr))
+    if relu:
+        y_ref = torch.relu(y_ref + scr)
+    g = torch.randn(y.shape, generator=gen, dtype=x.dtype)
+    fused_in = [xf] + ([scf] if relu else []) + list(sa.parameters()) + list(bn.parameters())
+    ref_in = [xr] + ([scr] if relu else []) + list(ref_sa.parameters()) + list(ref_bn.parameters())
+    return (y, grads(y, fused_in, g)), (y_ref, grads(y_ref, ref_in, g))

@@ -54,7 +54,7 @@ class AuthorsSA(nn.Module):
         return out.reshape(b, -1, h, w)
 
 
-def authors_sa_nd(x: Tensor, p: Dict[str, Tensor], groups: int) -> Tensor:
+def authors_sa_nd(x: Tensor, p: Dict[str, Tensor], groups: int, eps: float = 1e-5) -> Tensor:
     """The same steps for any number of spatial dims (1-D, 2-D, 3-D): the average pool
     becomes a mean over all spatial dims and GroupNorm(c, c) is rank-agnostic."""
     b, ch, spatial = x.shape[0], x.shape[1], x.shape[2:]
@@ -65,7 +65,7 @@ def authors_sa_nd(x: Tensor, p: Dict[str, Tensor], groups: int) -> Tensor:
     x_0, x_1 = xg.chunk(2, dim=1)
     xn = p["cweight"].reshape(bcast) * x_0.mean(dims, keepdim=True) + p["cbias"].reshape(bcast)
     xn = x_0 * torch.sigmoid(xn)
-    xs = F.group_norm(x_1, c, p["gn.weight"], p["gn.bias"], 1e-5)
+    xs = F.group_norm(x_1, c, p["gn.weight"], p["gn.bias"], eps)
     xs = p["sweight"].reshape(bcast) * xs + p["sbias"].reshape(bcast)
     xs = x_1 * torch.sigmoid(xs)
     out = torch.cat([xn, xs], dim=1).reshape(b, ch, *spatial)

@@ -94,7 +94,7 @@ def oracle(module, x, grad_out):
     """Float64 reference with the module's parameter values."""
     p = {n: v.detach().double().requires_grad_(True) for n, v in module.named_parameters()}
     x64 = x.detach().double().contiguous().requires_grad_(True)
-    out = authors_sa_nd(x64, p, module.groups)
+    out = authors_sa_nd(x64, p, module.groups, module.gn.eps)
     grads = torch.autograd.grad(out, [x64] + [p[n] for n in SA_PARAM_NAMES], grad_out.double())
     return out, grads
 
@@ -224,6 +224,32 @@ def test_bn_sa_tail_matches_oracle(train, relu, momentum, affine, hw, tiling):
         assert rel_err(bn_f.running_mean, bn_64.running_mean) <= 1e-6
         assert rel_err(bn_f.running_var, bn_64.running_var) <= 1e-6
         assert bn_f.num_batches_tracked.item() == (step + 1 if train else 0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("hw", [(6, 7), (33, 35)])
+def test_non_default_eps_reaches_the_kernels(train, hw):
+    """Each norm's own eps on small-variance planes, where eps changes the result: SA's
+    GroupNorm eps in the layer, and BatchNorm's and SA's in the block tail."""
+    gen = torch.Generator().manual_seed(23)
+    sa = randomize_sa_(sanet.ShuffleAttention(64, 4, eps=1e-2), gen).to(DEVICE)
+    x = (torch.randn(2, 64, *hw, generator=gen) * 0.05 + 0.3).to(DEVICE)
+    g = torch.randn(x.shape, generator=gen).to(DEVICE)
+    (out, grads), (out64, grads64) = fwd_bwd(sa, x, g), oracle(sa, x, g)
+    assert rel_err(out, out64) <= 1e-5 and rel_err(grads[0], grads64[0]) <= 1e-5
+    assert_param_grads_close(grads[1:], grads64[1:])
+    bn64, sa64 = bn_sa_pair(64, 8, gen)
+    bn64.eps, sa64.gn.eps = 1e-3, 1e-4
+    with torch.no_grad():
+        bn64.weight.mul_(0.05)  # small BN outputs, so SA's eps matters too
+    bn, sa = copy.deepcopy(bn64).float(), copy.deepcopy(sa64).float()
+    bn.train(train)
+    bn64.train(train)
+    x = x * 0.6
+    y, gf = run_tail(bn, sa, x, x.flip(0), False, g, True)
+    y64, g64 = run_tail(bn64, sa64, x.double(), x.flip(0).double(), False, g, False)
+    assert rel_err(y, y64) <= 1e-5
+    assert rel_err(torch.cat([a.flatten() for a in gf]), torch.cat([b.flatten() for b in g64])) <= 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
