@@ -19,7 +19,8 @@ import torch
 
 from pathlib import Path
 
-from sanet.analysis.bench import machine_info, model_bench, paired_ratio, run_info
+from sanet.analysis.bench import machine_info, model_bench, model_ratios, run_info
+from sanet.checkpoint import write_json_atomic
 
 MODELS = {
     "resnet50": {"model": "resnet50"},
@@ -59,16 +60,10 @@ def main() -> int:
     res["run"] = run_info()
     res["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     t, mem = res["times"], res["memory"]
-    base = mem["resnet50"]
     # The same paired ratios the table prints, so that a result file holds them too.
-    res["ratios"] = {label: {
-        "inference": paired_ratio(t, f"{label}/inference", "resnet50/inference"),
-        "train_step": paired_ratio(t, f"{label}/train_step", "resnet50/train_step"),
-        "saved": mem[label]["saved_bytes"] / base["saved_bytes"],
-        "saved_activations": mem[label]["saved_activation_bytes"] / base["saved_activation_bytes"],
-    } for label in MODELS}
+    res["ratios"] = model_ratios(res, "resnet50")
     if args.output:
-        args.output.write_text(json.dumps(res, indent=2) + "\n")
+        write_json_atomic(res, args.output)
     if args.json:
         json.dump(res, sys.stdout)
         print()

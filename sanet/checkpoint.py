@@ -222,13 +222,28 @@ def state_dict_from(obj: Any, path: PathLike) -> Dict[str, Tensor]:
 
 
 def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load weights from ``path`` into ``model`` strictly (clear error listing mismatches)."""
+    """Load weights from ``path`` into ``model`` strictly (clear error listing mismatches).
+
+    ``model`` may be wrapped (DataParallel/DDP, ``torch.compile``): the weights go into the
+    module inside, whose names the file's keys carry once the wrappers' prefixes are stripped."""
     from .models.checkpoint_filter import check_state_dict
 
-    state_dict = load_state_dict_file(path)
-    check_state_dict(state_dict, model, source=str(path))
-    model.load_state_dict(state_dict)
+    inner = _unwrap(model)
+    inner.load_state_dict(check_state_dict(load_state_dict_file(path), inner, source=str(path)))
     return model
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under DataParallel/DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def model_card(model_name: str, source: PathLike, out: PathLike, num_params: int) -> Dict[str, Any]:

@@ -147,6 +147,15 @@ def test_zero_is_a_usage_error(capsys, flag):
     assert code == 2 and f"argument {flag}: must be >= 1, got 0" in err
 
 
+def test_unknown_impl_is_a_usage_error_naming_the_valid_ones(capsys):
+    from sanet.cli.bench import SA_LAYER_IMPLS
+    from sanet.layers import SA_IMPLS
+
+    assert set(SA_LAYER_IMPLS) == set(SA_IMPLS)
+    code, _, err = run_cli(capsys, "bench", "--impls", "refrence", "--skip-models")
+    assert code == 2 and "argument --impls: invalid choice: 'refrence'" in err and "'fused'" in err
+
+
 def test_cuda_without_a_device_is_a_clean_error(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = run_cli(capsys, "bench", "--device", "cuda", "--skip-layers")

@@ -122,6 +122,37 @@ def test_compiled_and_ddp_state_dicts_load(seven, tmp_path, wrap):
     assert same_weights(load_pretrained(path), sd)
 
 
+@pytest.mark.parametrize("wrapper", ["compile", "dataparallel", "dataparallel_of_compiled"])
+def test_weights_load_into_a_wrapped_model(seven, tmp_path, wrapper):
+    """load_weights(wrapped model, file): a plain file, and the file that wrapped model saves."""
+    wraps = {"compile": torch.compile, "dataparallel": nn.DataParallel,
+             "dataparallel_of_compiled": lambda m: nn.DataParallel(torch.compile(m))}
+    sd, path = seven
+    model = wraps[wrapper](timm.create_model(NAME, num_classes=7))
+    assert load_weights(model, path) is model
+    inner = model.module if isinstance(model, nn.DataParallel) else model
+    assert same_weights(getattr(inner, "_orig_mod", inner), sd)
+    torch.save(model.state_dict(), tmp_path / "own.pt")  # keys with the wrappers' prefixes
+    again = wraps[wrapper](timm.create_model(NAME, num_classes=7))
+    load_weights(again, tmp_path / "own.pt")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+def test_files_without_batchnorm_step_counters_load(seven, tmp_path):
+    """Old PyTorch versions and some converters write no num_batches_tracked; nn.BatchNorm
+    loads such files, and so do our strict loaders (the counters start at 0)."""
+    sd, _ = seven
+    path = tmp_path / "no_counters.pt"
+    torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, path)
+    for model in (load_weights(timm.create_model(NAME, num_classes=7), path), load_pretrained(path)):
+        assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items()
+                   if not k.endswith("num_batches_tracked"))
+        assert all(v.item() == 0 for k, v in model.state_dict().items() if k.endswith("num_batches_tracked"))
+    del_other = {k: v for k, v in sd.items() if k != "bn1.running_var"}  # other buffers stay required
+    torch.save(del_other, path)
+    assert "bn1.running_var" in mismatch(timm.create_model(NAME, num_classes=7), path)
+
+
 def test_strip_prefix_only_where_every_key_has_it():
     t = torch.zeros(1)
     assert strip_prefix({"_orig_mod.a": t, "b": t}) == {"_orig_mod.a": t, "b": t}

@@ -180,3 +180,13 @@ def test_info_accepts_pretrained_tags_and_other_timm_models(capsys):
     code, out, _ = run_cli(capsys, "info", "resnet18", "--json")
     info = json.loads(out)
     assert code == 0 and info["sa_params"] == 0 and "weights" not in info
+
+
+@pytest.mark.parametrize("argv", [("info", "sa_resnet50.foo", "--json"),
+                                  ("convert", "a.pth", "b.safetensors", "--model", "sa_resnet50.foo")])
+def test_unknown_pretrained_tag_names_the_valid_ones(capsys, argv):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and "sa_resnet50 has no pretrained tag 'foo'" in err and "sa_resnet50.authors_in1k" in err
+    assert "Traceback" not in err
+    if "--json" in argv:
+        assert json.loads(out)["command"] == "info"

@@ -226,6 +226,29 @@ def test_bn_sa_tail_matches_oracle(train, relu, momentum, affine, hw, tiling):
         assert bn_f.num_batches_tracked.item() == (step + 1 if train else 0)
 
 
+def test_bad_op_arguments_are_refused_before_a_launch():
+    """The Triton launchers check what the C++ kernel checks: a wrong size would be read or
+    written out of bounds on the GPU."""
+    if not triton_active():
+        pytest.skip("the C++ kernel checks its arguments in C++")
+    x = torch.randn(2, 24, 3, 3, device=DEVICE)
+    p = [torch.randn(3, device=DEVICE) for _ in range(6)]
+
+    def op(shortcut, params, groups, bn_mean=None, bn_var=None):
+        return torch.ops.sanet.sa_forward(x, shortcut, *params, groups, 1e-5, None, None, bn_mean, bn_var,
+                                          False, 1e-5, False)
+
+    with pytest.raises(ValueError, match=r"valid groups for 24 channels: \[1, 2, 3, 4, 6, 12\]"):
+        op(None, p, 5)
+    with pytest.raises(ValueError, match="gn_bias must hold C / \\(2 \\* groups\\) = 24 / \\(2 \\* 4\\) = 3"):
+        op(None, p[:5] + [torch.zeros(4, device=DEVICE)], 4)
+    with pytest.raises(ValueError, match="shortcut must have x's shape"):
+        op(x[:1], p, 4)
+    with pytest.raises(ValueError, match=r"bn_mean must hold one value per channel \(24\)"):
+        op(None, p, 4, torch.zeros(23, device=DEVICE), torch.ones(24, device=DEVICE))
+    assert op(None, p, 4)[0].shape == x.shape
+
+
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("hw", [(6, 7), (33, 35)])
 def test_non_default_eps_reaches_the_kernels(train, hw):

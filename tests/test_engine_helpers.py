@@ -1,10 +1,9 @@
 """Unit tests of small engine pieces: parameter groups, lr scaling, plain checkpoint data,
-class maps, worker errors, RNG state, skipped micro-batches."""
+class maps, worker errors, skipped micro-batches, too few images for a batch."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -71,18 +70,6 @@ def test_worker_error_message_is_cleaned():
     assert clean_worker_error(ValueError("plain")) == "plain"
 
 
-def test_rng_state_roundtrip_through_weights_only(tmp_path):
-    import random
-
-    from sanet.engine.state import rng_state, set_rng_state
-
-    torch.save(rng_state(), tmp_path / "rng.pt")
-    first = (torch.rand(3), np.random.rand(3), random.random())
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    again = (torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
-
-
 def test_a_group_with_skipped_micro_batches_averages_over_the_used_ones():
     """Each backward divides by the full group size; when micro-batches were skipped (all
     unreadable), the step must see the mean over the ones used, as a group of that size."""
@@ -104,3 +91,14 @@ def test_a_group_with_skipped_micro_batches_averages_over_the_used_ones():
     for p, w, g in zip(model.parameters(), want, got):
         torch.testing.assert_close(p.grad, w)
         assert not torch.allclose(g, w)
+
+
+def test_too_few_images_for_a_batch_suggest_only_valid_fixes():
+    from sanet.engine.data import build_train_loader
+    from sanet.engine.distributed import DistContext
+
+    with pytest.raises(ValueError, match=r"Use --batch-size 2 or less"):  # 3 images over 2 processes
+        build_train_loader(list(range(3)), 4, workers=0, ctx=DistContext(world_size=2), seed=0)
+    with pytest.raises(ValueError, match=r"1 training image\(s\) for 1 process\(es\).*at least 2") as info:
+        build_train_loader([0], 2, workers=0, ctx=DistContext(), seed=0)
+    assert "--batch-size" not in str(info.value)  # 1 is below the minimum batch size

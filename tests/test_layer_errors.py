@@ -190,3 +190,17 @@ def test_parameters_on_another_device_fused_names_tensor_and_devices(moved, name
     with pytest.raises(sanet.SanetError, match=expect):  # the registered op itself
         torch.ops.sanet.sa_forward(x, None, *params, 2, 1e-5, None, None, None, None, False, 1e-5, False)
     assert fused_sa_supported(x, *(torch.zeros_like(p, device="cpu") for p in params))
+
+
+def test_fused_functional_form_checks_groups_and_parameter_sizes():
+    require_fused("fused")
+    from sanet.ops import shuffle_attention_fused
+
+    x = torch.randn(2, 24, 3, 3)
+    p = [torch.randn(1, 3, 1, 1) for _ in range(4)] + [torch.randn(3), torch.randn(3)]  # 24 / (2 * 4) = 3 each
+    with pytest.raises(ValueError, match=r"valid groups for 24 channels: \[1, 2, 3, 4, 6, 12\]"):
+        shuffle_attention_fused(x, *p, 5)
+    with pytest.raises(ValueError, match=r"sbias must hold C / \(2 \* groups\) = 24 / \(2 \* 4\) = 3 values"):
+        shuffle_attention_fused(x, *p[:3], torch.zeros(4), *p[4:], 4)
+    ref = sanet.layers.shuffle_attention_reference(x, *p, 4)
+    assert torch.allclose(shuffle_attention_fused(x, *p, 4), ref, atol=1e-5)

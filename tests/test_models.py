@@ -200,6 +200,21 @@ def test_sa_groups_that_do_not_fit_name_the_model_and_the_valid_choices(name):
     assert {m.groups for m in sa_layers(create(name, device="meta", sa_groups=valid[-1]))} == {valid[-1]}
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if SA_MODELS[n].get("fit_groups")])
+def test_fitted_models_say_when_sa_groups_fits_no_layer(name, recwarn):
+    """sa_groups=3 can split no even power-of-two width: every layer falls back (to 2), which
+    a warning says, with the G that fit all layers; a G that some layer uses stays quiet."""
+    model = create(name, device="meta", sa_groups=3)
+    widths = [m.channels for m in sa_layers(model)]
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and messages[0].startswith(f"{name}: sa_groups=3 fits none of its SA layers")
+    assert f"not above it: {', '.join(str(sanet.fit_sa_groups(c, 3)) for c in sorted(set(widths)))}" in messages[0]
+    recwarn.clear()
+    create(name, device="meta", sa_groups=32)
+    create(name, device="meta")
+    assert not [w for w in recwarn if "fits none" in str(w.message)]
+
+
 @pytest.mark.parametrize("attn", [None, "se", "eca"])
 def test_another_attention_layer_is_refused_not_replaced(attn):
     """block_args attn_layer used to be overwritten: a model asked for without (or with SE)

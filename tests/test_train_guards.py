@@ -65,6 +65,11 @@ def test_bad_model_kwargs_are_user_errors(capsys, tmp_path, data):
     assert code == 2 and "does not accept" in err  # the group-count probe of the file, too
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "b", "--model-kwargs", "in_chans=1"))
     assert code == 2 and "RGB" in err
+    for kwarg, hint in (("num_classes=5", "class folders"), ("drop_path_rate=0.1", "--drop-path"),
+                        ("pretrained=True", "--pretrained-file"), ("features_only=True", "classifier")):
+        code, _, err = run_cli(capsys, train_argv(data, tmp_path / "d", "--model-kwargs", kwarg))
+        assert code == 2 and f"may not set {kwarg.split('=')[0]}" in err and hint in err, err
+        assert not (tmp_path / "d").exists()  # refused before the output is made
     with pytest.raises(SystemExit) as info:  # a usage error, as argparse reports them
         run_cli(capsys, train_argv(data, tmp_path / "c", "--model-kwargs", "sa_groups", "--json"))
     out, err = capsys.readouterr()

@@ -136,7 +136,7 @@ def test_each_epoch_has_its_own_order_and_augmentation_and_reruns_repeat_them(da
     train, _ = open_train_val(data)
     cfg = dict(input_size=(3, 16, 16), interpolation="bilinear", crop_pct=0.875,
                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    train.transform = build_transform(cfg, True)
+    train.transform = build_transform(cfg, is_training=True)
     loader = build_train_loader(train, 4, workers=0, ctx=DistContext(), seed=3)
     e0, e1, e0_again = (_epoch_batches(loader, e, 3) for e in (0, 1, 0))
     assert [t.tolist() for _, t in e0] != [t.tolist() for _, t in e1]  # another order

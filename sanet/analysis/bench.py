@@ -23,7 +23,7 @@ from torch import nn
 
 from .memory import PeakMemoryTracker, saved_tensor_bytes
 
-__all__ = ["time_interleaved", "paired_ratio", "layer_bench", "model_bench", "machine_info", "run_info",
+__all__ = ["time_interleaved", "paired_ratio", "model_ratios", "layer_bench", "model_bench", "machine_info", "run_info",
            "make_sa_layers"]
 
 
@@ -273,3 +273,16 @@ def model_bench(names: Dict[str, Dict[str, object]], *, batch_size: int = 8, img
                          "peak_train_step_bytes": _peak_bytes(train_step(m, opts[label]))}
     return {"batch_size": batch_size, "img_size": img_size, "amp": None if amp is None else str(amp),
             "times": times, "memory": memory}
+
+
+def model_ratios(res: Dict, baseline: str) -> Dict[str, Dict[str, float]]:
+    """Per model, against ``baseline``: inference and training-step time (per-round paired
+    medians), saved-for-backward bytes (all, and activations only) and peak bytes."""
+    t, mem = res["times"], res["memory"]
+    b = mem[baseline]
+    return {label: {"inference": paired_ratio(t, f"{label}/inference", f"{baseline}/inference"),
+                    "train_step": paired_ratio(t, f"{label}/train_step", f"{baseline}/train_step"),
+                    "saved": m["saved_bytes"] / b["saved_bytes"],
+                    "saved_activations": m["saved_activation_bytes"] / b["saved_activation_bytes"],
+                    "peak": m["peak_train_step_bytes"] / b["peak_train_step_bytes"]}
+            for label, m in mem.items()}

@@ -1,5 +1,6 @@
 """The ``sanet`` command. Each subcommand lives in its own module with two functions:
-``add_parser(subparsers)`` (arguments and help) and ``run(args) -> int``.
+``add_parser(subparsers, name)`` (its arguments and help, as subcommand ``name``) and
+``run(args) -> int``.
 """
 from __future__ import annotations
 

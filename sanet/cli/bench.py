@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -27,6 +26,11 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+#: ShuffleAttention's impl values (sanet.layers.SA_IMPLS; not imported here, so that building
+#: the parser for ``sanet --help`` imports no torch).
+SA_LAYER_IMPLS = ("reference", "torch", "fused", "auto")
+
+
 def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name, help="benchmark SA layers and SA-ResNet-50 (ratios, memory)",
@@ -37,7 +41,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                     "interleaved in one process; ratios are per-round paired medians (see docs/benchmarks.md).")
     p.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, metavar="NxCxHxW",
                    help=f"layer input shapes (default: {' '.join(DEFAULT_SHAPES)}); 3-D/5-D shapes work too")
-    p.add_argument("--impls", nargs="*", default=["reference", "torch", "fused"],
+    p.add_argument("--impls", nargs="*", default=["reference", "torch", "fused"], choices=SA_LAYER_IMPLS,
                    help="layer implementations to time (default: reference torch fused)")
     p.add_argument("--rounds", type=_at_least_one, default=30, help="timing rounds per layer shape (default 30)")
     p.add_argument("--model", default="sa_resnet50",
@@ -80,21 +84,6 @@ def layer_ratios(res: Dict) -> Dict[str, Dict[str, object]]:
                    "fwd_bwd_x_ref": paired_ratio(t, "reference/fwd+bwd", f"{impl}/fwd+bwd") if has_ref else None,
                    "fwd_over_clone": paired_ratio(t, f"{impl}/fwd", "clone")}
             for impl in res["memory"]}
-
-
-def model_ratios(res: Dict, baseline: str) -> Dict[str, Dict[str, float]]:
-    """Per model, against ``baseline``: inference and training-step time (per-round paired
-    medians), saved-for-backward bytes (all, and activations only) and peak bytes."""
-    from sanet.analysis.bench import paired_ratio
-
-    t, mem = res["times"], res["memory"]
-    b = mem[baseline]
-    return {label: {"inference": paired_ratio(t, f"{label}/inference", f"{baseline}/inference"),
-                    "train_step": paired_ratio(t, f"{label}/train_step", f"{baseline}/train_step"),
-                    "saved": m["saved_bytes"] / b["saved_bytes"],
-                    "saved_activations": m["saved_activation_bytes"] / b["saved_activation_bytes"],
-                    "peak": m["peak_train_step_bytes"] / b["peak_train_step_bytes"]}
-            for label, m in mem.items()}
 
 
 def _x(r) -> str:
@@ -159,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from sanet.analysis.bench import layer_bench, machine_info, model_bench, run_info
+    from sanet.analysis.bench import layer_bench, machine_info, model_bench, model_ratios, run_info
+    from sanet.checkpoint import write_json_atomic
     from sanet.ops import fused_sa_supported
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -215,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         res["ratios"] = model_ratios(res, args.baseline)
         result["models"] = res
     if args.output:
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(result, args.output)
     if args.json:
         print_json(result)
         return 0

@@ -29,4 +29,10 @@ def check_model_name(name: str) -> str:
 
         raise ValueError(f"unknown model {name!r}; SA models: {', '.join(SA_MODELS)} "
                          "(any timm model name also works)")
+    arch, tag = timm.models.split_model_name_tag(name)
+    if tag:  # is_model ignores the tag; create_model would raise on an unknown one
+        tags = list(timm.models.get_arch_pretrained_cfgs(arch))
+        if name not in tags:
+            raise ValueError(f"{arch} has no pretrained tag {tag!r}; its names with tags: {', '.join(tags)} "
+                             f"(or {arch} alone)")
     return name

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs["in_chans"] = found["input_size"][0]
     kwargs = with_sa_groups_of(state_dict, args.model, {k: v for k, v in kwargs.items() if v is not None})
     model = timm.create_model(args.model, device="meta", **kwargs)
-    check_state_dict(state_dict, model, source=str(args.input))
+    state_dict = check_state_dict(state_dict, model, source=str(args.input))
     in_chans = found["input_size"][0] if "input_size" in found else 3
     metadata = {"model": args.model, "num_classes": str(model.num_classes), "in_chans": str(in_chans),
                 "source": args.input.name}

@@ -28,5 +28,15 @@ def run(args: argparse.Namespace) -> int:
         if status["path"]:
             print(f"  built in: {status['path']}")
         print(f"  ISA: {status['isa']}")
-        print(f"Triton CUDA kernels: {'available' if status['triton_cuda'] else 'no CUDA device'}")
+        print(f"Triton CUDA kernels: {_triton_state(status['triton_cuda'])}")
     return 0 if status["loaded"] else 1
+
+
+def _triton_state(available: bool) -> str:
+    import torch
+
+    if available:
+        return "available"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return "unavailable: Triton does not import (CUDA tensors take the PyTorch fallback)"

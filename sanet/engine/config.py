@@ -197,12 +197,28 @@ _CHECKS = (
 )
 
 
+#: create_model kwargs that --model-kwargs may not set: another option owns them, or they
+#: would load other weights (a download) or build a model without a classifier.
+_OWNED_MODEL_KWARGS = {
+    "num_classes": "the class folders of --data set it",
+    "drop_path_rate": "use --drop-path",
+    "pretrained": "use --pretrained-file FILE (nothing is downloaded)",
+    "pretrained_cfg": "use --pretrained-file FILE",
+    "pretrained_cfg_overlay": "use --pretrained-file FILE",
+    "checkpoint_path": "use --pretrained-file FILE",
+    "features_only": "sanet train trains a classifier",
+}
+
+
 def validate_train_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first invalid option and what is valid."""
     for name, ok, valid in _CHECKS:
         value = getattr(args, name)
         if not ok(value):
             raise ValueError(f"--{name.replace('_', '-')} must be {valid}, got {value}")
+    for key in args.model_kwargs or {}:
+        if key in _OWNED_MODEL_KWARGS:
+            raise ValueError(f"--model-kwargs may not set {key}: {_OWNED_MODEL_KWARGS[key]}")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ValueError(f"--mixup/--cutmix pair images within a batch: --batch-size must be even, "
                          f"got {args.batch_size}")

@@ -129,7 +129,7 @@ def collate_skip(batch: List[Optional[Tuple[Any, int]]]) -> Tuple[torch.Tensor, 
     return images, targets, skipped
 
 
-def open_image_folder(root: Path, what: str, skip_bad: bool = False, transform=None) -> SafeImageFolder:
+def open_image_folder(root: Path, what: str, *, skip_bad: bool = False, transform=None) -> SafeImageFolder:
     """One ImageFolder (``root/<class>/<image>``) or an error saying what is wrong with it."""
     root = Path(root)
     if not root.is_dir():
@@ -177,13 +177,13 @@ def open_train_val(data: Path, skip_bad: bool = False) -> Tuple[SafeImageFolder,
     if not data.is_dir():
         raise FileNotFoundError(f"--data folder not found: {data} (expected {data}/train and "
                                 f"{data}/val in ImageFolder layout)")
-    train = open_image_folder(data / "train", "training", skip_bad)
-    val = open_image_folder(data / "val", "validation", skip_bad)
+    train = open_image_folder(data / "train", "training", skip_bad=skip_bad)
+    val = open_image_folder(data / "val", "validation", skip_bad=skip_bad)
     check_same_classes(train.classes, val.classes)
     return train, val
 
 
-def build_transform(data_config: Dict[str, Any], is_training: bool,
+def build_transform(data_config: Dict[str, Any], *, is_training: bool,
                     aug: Optional[Dict[str, Any]] = None) -> Callable[[Any], torch.Tensor]:
     """timm's train (RandomResizedCrop + flip + ...) or eval (resize + center crop) transform."""
     from timm.data import create_transform
@@ -201,6 +201,10 @@ def build_train_loader(dataset, batch_size: int, *, workers: int, ctx: DistConte
                        seed: int) -> DataLoader:
     """Shuffled, sharded train loader dropping the last partial batch (BatchNorm needs > 1)."""
     per_rank = -(-len(dataset) // ctx.world_size)
+    if per_rank < 2:  # --batch-size is at least 2 (BatchNorm): no batch size fits
+        raise ValueError(
+            f"{len(dataset)} training image(s) for {ctx.world_size} process(es): every process needs at "
+            "least 2 images for a batch. Add images or run fewer processes")
     if per_rank < batch_size:
         total = batch_size * ctx.world_size
         raise ValueError(

@@ -16,19 +16,8 @@ from torch import nn
 
 from ..errors import SanetError
 
-__all__ = ["create_train_model", "unwrap_model", "LoadedModel", "load_for_inference",
+__all__ = ["create_train_model", "LoadedModel", "load_for_inference",
            "check_checkpoint_model", "imagenet_class_names"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _classifier_size(state_dict: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
@@ -276,7 +265,6 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
         model_kwargs = _checked_settings(source, data_args, run_info.get("model_kwargs") or {})
         model_kwargs = _groups_read_off(state_dict, name, model_kwargs, source)
     model = _create(name, model_kwargs, num_classes=num_classes, **model_kwargs)
-    check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file))
-    model.load_state_dict(state_dict)
+    model.load_state_dict(check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file)))
     model.eval()
     return LoadedModel(model, name, class_names, data_args)

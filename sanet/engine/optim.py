@@ -81,7 +81,7 @@ def build_mixup(*, mixup: float, cutmix: float, prob: float, switch_prob: float,
                  label_smoothing=smoothing, num_classes=num_classes)
 
 
-def build_train_loss(mixup_active: bool, smoothing: float) -> nn.Module:
+def build_train_loss(*, mixup_active: bool, smoothing: float) -> nn.Module:
     """Soft-target CE under mixup (it smooths the targets), label smoothing CE, or plain CE."""
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 

@@ -1,4 +1,4 @@
-"""Seeding, RNG state and training checkpoints (``OUT/last.pt``, ``OUT/best.pt``).
+"""Seeding and training checkpoints (``OUT/last.pt``, ``OUT/best.pt``).
 
 A checkpoint is written at every epoch boundary, atomically (``atomic_torch_save``: a kill
 mid-write leaves the previous file). It holds only tensors, plain containers, strings and
@@ -7,8 +7,11 @@ numbers, so it loads with ``torch.load(weights_only=True)``:
 ``model`` (state_dict), ``model_ema`` (state_dict or None), ``optimizer``, ``scheduler``,
 ``scaler`` (or None), ``epoch`` (epochs completed), ``updates``, ``best_top1``, ``best_epoch``,
 ``args`` (the resolved arguments as plain data), ``class_names``, ``history`` (one dict per
-epoch, what the CSV log holds), ``rng`` (torch/numpy/python states as tensors), ``arch``,
-``sanet_version``, ``torch_version``.
+epoch, what the CSV log holds), ``arch``, ``sanet_version``, ``torch_version``.
+
+``scheduler`` is a record: a resume rebuilds the schedule from the arguments and sets it to
+the epoch (it stays right when --epochs or the batch size change). No generator states are
+kept either: every epoch reseeds them from (seed, epoch, rank) (:func:`seed_epoch`).
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "seed_epoch", "rng_state", "set_rng_state", "save_training_checkpoint",
-           "restore_best_checkpoint", "load_resume_checkpoint", "optional_state"]
+__all__ = ["seed_everything", "seed_epoch", "save_training_checkpoint", "restore_best_checkpoint",
+           "load_resume_checkpoint", "optional_state"]
 
 
 def seed_everything(seed: int) -> None:
@@ -33,33 +36,6 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Reseed every generator from (seed, epoch, rank): augmentation, mixup and dropout of an
     epoch then do not depend on how the run got there (fresh or resumed)."""
     seed_everything(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
-
-
-def rng_state() -> Dict[str, Any]:
-    """Global RNG states as tensors and numbers (numpy arrays would need unpickling)."""
-    np_state = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]), "numpy_has_gauss": int(np_state[3]),
-        "numpy_gauss": float(np_state[4]),
-        "python": torch.tensor(py_state, dtype=torch.int64), "python_version": int(py_version),
-        "python_gauss": py_gauss,
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
-    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()),
-                     state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_training_checkpoint(out: Path, state: Dict[str, Any], is_best: bool) -> None:

@@ -29,8 +29,8 @@ from .logs import RunLogger, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model
 from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
-from .state import load_resume_checkpoint, optional_state, restore_best_checkpoint, rng_state, \
-    save_training_checkpoint, seed_epoch, seed_everything, set_rng_state
+from .state import load_resume_checkpoint, optional_state, restore_best_checkpoint, save_training_checkpoint, \
+    seed_epoch, seed_everything
 
 __all__ = ["fit"]
 
@@ -235,7 +235,6 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
     # timm's train script does), not loaded: timm schedules are functions of the position, and
     # this stays right when --epochs, the batch size or the process count change on resume.
     state.scheduler.step_update(num_updates=int(ckpt["epoch"]) * updates_per_epoch)
-    set_rng_state(ckpt["rng"])
     saved, now = saved_args, plain_args(args)
     changed = [k for k in saved if k not in RUN_CONTROL_KEYS and saved[k] != now.get(k)]
     if changed:
@@ -271,7 +270,7 @@ def _build_state(args: argparse.Namespace, model, ctx: DistContext, num_classes:
                                   decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
                                   warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                   min_lr=args.min_lr),
-        loss_fn=build_train_loss(mixup is not None, args.smoothing).to(ctx.device),
+        loss_fn=build_train_loss(mixup_active=mixup is not None, smoothing=args.smoothing).to(ctx.device),
         scaler=torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16"),
         mixup=mixup, ema=ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if args.model_ema else None,
@@ -334,8 +333,8 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     cfg = _data_config(args, model)
     aug = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
                color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)
-    train_ds.transform = build_transform(cfg, True, aug)
-    val_ds.transform = build_transform(cfg, False)
+    train_ds.transform = build_transform(cfg, is_training=True, aug=aug)
+    val_ds.transform = build_transform(cfg, is_training=False)
     train_loader = build_train_loader(train_ds, args.batch_size, workers=args.workers, ctx=ctx, seed=args.seed)
     val_loader = build_eval_loader(val_ds, args.batch_size, workers=args.workers, ctx=ctx)
     if args.accum_steps > len(train_loader):
@@ -426,6 +425,6 @@ def _checkpoint(args, state: TrainState, epoch: int, best: float, best_epoch: in
         "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
         "epoch": epoch, "updates": state.updates, "best_top1": best, "best_epoch": best_epoch,
         "arch": args.model, "args": plain_args(args), "class_names": list(class_names),
-        "history": to_plain(history), "rng": rng_state(),
+        "history": to_plain(history),
         "sanet_version": __version__, "torch_version": str(torch.__version__),
     }

@@ -25,7 +25,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .groups import check_sa_groups
+from ..ops.arg_checks import check_op_args
 
 __all__ = [
     "shuffle_attention_reference",
@@ -62,25 +62,13 @@ def check_sa_input(x: Tensor, channels: int) -> None:
         )
 
 
-_PARAM_NAMES = ("cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias")
-
 
 def _check_sa_args(fn: str, x: Tensor, params: Tuple[Tensor, ...], groups: int) -> None:
     """The functional forms' version of the module's checks (input, G, parameter sizes)."""
     if torch.jit.is_tracing():  # shape comparisons would warn; the graph can't keep them
         return
     _check_sa_tensor(x)
-    channels = x.shape[1]
-    # Fast test first: this runs on every call; check_sa_groups builds the message.
-    if type(groups) is not int or groups <= 0 or channels % (2 * groups):
-        check_sa_groups(channels, groups)
-    c = channels // (2 * groups)
-    for name, p in zip(_PARAM_NAMES, params):
-        if p.numel() != c:
-            raise ValueError(
-                f"{fn}: {name} must hold C / (2 * groups) = {channels} / (2 * {groups}) = {c} "
-                f"values (shape (1, {c}, 1, 1) or ({c},)), got shape {list(p.shape)}"
-            )
+    check_op_args(fn, x, None, params, groups)
 
 
 # torch.fx records the check as one graph node (run with real tensors) instead of tracing

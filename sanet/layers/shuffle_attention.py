@@ -8,7 +8,8 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..errors import SanetError
-from ..ops import fused_sa_supported, has_hooks, needs_pytorch_ops, shuffle_attention_fused
+from ..ops import fused_sa_supported, has_hooks, needs_pytorch_ops
+from ..ops.fused import _shuffle_attention_fused  # unchecked: forward checks x, __init__ checked G
 from .groups import check_sa_groups, fit_sa_groups
 from .sa_functional import (  # the unchecked forms: forward checks x once, __init__ checked G
     _compute_dtype,
@@ -130,7 +131,7 @@ class ShuffleAttention(nn.Module):
                 f"{x.dtype} input (CPU needs the C++ extension and fp32/fp64, CUDA needs "
                 "Triton); use impl='auto' to fall back to PyTorch ops"
             )
-        fn = _IMPL_FNS[impl] if impl != "fused" else shuffle_attention_fused
+        fn = _IMPL_FNS[impl] if impl != "fused" else _shuffle_attention_fused
         return fn(x, *params, self.groups, gn.eps)
 
     @torch.jit.unused

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import SanetError
@@ -53,16 +54,20 @@ def check_state_dict(
     shape_exempt: Iterable[str] = (),
     missing_ok: Iterable[str] = (),
     source: str = "checkpoint",
-) -> None:
-    """Raise :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys.
+) -> Dict[str, Tensor]:
+    """Raise :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys;
+    return the state_dict to load.
 
     ``shape_exempt`` names keys whose shape may differ (timm adapts the first conv afterwards
     for another ``in_chans``), ``missing_ok`` keys the model may keep as initialised (a new
-    classifier).
+    classifier). BatchNorm's ``num_batches_tracked`` may be missing (files of old PyTorch
+    versions and some converters lack it; ``nn.BatchNorm`` loads them too): the returned
+    state_dict holds it as 0, as a new model's.
     """
     expected = model.state_dict()
     exempt, optional = set(shape_exempt), set(missing_ok)
-    missing = [k for k in expected if k not in state_dict and k not in optional]
+    counters = [k for k in expected if k not in state_dict and k.rsplit(".", 1)[-1] == "num_batches_tracked"]
+    missing = [k for k in expected if k not in state_dict and k not in optional and k not in counters]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched: List[Tuple[str, tuple, tuple]] = [
         (k, tuple(state_dict[k].shape), tuple(v.shape))
@@ -70,7 +75,9 @@ def check_state_dict(
         if k in state_dict and k not in exempt and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if not (missing or unexpected or mismatched):
-        return
+        if not counters:
+            return state_dict
+        return {**state_dict, **{k: torch.zeros((), dtype=expected[k].dtype) for k in counters}}
     arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
     lines = [f"{source} does not match {arch}:"]
     if missing:
@@ -249,8 +256,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, Tensor
             exempt.append(f"{first_conv}.weight")
         else:
             _check_dim(state_dict, f"{first_conv}.weight", 1, in_chans, "input channels", "in_chans")
-    check_state_dict(state_dict, model, shape_exempt=exempt, missing_ok=head)
-    return state_dict
+    return check_state_dict(state_dict, model, shape_exempt=exempt, missing_ok=head)
 
 
 def _check_dim(state_dict: Dict[str, Tensor], key: str, dim: int, expected: int, what: str, kwarg: str) -> None:

@@ -15,8 +15,9 @@ Choices where the authors are silent:
 from __future__ import annotations
 
 import inspect
+import warnings
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_ntuple
@@ -26,7 +27,7 @@ from timm.models.resnet import ResNet
 from ..checkpoint import load_checkpoint_file
 from ..errors import SanetError
 from ..layers import ShuffleAttention
-from ..layers.groups import is_positive_int, valid_sa_groups
+from ..layers.groups import fit_sa_groups, is_positive_int, valid_sa_groups
 from .blocks import SABasicBlock, SABottleneck
 from .checkpoint_filter import CheckpointMismatchError, cfg_from_weights, checkpoint_filter_fn
 
@@ -88,15 +89,20 @@ def weights_help(variant: str) -> str:
     )
 
 
-def _check_groups_fit(variant: str, groups: int, kwargs: Dict[str, Any]) -> None:
-    """Reject a G that some SA layer can't split its channels into, naming the model's SA widths
-    and the G that fit all of them (ShuffleAttention itself could name neither the model nor
-    ``sa_groups``, and suggests ``fit_sa_groups``, which ``create_model`` can't apply)."""
+def _sa_widths(kwargs: Dict[str, Any]) -> List[int]:
+    """The channel counts of the model's SA layers, ascending."""
     # SA runs on each stage's block output: channels[i] * expansion (the stem is never attended)
     stage_channels = kwargs.get("channels", inspect.signature(ResNet).parameters["channels"].default)
     # ResNet also takes one block class per stage, as timm does: a tuple
     blocks = to_ntuple(len(stage_channels))(kwargs["block"])
-    widths = sorted({int(c) * getattr(b, "expansion", 1) for c, b in zip(stage_channels, blocks)})
+    return sorted({int(c) * getattr(b, "expansion", 1) for c, b in zip(stage_channels, blocks)})
+
+
+def _check_groups_fit(variant: str, groups: int, kwargs: Dict[str, Any]) -> None:
+    """Reject a G that some SA layer can't split its channels into, naming the model's SA widths
+    and the G that fit all of them (ShuffleAttention itself could name neither the model nor
+    ``sa_groups``, and suggests ``fit_sa_groups``, which ``create_model`` can't apply)."""
+    widths = _sa_widths(kwargs)
     bad = [c for c in widths if c % (2 * groups)]
     if not bad:
         return
@@ -107,8 +113,20 @@ def _check_groups_fit(variant: str, groups: int, kwargs: Dict[str, Any]) -> None
         f"channels); valid sa_groups: {valid}")
 
 
+def _warn_groups_unused(variant: str, groups: int, kwargs: Dict[str, Any]) -> None:
+    """Models whose layers fit G (BasicBlock ones) use, per layer, the largest valid G not above
+    sa_groups; say so when an explicit sa_groups is then used by none of them."""
+    widths = _sa_widths(kwargs)
+    if all(c % (2 * groups) for c in widths):
+        used = ", ".join(str(fit_sa_groups(c, groups)) for c in widths)
+        warnings.warn(f"{variant}: sa_groups={groups} fits none of its SA layers ({', '.join(map(str, widths))} "
+                      f"channels); each uses the largest valid G not above it: {used}. Valid G for all of them: "
+                      f"{sorted(set.intersection(*(set(valid_sa_groups(c)) for c in widths)))}", stacklevel=3)
+
+
 def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: bool = False,
                       **kwargs) -> ResNet:
+    given = set(kwargs)
     groups = kwargs.pop("sa_groups", 64)
     # Checked here so that every model rejects it alike (fitted and plain layers would word
     # it differently, and 2.5 used to build a model with G = 2).
@@ -125,6 +143,8 @@ def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: boo
             f"block_args=dict(attn_layer='se'))")
     if not fit_groups:
         _check_groups_fit(variant, groups, kwargs)
+    elif "sa_groups" in given:
+        _warn_groups_unused(variant, groups, kwargs)
     block_args["attn_layer"] = partial(ShuffleAttention.fitted if fit_groups else ShuffleAttention,
                                        groups=groups, impl=impl)
     kwargs.setdefault("zero_init_last", False)

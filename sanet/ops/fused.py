@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
 from ..errors import SanetError
+from .arg_checks import check_op_args
 from .cpu_ext import load_cpu_ext
 from .sa_op import KERNELS, sa_op, torch_update_running_stats
 
@@ -103,7 +104,16 @@ def shuffle_attention_fused(
     groups: int,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Shuffle Attention with the fused kernels (same function as the reference)."""
+    """Shuffle Attention with the fused kernels (same function as the reference) on (N, C, *)
+    input; checks its arguments (G, parameter sizes) with the module's errors."""
+    check_op_args("shuffle_attention_fused", x, None, (cweight, cbias, sweight, sbias, gn_weight, gn_bias),
+                  groups)
+    return _shuffle_attention_fused(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
+
+
+def _shuffle_attention_fused(x: Tensor, cweight: Tensor, cbias: Tensor, sweight: Tensor, sbias: Tensor,
+                             gn_weight: Tensor, gn_bias: Tensor, groups: int, eps: float = 1e-5) -> Tensor:
+    # Unchecked: for ShuffleAttention, whose forward checked x and whose __init__ checked G.
     return sa_op(x, None, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
                  groups, eps, None, None, None, None, False, 0.0, False)[0]
 
@@ -129,6 +139,7 @@ def bn_shuffle_attention(
     bn: nn.BatchNorm2d,
     sa: nn.Module,
     shortcut: Optional[Tensor] = None,
+    *,
     relu: bool = False,
 ) -> Tensor:
     """``relu(sa(bn(x)) + shortcut)`` in one pass (shortcut and ReLU optional).
