@@ -69,7 +69,11 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, fsync, then atomically replace ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's own message names a path without saying what is wrong
+        raise NotADirectoryError(f"cannot write {path}: part of its folder path, {path.parent}, is a "
+                                 "file") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -194,8 +198,11 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
             "checkpoints with torch.load(weights_only=True) and executed nothing from it. If "
             "you trust the file, re-save only its state_dict in a trusted environment."
         ) from None
-    except (EOFError, IndexError, KeyError, ValueError, RuntimeError) as exc:
-        # Truncated or foreign files fail inside the unpickler or the zip reader.
+    except PermissionError:
+        raise  # the file may be fine: the CLI reports it as it is
+    except (EOFError, IndexError, KeyError, ValueError, RuntimeError, OSError) as exc:
+        # Truncated or foreign files fail inside the unpickler or the zip reader (which, for
+        # some cut lengths, seeks before the start: OSError "Invalid argument").
         raise SanetError(
             f"{path}: not a PyTorch checkpoint, or a damaged one ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'unexpected end of data'})"

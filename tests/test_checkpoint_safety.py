@@ -3,6 +3,7 @@
 no checkpoint named as such, and atomic saves."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import timm
 import torch
 from torch import nn
 
+import sanet
 from sanet.checkpoint import (
     UnsafeCheckpointError,
     atomic_torch_save,
@@ -127,6 +129,18 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, content):
         load_checkpoint_file(path)
     assert not isinstance(info.value, UnsafeCheckpointError)
     assert str(path) in str(info.value) and "not a PyTorch checkpoint" in str(info.value)
+
+
+def test_truncated_checkpoints_are_named_damaged_at_any_length(tmp_path):
+    """A download or copy cut short: some lengths made the zip reader seek before the file's
+    start (OSError "Invalid argument"), which came out as a traceback without the file."""
+    buf = io.BytesIO()
+    torch.save({"model": timm.create_model("sa_resnet_test").state_dict(), "epoch": 1}, buf)
+    data, path = buf.getvalue(), tmp_path / "cut.pt"
+    for n in (100, 5085, 9073, 50_000, 68_000, len(data) // 2, len(data) - 10):
+        path.write_bytes(data[:n])
+        with pytest.raises(sanet.SanetError, match=f"{path}: not a PyTorch checkpoint, or a damaged one"):
+            load_checkpoint_file(path)
 
 
 # --------------------------------------------------------------------------- atomic saves

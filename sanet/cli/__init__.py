@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -65,7 +66,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        message = "interrupted" + (" (the same command with --resume continues from the last completed epoch)"
+                                   if args.command == "train" else "")
+        print(message, file=sys.stderr)
+        _json_error(args, message)
         return 130
     except BrokenPipeError:
         # Output piped into e.g. `head`, which closed early: not an error of ours.
@@ -76,19 +80,30 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise  # a bug or an environment failure: its traceback is what a report needs
         message = _describe(exc)
         print(f"sanet {args.command}: error: {message}", file=sys.stderr)
-        if getattr(args, "json", False) and os.environ.get("RANK", "0") == "0":
-            # A machine reading stdout gets one JSON object on failure too.
-            print(json.dumps({"error": message, "command": args.command}), flush=True)
+        _json_error(args, message)
         return 2
+
+
+def _json_error(args: argparse.Namespace, message: str) -> None:
+    """With --json, a machine reading stdout gets one JSON object on failure too (rank 0's)."""
+    if getattr(args, "json", False) and os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"error": message, "command": args.command}), flush=True)
 
 
 def _for_the_user(exc: BaseException) -> bool:
     """Errors whose message says what the user did wrong (and so needs no traceback): ours,
-    bad values and missing files, running out of memory, and a torchrun peer's failure."""
+    bad values, files that are missing, unwritable or in the wrong place, a full disk, running
+    out of memory, and a torchrun peer's failure."""
     from ..errors import SanetError, is_out_of_memory
 
-    return isinstance(exc, (SanetError, ValueError, FileNotFoundError)) or is_out_of_memory(exc) \
+    return isinstance(exc, (SanetError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
+                            IsADirectoryError, FileExistsError)) \
+        or (isinstance(exc, OSError) and exc.errno in _USER_ERRNOS) or is_out_of_memory(exc) \
         or _is_peer_failure(exc)
+
+
+# OSErrors about where the user asked us to write: a read-only file system, a full disk or quota.
+_USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def _describe(exc: BaseException) -> str:

@@ -19,6 +19,8 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     add_model_source(p)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     p.add_argument("--topk", "-k", type=int, default=5, help="classes to show per image (5)")
+    p.add_argument("--batch-size", "-b", type=int, default=32,
+                   help="images read and classified at a time (32): memory stays that of one batch")
     add_json_flag(p)
     return p
 
@@ -28,19 +30,24 @@ def run(args: argparse.Namespace) -> int:
 
     from sanet.engine.distributed import resolve_device
     from sanet.engine.modeling import load_for_inference
-    from sanet.engine.predict import eval_transform, read_images, topk_predictions
+    from sanet.engine.predict import check_image_paths, eval_transform, read_images, topk_predictions
 
     if args.model:
         check_model_name(args.model)
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1, got {args.topk}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_image_paths(args.images)  # before loading the model
     loaded = load_for_inference(args.model, checkpoint=args.checkpoint, pretrained_file=args.pretrained_file,
                                 use_ema=args.ema)
     transform = eval_transform(loaded.model, loaded.data_args, args.img_size, args.crop_pct)
-    batch = read_images(args.images, transform)
     device = resolve_device(args.device)
-    with torch.inference_mode():
-        results = topk_predictions(loaded.model.to(device), batch.to(device), args.topk, loaded.class_names)
+    model, results = loaded.model.to(device), []
+    for start in range(0, len(args.images), args.batch_size):
+        batch = read_images(args.images[start:start + args.batch_size], transform)
+        with torch.inference_mode():
+            results += topk_predictions(model, batch.to(device), args.topk, loaded.class_names)
     if args.json:
         print_json({"model": loaded.name, "weights": str(args.checkpoint or args.pretrained_file),
                     "predictions": [{"image": str(path), "top": top} for path, top in zip(args.images, results)]})

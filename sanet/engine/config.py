@@ -131,7 +131,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=0, help="random seed (0)")
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic algorithms; on CPU a resumed run then ends with bit-identical weights")
-    run.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from OUTPUT/last.pt (repeat the run's options: they come from the command "
+                          "line, and any that differ from the saved ones are reported)")
     run.add_argument("--overwrite", action="store_true",
                      help="start afresh even if OUTPUT already holds a run (otherwise an error)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (auto)")

@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import SanetError
 from .distributed import DistContext
+from .images import IMAGE_EXTENSIONS, is_image_file, load_rgb
 
 __all__ = [
     "SafeImageFolder",
@@ -60,7 +60,7 @@ class SafeImageFolder(ImageFolder):
     """
 
     def __init__(self, root: str, transform=None, skip_bad: bool = False) -> None:
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=is_image_file)
         self.skip_bad = skip_bad
         # (seed, epoch), set per epoch by reseed_loader: each sample's augmentation then draws
         # from its own generators, seeded from (seed, epoch, index), so it does not depend on
@@ -143,7 +143,7 @@ def open_image_folder(root: Path, what: str, *, skip_bad: bool = False, transfor
         if empty and len(empty) < sum(1 for d in root.iterdir() if d.is_dir()):
             raise FileNotFoundError(
                 f"{what} folder {root}: class folder(s) {empty[:10]} hold no images (image files: "
-                f"{', '.join(IMG_EXTENSIONS)}); "
+                f"{', '.join(IMAGE_EXTENSIONS)}); "
                 + ("every class needs images in train/ and val/ (labels are class-folder indices)"
                    if what in ("training", "validation") else "every class folder needs images")
                 + ": add images or remove the folder") from None
@@ -154,7 +154,7 @@ def open_image_folder(root: Path, what: str, *, skip_bad: bool = False, transfor
 def _classes_without_images(root: Path) -> List[str]:
     """Class folders of ``root`` with no image file at any depth (ImageFolder's rule)."""
     def has_image(folder: Path) -> bool:
-        return any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in folder.rglob("*"))
+        return any(f.is_file() and is_image_file(f.name) for f in folder.rglob("*"))
 
     return [d.name for d in sorted(root.iterdir()) if d.is_dir() and not has_image(d)]
 
@@ -178,6 +178,9 @@ def open_train_val(data: Path, skip_bad: bool = False) -> Tuple[SafeImageFolder,
         raise FileNotFoundError(f"--data folder not found: {data} (expected {data}/train and "
                                 f"{data}/val in ImageFolder layout)")
     train = open_image_folder(data / "train", "training", skip_bad=skip_bad)
+    if len(train.classes) < 2:  # the loss would be 0 and top-1 100% from the first step
+        raise ValueError(f"{data / 'train'} holds one class folder ({train.classes[0]!r}): a classifier "
+                         "needs at least 2 classes (one folder per class)")
     val = open_image_folder(data / "val", "validation", skip_bad=skip_bad)
     check_same_classes(train.classes, val.classes)
     return train, val

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from .data import UnreadableImageError
+from .images import load_rgb
 
-__all__ = ["eval_transform", "target_map_for", "read_images", "topk_predictions"]
+__all__ = ["eval_transform", "target_map_for", "check_image_paths", "read_images", "topk_predictions"]
 
 
 def eval_transform(model: nn.Module, data_args: Dict[str, Any], img_size: Optional[int] = None,
@@ -63,18 +64,23 @@ def target_map_for(folder_classes: Sequence[str], class_names: Optional[Sequence
         f"{candidates[-1][:5]}); evaluate on a folder holding the training classes or a subset of them")
 
 
-def read_images(paths: Sequence[Path], transform) -> torch.Tensor:
-    """Load and transform images; an unreadable file is an error naming it."""
-    from PIL import Image
-
-    tensors = []
-    for path in paths:
-        path = Path(path)
+def check_image_paths(paths: Sequence[Path]) -> None:
+    """Every path is a file (a folder or a missing file named before any work)."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; pass image files (e.g. {path}/*.jpg), or evaluate a "
+                             "folder of class folders with sanet eval")
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
+
+
+def read_images(paths: Sequence[Path], transform) -> torch.Tensor:
+    """Load and transform images; an unreadable file is an error naming it."""
+    check_image_paths(paths)
+    tensors = []
+    for path in map(Path, paths):
         try:
-            with Image.open(path) as img:
-                tensors.append(transform(img.convert("RGB")))
+            tensors.append(transform(load_rgb(path)))
         except Exception as exc:  # PIL raises several types for bad files
             raise UnreadableImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
     return torch.stack(tensors)

@@ -80,6 +80,14 @@ def _check_output(out: Path, args: argparse.Namespace) -> None:
     if (out / "last.pt").exists() and not (args.resume or args.overwrite):
         raise ValueError(f"{out} already holds a run ({out / 'last.pt'}): pass --resume to continue "
                          "it, --overwrite to start afresh, or choose another --output")
+    # The folder, or the nearest one above it that exists, must take new files: checked now,
+    # not after the data and model are loaded (and TensorBoard's writer thread has started).
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output {out}: {existing} is a file, so no folder can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {out}: {existing} is not writable (read-only or not yours); "
+                         "choose another --output")
 
 
 def _prepare_output(out: Path, args: argparse.Namespace, ctx: DistContext) -> None:
@@ -371,6 +379,11 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                     state, train_loader, ctx, epoch, args.epochs, progress)}
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(f"{exc}. {_kept_message(out, epoch)}") from None
+            if row["train_images"] == 0:  # a loss of 0 would be logged as if the epoch trained
+                raise ValueError(
+                    f"epoch {epoch + 1} trained on no image: {row['train_skipped']} training image(s) could not "
+                    f"be read (--skip-bad-images), and a batch needs 2 readable images. "
+                    f"{_kept_message(out, epoch)}")
             _check_weights_finite(state, out, epoch)
             row.update(_validate(state, val_loader, ctx, args, progress))
             history.append(row)

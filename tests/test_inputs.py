@@ -1,0 +1,132 @@
+"""What users feed the commands: 16-bit and GIF images, folders and many files for predict,
+unwritable outputs, one-class data, epochs without a readable image, Ctrl-C under --json."""
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine_utils import make_imagefolder, run_cli, train_argv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, one_thread):
+    return make_imagefolder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data, one_thread):
+    from sanet.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(train_argv(data, out)) == 0
+    return out
+
+
+# --------------------------------------------------------------------------- image files
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """Pillow's convert("RGB") clipped 16-bit greyscale: 9000/65535 (14% grey) became white."""
+    from sanet.engine.images import load_rgb
+
+    values = np.array([[0, 9000], [32896, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # Pillow reads it as 16-bit
+    rgb = np.asarray(load_rgb(tmp_path / "g16.png"))
+    assert rgb.shape == (2, 2, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert rgb[..., 0].tolist() == [[0, 35], [128, 255]]  # x / 257, rounded
+    Image.fromarray((values // 257).astype(np.uint8)).save(tmp_path / "g8.png")
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "g8.png")), rgb)  # as its 8-bit twin
+
+
+def test_gif_images_are_part_of_the_dataset(tmp_path):
+    from sanet.engine.data import open_image_folder
+
+    root = make_imagefolder(tmp_path / "d", splits={"val": 2})
+    Image.new("P", (16, 16)).save(root / "val" / "a" / "extra.gif")
+    assert len(open_image_folder(root / "val", "evaluation")) == 7
+
+
+def test_predict_reads_in_batches_and_refuses_a_folder(capsys, run, data, monkeypatch):
+    import sanet.engine.predict as predict
+
+    images = sorted((data / "val").rglob("*.png"))
+    code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), *map(str, images), "--json"])
+    whole = json.loads(out)["predictions"]
+    sizes = []
+    real = predict.read_images
+    monkeypatch.setattr(predict, "read_images", lambda paths, t: sizes.append(len(paths)) or real(paths, t))
+    code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), *map(str, images),
+                                    "--json", "--batch-size", "5"])
+    assert code == 0 and sizes == [5, 5, 2]
+    batched = json.loads(out)["predictions"]
+    assert [p["image"] for p in batched] == [p["image"] for p in whole]
+    for a, b in zip(batched, whole):
+        assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
+        assert a["top"][0]["prob"] == pytest.approx(b["top"][0]["prob"], abs=1e-5)
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), str(data / "val")])
+    assert code == 2 and f"{data / 'val'} is a folder; pass image files" in err
+
+
+# --------------------------------------------------------------------------- outputs
+def test_output_below_a_file_or_read_only_is_refused_first(capsys, tmp_path, data, monkeypatch):
+    import sanet.engine.trainer as trainer
+
+    (tmp_path / "afile").write_text("x")
+    code, out, err = run_cli(capsys, train_argv(data, tmp_path / "afile" / "run", "--json"))
+    assert code == 2 and "afile is a file, so no folder can be made there" in err
+    assert json.loads(out)["command"] == "train"
+    monkeypatch.setattr(trainer.os, "access", lambda path, mode: False)  # root writes anywhere
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "ro" / "run"))
+    assert code == 2 and "is not writable" in err and not (tmp_path / "ro").exists()
+
+
+def test_file_system_errors_are_user_errors_and_bugs_are_not(capsys, run, tmp_path):
+    from sanet.cli import _for_the_user
+
+    assert _for_the_user(OSError(errno.EROFS, "Read-only file system", "x"))
+    assert _for_the_user(PermissionError(errno.EACCES, "Permission denied", "x"))
+    assert not _for_the_user(OSError(errno.EIO, "Input/output error", "x"))
+    (tmp_path / "afile").write_text("x")
+    code, out, err = run_cli(capsys, ["convert", str(run / "last.pt"), str(tmp_path / "afile" / "w.safetensors"),
+                                      "--model", "sa_resnet_test", "--json"])
+    assert code == 2 and "part of its folder path" in err and "Traceback" not in err
+    assert json.loads(out)["command"] == "convert"
+
+
+# --------------------------------------------------------------------------- data
+def test_one_class_is_refused(capsys, tmp_path):
+    one = make_imagefolder(tmp_path / "one", classes=("only",))
+    code, _, err = run_cli(capsys, train_argv(one, tmp_path / "r"))
+    assert code == 2 and "holds one class folder ('only'): a classifier needs at least 2 classes" in err
+
+
+def test_an_epoch_without_a_readable_image_stops(capsys, tmp_path):
+    """With --skip-bad-images, batches with fewer than 2 readable images are skipped; an epoch
+    of only those trained nothing, and logged a loss of 0 as if it had."""
+    root = make_imagefolder(tmp_path / "d", splits={"train": 1, "val": 2})
+    for folder in sorted((root / "train").iterdir()):
+        for j in range(4):
+            (folder / f"bad{j}.png").write_bytes(b"broken")
+    for good in ("b", "c"):  # one readable training image is left: no batch has two
+        (root / "train" / good / "000.png").unlink()
+    code, _, err = run_cli(capsys, train_argv(root, tmp_path / "r", "--skip-bad-images", batch=4))
+    assert code == 2 and "epoch 1 trained on no image: 11 training image(s) could not be read" in err  # 1 dropped with the last partial batch
+    assert "No checkpoint had been written yet" in err
+
+
+def test_ctrl_c_under_json_prints_a_json_object(capsys, tmp_path, data, monkeypatch):
+    import sanet.engine.trainer as trainer
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
+    code, out, err = run_cli(capsys, train_argv(data, tmp_path / "r", "--json"))
+    assert code == 130 and "--resume continues" in err
+    assert json.loads(out) == {"error": json.loads(out)["error"], "command": "train"}
+    assert json.loads(out)["error"].startswith("interrupted")
