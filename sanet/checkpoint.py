@@ -71,9 +71,10 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # mkdir's own message names a path without saying what is wrong
-        raise NotADirectoryError(f"cannot write {path}: part of its folder path, {path.parent}, is a "
-                                 "file") from None
+    except (FileExistsError, NotADirectoryError):  # mkdir's messages don't say what is wrong
+        blocker = next((p for p in path.absolute().parents if p.exists() or p.is_symlink()), None)
+        raise NotADirectoryError(f"cannot write {path}: part of its folder path, {blocker}, is not a "
+                                 "folder") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -190,3 +190,5 @@ def test_unknown_pretrained_tag_names_the_valid_ones(capsys, argv):
     assert "Traceback" not in err
     if "--json" in argv:
         assert json.loads(out)["command"] == "info"
+    code, _, err = run_cli(capsys, "info", "sa_resnet_test.x")
+    assert code == 2 and "sa_resnet_test has no pretrained tag 'x'; it has none: use sa_resnet_test" in err

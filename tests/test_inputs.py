@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -41,6 +42,8 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert rgb[..., 0].tolist() == [[0, 35], [128, 255]]  # x / 257, rounded
     Image.fromarray((values // 257).astype(np.uint8)).save(tmp_path / "g8.png")
     assert np.array_equal(np.asarray(load_rgb(tmp_path / "g8.png")), rgb)  # as its 8-bit twin
+    Image.fromarray(np.array([[0, 200]], dtype=np.int32)).save(tmp_path / "i32.tif")  # mode "I", 32-bit
+    assert np.asarray(load_rgb(tmp_path / "i32.tif"))[..., 0].tolist() == [[0, 200]]  # not divided
 
 
 def test_gif_images_are_part_of_the_dataset(tmp_path):
@@ -80,7 +83,8 @@ def test_output_below_a_file_or_read_only_is_refused_first(capsys, tmp_path, dat
     code, out, err = run_cli(capsys, train_argv(data, tmp_path / "afile" / "run", "--json"))
     assert code == 2 and "afile is a file, so no folder can be made there" in err
     assert json.loads(out)["command"] == "train"
-    monkeypatch.setattr(trainer.os, "access", lambda path, mode: False)  # root writes anywhere
+    real_access = os.access  # (root may write anywhere: the check's answer is what is tested)
+    monkeypatch.setattr(trainer.os, "access", lambda p, mode: p != tmp_path and real_access(p, mode))
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "ro" / "run"))
     assert code == 2 and "is not writable" in err and not (tmp_path / "ro").exists()
 
@@ -92,9 +96,10 @@ def test_file_system_errors_are_user_errors_and_bugs_are_not(capsys, run, tmp_pa
     assert _for_the_user(PermissionError(errno.EACCES, "Permission denied", "x"))
     assert not _for_the_user(OSError(errno.EIO, "Input/output error", "x"))
     (tmp_path / "afile").write_text("x")
-    code, out, err = run_cli(capsys, ["convert", str(run / "last.pt"), str(tmp_path / "afile" / "w.safetensors"),
+    code, out, err = run_cli(capsys, ["convert", str(run / "last.pt"), str(tmp_path / "afile" / "d" / "w.safetensors"),
                                       "--model", "sa_resnet_test", "--json"])
-    assert code == 2 and "part of its folder path" in err and "Traceback" not in err
+    assert f"{tmp_path / 'afile'}, is not a folder" in err
+    assert code == 2 and "part of its folder path" in err and "is not a folder" in err and "Traceback" not in err
     assert json.loads(out)["command"] == "convert"
 
 
@@ -110,12 +115,12 @@ def test_an_epoch_without_a_readable_image_stops(capsys, tmp_path):
     of only those trained nothing, and logged a loss of 0 as if it had."""
     root = make_imagefolder(tmp_path / "d", splits={"train": 1, "val": 2})
     for folder in sorted((root / "train").iterdir()):
-        for j in range(4):
+        for j in range(5):  # 15 unreadable + 1 readable = 4 full batches of 4: none dropped
             (folder / f"bad{j}.png").write_bytes(b"broken")
     for good in ("b", "c"):  # one readable training image is left: no batch has two
         (root / "train" / good / "000.png").unlink()
     code, _, err = run_cli(capsys, train_argv(root, tmp_path / "r", "--skip-bad-images", batch=4))
-    assert code == 2 and "epoch 1 trained on no image: 11 training image(s) could not be read" in err  # 1 dropped with the last partial batch
+    assert code == 2 and "epoch 1 trained on no image: 15 training image(s) could not be read" in err
     assert "No checkpoint had been written yet" in err
 
 
@@ -127,6 +132,23 @@ def test_ctrl_c_under_json_prints_a_json_object(capsys, tmp_path, data, monkeypa
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
     code, out, err = run_cli(capsys, train_argv(data, tmp_path / "r", "--json"))
-    assert code == 130 and "--resume continues" in err
+    assert code == 130 and "the same command with --resume, instead of any --overwrite, continues" in err
     assert json.loads(out) == {"error": json.loads(out)["error"], "command": "train"}
     assert json.loads(out)["error"].startswith("interrupted")
+
+
+def test_overlay_sets_data_settings_but_not_weights(capsys, tmp_path, data):
+    """--model-kwargs pretrained_cfg_overlay is the way to train with other mean/std; eval and
+    predict rebuild it from the checkpoint. Weight sources in it are refused."""
+    from sanet.engine.modeling import load_for_inference
+
+    overlay = "pretrained_cfg_overlay={'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25)}"
+    assert run_cli(capsys, train_argv(data, tmp_path / "r", "--model-kwargs", overlay))[0] == 0
+    loaded = load_for_inference(None, checkpoint=tmp_path / "r" / "last.pt")
+    assert tuple(loaded.model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
+    code, out, _ = run_cli(capsys, ["eval", "--checkpoint", str(tmp_path / "r" / "last.pt"),
+                                    "--data", str(data / "val"), "--json"])
+    assert code == 0 and json.loads(out)["images"] == 12
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r2", "--model-kwargs",
+                                              "pretrained_cfg_overlay={'file': 'other.pth'}"))
+    assert code == 2 and "not where weights come from (file): use --pretrained-file" in err

@@ -66,8 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        message = "interrupted" + (" (the same command with --resume continues from the last completed epoch)"
-                                   if args.command == "train" else "")
+        message = "interrupted" + (" (the same command with --resume, instead of any --overwrite, continues "
+                                   "from the last completed epoch)" if args.command == "train" else "")
         print(message, file=sys.stderr)
         _json_error(args, message)
         return 130

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..errors import SanetError
+from ..layers import SA_IMPLS
 from .common import add_json_flag, check_model_name, print_json
 
 DEFAULT_SHAPES = ["8x256x56x56", "8x1024x14x14"]
@@ -26,11 +27,6 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-#: ShuffleAttention's impl values (sanet.layers.SA_IMPLS; not imported here, so that building
-#: the parser for ``sanet --help`` imports no torch).
-SA_LAYER_IMPLS = ("reference", "torch", "fused", "auto")
-
-
 def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name, help="benchmark SA layers and SA-ResNet-50 (ratios, memory)",
@@ -41,7 +37,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                     "interleaved in one process; ratios are per-round paired medians (see docs/benchmarks.md).")
     p.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, metavar="NxCxHxW",
                    help=f"layer input shapes (default: {' '.join(DEFAULT_SHAPES)}); 3-D/5-D shapes work too")
-    p.add_argument("--impls", nargs="*", default=["reference", "torch", "fused"], choices=SA_LAYER_IMPLS,
+    p.add_argument("--impls", nargs="*", default=["reference", "torch", "fused"], choices=SA_IMPLS,
                    help="layer implementations to time (default: reference torch fused)")
     p.add_argument("--rounds", type=_at_least_one, default=30, help="timing rounds per layer shape (default 30)")
     p.add_argument("--model", default="sa_resnet50",

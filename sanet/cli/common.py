@@ -31,8 +31,9 @@ def check_model_name(name: str) -> str:
                          "(any timm model name also works)")
     arch, tag = timm.models.split_model_name_tag(name)
     if tag:  # is_model ignores the tag; create_model would raise on an unknown one
-        tags = list(timm.models.get_arch_pretrained_cfgs(arch))
-        if name not in tags:
-            raise ValueError(f"{arch} has no pretrained tag {tag!r}; its names with tags: {', '.join(tags)} "
-                             f"(or {arch} alone)")
+        tagged = [n for n in timm.models.get_arch_pretrained_cfgs(arch) if "." in n]
+        if name not in tagged:
+            known = f"its names with tags: {', '.join(tagged)} (or {arch} alone)" if tagged else \
+                f"it has none: use {arch}"
+            raise ValueError(f"{arch} has no pretrained tag {tag!r}; {known}")
     return name

@@ -205,8 +205,7 @@ _OWNED_MODEL_KWARGS = {
     "num_classes": "the class folders of --data set it",
     "drop_path_rate": "use --drop-path",
     "pretrained": "use --pretrained-file FILE (nothing is downloaded)",
-    "pretrained_cfg": "use --pretrained-file FILE",
-    "pretrained_cfg_overlay": "use --pretrained-file FILE",
+    "pretrained_cfg": "use --pretrained-file FILE (pretrained_cfg_overlay={...} sets data settings such as mean/std)",
     "checkpoint_path": "use --pretrained-file FILE",
     "features_only": "sanet train trains a classifier",
 }
@@ -221,6 +220,12 @@ def validate_train_args(args: argparse.Namespace) -> None:
     for key in args.model_kwargs or {}:
         if key in _OWNED_MODEL_KWARGS:
             raise ValueError(f"--model-kwargs may not set {key}: {_OWNED_MODEL_KWARGS[key]}")
+    from .modeling import overlay_weight_sources
+
+    sources = overlay_weight_sources(args.model_kwargs or {})
+    if sources:
+        raise ValueError(f"--model-kwargs pretrained_cfg_overlay may set data settings (mean, std, crop_pct, ...), "
+                         f"not where weights come from ({', '.join(sources)}): use --pretrained-file FILE")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ValueError(f"--mixup/--cutmix pair images within a batch: --batch-size must be even, "
                          f"got {args.batch_size}")

@@ -15,8 +15,19 @@ __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_rgb"]
 #: them without a word.
 IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif",)
 
-# Pillow's modes for 16-bit greyscale (16-bit PNG and TIFF open as one of these).
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _is_16_bit(img: Image.Image) -> bool:
+    """16-bit greyscale: Pillow's "I;16*" modes, or mode "I" (32-bit) decoded from 16-bit data
+    (the decoder's raw mode, known before ``load()``), as some Pillow versions open 16-bit PNGs.
+    A true 32-bit integer image keeps Pillow's own conversion."""
+    if img.mode.startswith("I;16"):
+        return True
+    if img.mode != "I" or not img.tile:
+        return False
+    raw = img.tile[0][3]
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    return isinstance(raw, str) and raw.startswith("I;16")
 
 
 def is_image_file(path: str) -> bool:
@@ -28,8 +39,9 @@ def load_rgb(path: Union[str, Path]) -> Image.Image:
     Pillow's ``convert("RGB")`` clips it instead, which made every value above 255 white."""
     with open(path, "rb") as f:
         img = Image.open(f)
+        sixteen = _is_16_bit(img)
         img.load()
-    if img.mode in _SIXTEEN_BIT:
+    if sixteen:
         values = np.asarray(img, dtype=np.float64) / 257.0
         img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB")

@@ -76,7 +76,8 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
         if not model_kwargs:
             raise
         raise _kwargs_error(name, model_kwargs, exc) from None
-    overlay: Dict[str, Any] = dict(state_dict=state_dict)
+    # The user's overlay (e.g. mean/std; weight sources are refused) under the file's weights.
+    overlay: Dict[str, Any] = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, state_dict=state_dict)
     file_classes = _classifier_size(state_dict, name)
     if file_classes is not None:
         overlay["num_classes"] = file_classes  # timm keeps the classifier only if this matches
@@ -159,9 +160,24 @@ def _converted_run_info(path: Path, num_classes: int) -> Dict[str, Any]:
 
 
 # create_model kwargs a weights file may not set: they would load other weights (a download,
-# another file) or contradict what the file's own tensors decide.
-_REFUSED_FILE_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
-                        "num_classes", "in_chans", "features_only")
+# another file) or contradict what the file's own tensors decide. (pretrained_cfg_overlay may
+# set data settings such as mean and std: only its weight sources are refused.)
+_REFUSED_FILE_KWARGS = ("pretrained", "pretrained_cfg", "checkpoint_path", "num_classes", "in_chans",
+                        "features_only")
+
+# pretrained_cfg fields that say where weights come from.
+_WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "hf_hub_filename", "state_dict", "source")
+
+
+def overlay_weight_sources(model_kwargs: Dict[str, Any]) -> List[str]:
+    """The weight-source fields a ``pretrained_cfg_overlay`` in ``model_kwargs`` sets (an
+    overlay that is not a dict counts as one, named ``pretrained_cfg_overlay``)."""
+    overlay = model_kwargs.get("pretrained_cfg_overlay")
+    if overlay is None:
+        return []
+    if not isinstance(overlay, dict):
+        return ["pretrained_cfg_overlay"]
+    return sorted(k for k in overlay if k in _WEIGHT_SOURCES)
 
 
 def _checked_settings(source: Path, data_args: Dict[str, Any], model_kwargs: Any) -> Dict[str, Any]:
@@ -176,7 +192,8 @@ def _checked_settings(source: Path, data_args: Dict[str, Any], model_kwargs: Any
 
     if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
         raise bad(f"model_kwargs are not a dict of names ({type(model_kwargs).__name__})")
-    refused = sorted(k for k in model_kwargs if k in _REFUSED_FILE_KWARGS)
+    refused = sorted(k for k in model_kwargs if k in _REFUSED_FILE_KWARGS) + [
+        f"pretrained_cfg_overlay {k}" for k in overlay_weight_sources(model_kwargs)]
     if refused:
         raise bad(f"model_kwargs set {', '.join(refused)}, which a weights file may not (they would load "
                   "other weights or contradict the file's own)")
