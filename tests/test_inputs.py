@@ -152,3 +152,39 @@ def test_overlay_sets_data_settings_but_not_weights(capsys, tmp_path, data):
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r2", "--model-kwargs",
                                               "pretrained_cfg_overlay={'file': 'other.pth'}"))
     assert code == 2 and "not where weights come from (file): use --pretrained-file" in err
+
+
+def test_unreadable_val_image_in_a_worker_is_one_line(capsys, tmp_path):
+    """Validation inside sanet train with --workers 1: the worker's traceback was printed."""
+    root = make_imagefolder(tmp_path / "d", per_class=4)
+    bad = root / "val" / "c" / "001.png"
+    bad.write_bytes(b"junk")
+    code, _, err = run_cli(capsys, train_argv(root, tmp_path / "r", "--workers", "1"))
+    assert code == 2 and f"cannot read image {bad}" in err
+    assert "Traceback" not in err and "Caught" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_non_finite_validation_loss_stops_before_a_checkpoint(capsys, tmp_path, data, monkeypatch):
+    """Finite weights whose eval-mode outputs overflow (BatchNorm running statistics): the
+    epoch's top-1 is meaningless and must not become best.pt; JSON stays strict (null, no NaN)."""
+    import sanet.engine.trainer as trainer
+
+    real = trainer._validate
+    monkeypatch.setattr(trainer, "_validate", lambda *a: dict(real(*a), val_loss=float("nan")))
+    code, out, err = run_cli(capsys, train_argv(data, tmp_path / "r", "--json"))
+    assert code == 2 and "validation loss is nan after epoch 1" in err
+    assert not (tmp_path / "r" / "best.pt").exists() and not (tmp_path / "r" / "last.pt").exists()
+    json.loads(out)
+
+
+def test_json_output_is_strict():
+    import io
+    from contextlib import redirect_stdout
+
+    from sanet.cli.common import print_json
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        print_json({"loss": float("nan"), "x": [float("inf"), 1.5], "top1": 10.0})
+    assert json.loads(buf.getvalue(), parse_constant=lambda c: pytest.fail(f"non-standard {c}")) == \
+        {"loss": None, "x": [None, 1.5], "top1": 10.0}

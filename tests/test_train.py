@@ -148,7 +148,9 @@ def test_peer_failure_under_torchrun_points_at_the_other_process(capsys, tmp_pat
     monkeypatch.setenv("RANK", "0")
     code, stdout, err = run_cli(capsys, train_argv(data, tmp_path / "run", "--json"))
     assert code == 2 and "another process of this torchrun job probably failed first" in err
-    assert "Connection closed by peer" in json.loads(stdout)["error"]
+    obj = json.loads(stdout)  # the JSON names the cause's place, not the backend's words
+    assert obj["error"].startswith("another process of this torchrun job failed first; its error is in the log")
+    assert "Connection closed by peer" in obj["detail"] and obj["command"] == "train"
     monkeypatch.setenv("WORLD_SIZE", "1")  # a single process: the message as it is
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "run"))
     assert code == 2 and "another process" not in err

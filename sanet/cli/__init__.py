@@ -80,14 +80,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise  # a bug or an environment failure: its traceback is what a report needs
         message = _describe(exc)
         print(f"sanet {args.command}: error: {message}", file=sys.stderr)
-        _json_error(args, message)
+        if _in_torchrun() and _is_peer_failure(exc):
+            # Rank 0 only saw the backend notice that a peer left: its own error is elsewhere.
+            _json_error(args, f"another process of this torchrun job failed first; its error is in the "
+                              f"log (stderr), prefixed 'sanet {args.command}: error:'", detail=str(exc))
+        else:
+            _json_error(args, message)
         return 2
 
 
-def _json_error(args: argparse.Namespace, message: str) -> None:
+def _json_error(args: argparse.Namespace, message: str, **extra: str) -> None:
     """With --json, a machine reading stdout gets one JSON object on failure too (rank 0's)."""
     if getattr(args, "json", False) and os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"error": message, "command": args.command}), flush=True)
+        print(json.dumps({"error": message, "command": args.command, **extra}), flush=True)
+
+
+def _in_torchrun() -> bool:
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
 
 
 def _for_the_user(exc: BaseException) -> bool:
@@ -114,7 +123,7 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     if is_out_of_memory(exc):
         text = f"out of memory ({text.splitlines()[0]}); try a smaller --batch-size"
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and _is_peer_failure(exc):
+    if _in_torchrun() and _is_peer_failure(exc):
         text += (" [another process of this torchrun job probably failed first: its own error "
                  "is in the log, prefixed 'sanet ...: error:']")
     return text

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -13,9 +14,20 @@ def add_json_flag(p: argparse.ArgumentParser, *, what: str = "one JSON object") 
 
 
 def print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=None, sort_keys=False)
+    """One line of strict JSON: NaN and infinities (a diverged model's loss) become null."""
+    json.dump(_strict(obj), sys.stdout, indent=None, sort_keys=False, allow_nan=False)
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def _strict(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 def check_model_name(name: str) -> str:

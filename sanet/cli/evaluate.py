@@ -53,7 +53,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sanet.engine.data import UnreadableImageError, build_eval_loader, clean_worker_error, open_image_folder
+    from sanet.engine.data import build_eval_loader, open_image_folder
     from sanet.engine.distributed import cleanup_distributed, init_distributed
     from sanet.engine.evaluate import evaluate
     from sanet.engine.modeling import load_for_inference
@@ -77,11 +77,8 @@ def run(args: argparse.Namespace) -> int:
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loader = build_eval_loader(dataset, args.batch_size, workers=args.workers, ctx=ctx)
-        try:
-            metrics = evaluate(model, loader, ctx, amp=args.amp, channels_last=args.channels_last,
-                               target_map=target_map, progress=not (args.no_progress or args.json))
-        except UnreadableImageError as exc:
-            raise UnreadableImageError(clean_worker_error(exc)) from None
+        metrics = evaluate(model, loader, ctx, amp=args.amp, channels_last=args.channels_last,
+                           target_map=target_map, progress=not (args.no_progress or args.json))
     finally:
         cleanup_distributed()
     if not ctx.is_main:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .data import UnreadableImageError, clean_worker_error
 from .distributed import DistContext, all_reduce_sum
 
 __all__ = ["evaluate", "autocast_for"]
@@ -39,30 +40,33 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, *, amp: Optional[str] =
     start = time.perf_counter()
     warm = None  # (time, images) after the first batch: throughput excludes one-time setup
     bar = tqdm(loader, desc=desc, disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
-    for images, targets, skipped in bar:
-        sums[4] += skipped
-        if targets.numel() == 0:
-            continue
-        images = images.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
-        if target_map is not None:
-            targets = target_map.to(ctx.device)[targets]
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_for(ctx.device, amp):
-            logits = model(images)
-        logits = logits.float()
-        n = targets.numel()
-        # Whole counts of correct images (timm's accuracy() gives fp32 percentages, whose
-        # rounding made equal top-1 epochs compare unequal and a tie replace best.pt).
-        # Accumulated on the device: no host sync per batch (it would stall a GPU pipeline).
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
-        sums[0] += hits[:, :1].sum()
-        sums[1] += hits.sum()
-        sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
-        sums[3] += n
-        if warm is None:
-            warm = (time.perf_counter(), sums[3].item())
+    try:
+        for images, targets, skipped in bar:
+            sums[4] += skipped
+            if targets.numel() == 0:
+                continue
+            images = images.to(ctx.device, non_blocking=True)
+            targets = targets.to(ctx.device, non_blocking=True)
+            if target_map is not None:
+                targets = target_map.to(ctx.device)[targets]
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast_for(ctx.device, amp):
+                logits = model(images)
+            logits = logits.float()
+            n = targets.numel()
+            # Whole counts of correct images (timm's accuracy() gives fp32 percentages, whose
+            # rounding made equal top-1 epochs compare unequal and a tie replace best.pt).
+            # Accumulated on the device: no host sync per batch (it would stall a GPU pipeline).
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+            sums[0] += hits[:, :1].sum()
+            sums[1] += hits.sum()
+            sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
+            sums[3] += n
+            if warm is None:
+                warm = (time.perf_counter(), sums[3].item())
+    except UnreadableImageError as exc:  # re-raised from a worker: keep only the message
+        raise UnreadableImageError(clean_worker_error(exc)) from None
     local_images = sums[3].item()
     all_reduce_sum(sums, ctx)
     end = time.perf_counter()

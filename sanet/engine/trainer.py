@@ -329,6 +329,17 @@ def _check_weights_finite(state: TrainState, out: Path, epoch: int) -> None:
             f"training stopped. {_kept_message(out, epoch)}")
 
 
+def _check_val_loss_finite(row: Dict[str, Any], out: Path, epoch: int) -> None:
+    """Finite weights can still give non-finite outputs (BatchNorm's running statistics
+    overflow in eval mode): such an epoch's top-1 means nothing and must not become best.pt."""
+    for key in ("val_loss", "val_loss_ema"):
+        if key in row and not math.isfinite(row[key]):
+            raise NonFiniteLossError(
+                f"{'EMA ' if key.endswith('ema') else ''}validation loss is {row[key]} after epoch {epoch + 1}: "
+                "the model's outputs are not finite (e.g. BatchNorm running statistics overflowed; try a lower "
+                f"--lr or --clip-grad); training stopped. {_kept_message(out, epoch)}")
+
+
 def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.output)
     _check_output(out, args)
@@ -386,6 +397,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                     f"{_kept_message(out, epoch)}")
             _check_weights_finite(state, out, epoch)
             row.update(_validate(state, val_loader, ctx, args, progress))
+            _check_val_loss_finite(row, out, epoch)
             history.append(row)
             metric = row.get("val_top1_ema", row["val_top1"])
             is_best = metric > best
