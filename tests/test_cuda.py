@@ -226,6 +226,23 @@ def test_bn_sa_tail_matches_oracle(train, relu, momentum, affine, hw, tiling):
         assert bn_f.num_batches_tracked.item() == (step + 1 if train else 0)
 
 
+@pytest.mark.parametrize("where", [0, 7], ids=["first", "middle"])
+def test_inf_in_a_plane_like_the_reference(where):
+    """An inf saturates a channel-branch gate (finite outputs elsewhere in its plane), as in the
+    reference and the C++ kernel; the spatial branch's GroupNorm makes its plane NaN in all."""
+    gen = torch.Generator().manual_seed(4)
+    sa = sa_on_device(16, 2, gen)
+    ref = copy.deepcopy(sa)
+    ref.impl = "reference"
+    x = torch.randn(2, 16, 16, generator=gen).to(DEVICE)
+    x[0, :, where] = float("inf")
+    with torch.no_grad():
+        y, r = sa(x), ref(x)
+    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.isinf(), r.isinf())
+    assert r.isfinite().sum() > r.numel() // 2  # the channel-branch planes kept their finite values
+    torch.testing.assert_close(y[r.isfinite()], r[r.isfinite()], rtol=1e-5, atol=1e-6)
+
+
 def test_bad_op_arguments_are_refused_before_a_launch():
     """The Triton launchers check what the C++ kernel checks: a wrong size would be read or
     written out of bounds on the GPU."""

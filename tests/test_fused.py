@@ -402,3 +402,21 @@ def test_flop_counter_runs_the_authors_formulation(monkeypatch):
         y = sa(x)
     assert calls == [1] and counter.get_total_flops() == 0
     assert rel(y, shuffle_attention_reference(x, *sa_params(sa), 4, sa.gn.eps)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 4)], ids=["no-samples", "no-pixels"])
+def test_bn_sa_on_empty_input_is_bn_then_sa(shape):
+    bn, sa = nn.BatchNorm2d(8), sanet.ShuffleAttention(8, 2)
+    ref_bn = copy.deepcopy(bn)
+    y = bn_shuffle_attention(torch.randn(shape), bn, sa, torch.zeros(shape), relu=True)
+    assert y.shape == shape
+    ref_bn(torch.randn(shape))
+    for a, b in zip(bn.buffers(), ref_bn.buffers()):  # the same bookkeeping as nn.BatchNorm2d's
+        assert torch.equal(a, b)
+
+
+def test_bn_sa_refuses_running_statistics_of_another_width():
+    bn = nn.BatchNorm2d(16, affine=False)
+    with pytest.raises(ValueError, match=r"bn.running_mean holds 16 values but x has 8 channels"):
+        bn_shuffle_attention(torch.randn(2, 8, 4, 4), bn, sanet.ShuffleAttention(8, 2))
+    assert bn.num_batches_tracked.item() == 0  # refused before anything changed

@@ -148,6 +148,9 @@ def bn_shuffle_attention(
     statistics updated once, with the module's momentum), running statistics in eval.
     Backward recomputes ``bn(x)`` from ``x`` instead of keeping it.
     """
+    if x.numel() == 0:  # empty output, with nn.BatchNorm2d's own bookkeeping (it raises nothing)
+        y = sa(bn(x)) if shortcut is None else sa(bn(x)) + shortcut
+        return torch.relu(y) if relu else y
     n = x.shape[0]
     m = x.numel() // max(1, n * x.shape[1])
     use_batch_stats = bn.training or bn.running_mean is None
@@ -162,6 +165,9 @@ def bn_shuffle_attention(
                     f"bn_shuffle_attention: bn.{name} is on {t.device} but the input x is on {x.device}; "
                     f"put the modules and the input on one device (module.to({str(x.device)!r}) or "
                     f"x.to({str(t.device)!r}))")
+            if t is not None and name != "num_batches_tracked" and t.numel() != x.shape[1]:
+                raise ValueError(f"bn_shuffle_attention: bn.{name} holds {t.numel()} values but x has "
+                                 f"{x.shape[1]} channels (a BatchNorm2d({x.shape[1]}) is needed)")
     out, _, _, bmean, bvar = sa_op(
         x, shortcut, *_sa_params(sa),
         sa.groups, sa.gn.eps, bn.weight, bn.bias, None if use_batch_stats else bn.running_mean,

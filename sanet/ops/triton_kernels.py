@@ -95,9 +95,16 @@ if _HAS_TRITON:
         return kz, bc, mz, rz, spatial, pcw
 
     @triton.jit
+    def _gate_arg(k, xc, bc):
+        # k * (x - mean) + bc, with no slope term where k is 0 (the channel branch, or
+        # sweight = 0), as the C++ kernel: an inf in the plane makes x - mean inf or NaN
+        # there, and 0 * inf would turn the whole plane's gate NaN.
+        return tl.where(k[:, None] == 0.0, 0.0, k[:, None] * xc) + bc[:, None]
+
+    @triton.jit
     def _fwd_tile(xv, mx, a, b, kz, bc, sc, obase, cols, mask, HAS_SC: tl.constexpr, RELU: tl.constexpr):
         z = a[:, None] * xv + b[:, None]
-        y = z * tl.sigmoid((kz * a)[:, None] * (xv - mx[:, None]) + bc[:, None])
+        y = z * tl.sigmoid(_gate_arg(kz * a, xv - mx[:, None], bc))
         if HAS_SC:
             y += tl.load(sc + obase[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if RELU:
@@ -165,7 +172,7 @@ if _HAS_TRITON:
     def _gate_grad(go, xv, mx, a, b, kz, bc, mask):
         # x - mean x (0 in padding), the gate s and gu = dL/du (u: the gate argument).
         xc = tl.where(mask, xv - mx[:, None], 0.0)
-        s = tl.sigmoid((kz * a)[:, None] * xc + bc[:, None])
+        s = tl.sigmoid(_gate_arg(kz * a, xc, bc))
         gu = go * (a[:, None] * xv + b[:, None]) * s * (1.0 - s)
         return xc, s, gu
 
