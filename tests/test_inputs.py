@@ -188,3 +188,10 @@ def test_json_output_is_strict():
         print_json({"loss": float("nan"), "x": [float("inf"), 1.5], "top1": 10.0})
     assert json.loads(buf.getvalue(), parse_constant=lambda c: pytest.fail(f"non-standard {c}")) == \
         {"loss": None, "x": [None, 1.5], "top1": 10.0}
+
+
+def test_predict_under_torchrun_is_refused(capsys, run, data, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"),
+                                    str(next((data / "val").rglob("*.png")))])
+    assert code == 2 and "sanet predict runs in one process" in err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .common import add_json_flag, check_model_name, print_json
@@ -32,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from sanet.engine.modeling import load_for_inference
     from sanet.engine.predict import check_image_paths, eval_transform, read_images, topk_predictions
 
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):  # each process would print it all
+        raise ValueError("sanet predict runs in one process: start it without torchrun (sanet eval shards a "
+                         "folder of class folders over processes)")
     if args.model:
         check_model_name(args.model)
     if args.topk < 1:
