@@ -143,6 +143,18 @@ def test_truncated_checkpoints_are_named_damaged_at_any_length(tmp_path):
             load_checkpoint_file(path)
 
 
+def test_an_unreadable_file_is_not_called_damaged(tmp_path, monkeypatch):
+    path = tmp_path / "locked.pt"
+    torch.save({"a": torch.ones(1)}, path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(PermissionError):  # the CLI reports it as it is (a user error)
+        load_checkpoint_file(path)
+
+
 # --------------------------------------------------------------------------- atomic saves
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "ckpt.pth"

@@ -263,7 +263,10 @@ def test_bad_op_arguments_are_refused_before_a_launch():
         op(x[:1], p, 4)
     with pytest.raises(ValueError, match=r"bn_mean must hold one value per channel \(24\)"):
         op(None, p, 4, torch.zeros(23, device=DEVICE), torch.ones(24, device=DEVICE))
-    assert op(None, p, 4)[0].shape == x.shape
+    out, pm, pv, _, _ = op(None, p, 4)
+    assert out.shape == x.shape
+    with pytest.raises(ValueError, match="grad must have x's shape"):
+        torch.ops.sanet.sa_backward(x[:1], x, None, pm, pv, *p, 4, 1e-5, None, None, None, None, False, 1e-5)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -413,6 +413,8 @@ def test_bn_sa_on_empty_input_is_bn_then_sa(shape):
     ref_bn(torch.randn(shape))
     for a, b in zip(bn.buffers(), ref_bn.buffers()):  # the same bookkeeping as nn.BatchNorm2d's
         assert torch.equal(a, b)
+    with pytest.raises(RuntimeError):  # the shortcut is added as on non-empty input
+        bn_shuffle_attention(torch.randn(shape), bn, sa, torch.zeros(shape[0], 9, *shape[2:]))
 
 
 def test_bn_sa_refuses_running_statistics_of_another_width():

@@ -34,13 +34,13 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     """Pillow's convert("RGB") clipped 16-bit greyscale: 9000/65535 (14% grey) became white."""
     from sanet.engine.images import load_rgb
 
-    values = np.array([[0, 9000], [32896, 65535]], dtype=np.uint16)
+    values = np.array([[0, 9000, 1000], [32896, 65535, 65280]], dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # Pillow reads it as 16-bit
     rgb = np.asarray(load_rgb(tmp_path / "g16.png"))
-    assert rgb.shape == (2, 2, 3) and (rgb[..., 0] == rgb[..., 2]).all()
-    assert rgb[..., 0].tolist() == [[0, 35], [128, 255]]  # x / 257, rounded
-    Image.fromarray((values // 257).astype(np.uint8)).save(tmp_path / "g8.png")
+    assert rgb.shape == (2, 3, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert rgb[..., 0].tolist() == [[0, 35, 4], [128, 255, 254]]  # x / 257, rounded (3.89 -> 4)
+    Image.fromarray(np.rint(values / 257).astype(np.uint8)).save(tmp_path / "g8.png")
     assert np.array_equal(np.asarray(load_rgb(tmp_path / "g8.png")), rgb)  # as its 8-bit twin
     Image.fromarray(np.array([[0, 200]], dtype=np.int32)).save(tmp_path / "i32.tif")  # mode "I", 32-bit
     assert np.asarray(load_rgb(tmp_path / "i32.tif"))[..., 0].tolist() == [[0, 200]]  # not divided
@@ -73,6 +73,10 @@ def test_predict_reads_in_batches_and_refuses_a_folder(capsys, run, data, monkey
         assert a["top"][0]["prob"] == pytest.approx(b["top"][0]["prob"], abs=1e-5)
     code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), str(data / "val")])
     assert code == 2 and f"{data / 'val'} is a folder; pass image files" in err
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", "missing.pt", str(data / "val")])
+    assert code == 2 and "is a folder" in err  # checked before the model is loaded
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), str(images[0]), "-b", "0"])
+    assert code == 2 and "--batch-size must be at least 1, got 0" in err
 
 
 # --------------------------------------------------------------------------- outputs
@@ -84,16 +88,24 @@ def test_output_below_a_file_or_read_only_is_refused_first(capsys, tmp_path, dat
     assert code == 2 and "afile is a file, so no folder can be made there" in err
     assert json.loads(out)["command"] == "train"
     real_access = os.access  # (root may write anywhere: the check's answer is what is tested)
-    monkeypatch.setattr(trainer.os, "access", lambda p, mode: p != tmp_path and real_access(p, mode))
+    # a folder that can be written but not entered (no X) is refused too
+    monkeypatch.setattr(trainer.os, "access",
+                        lambda p, mode: not (p == tmp_path and mode & os.X_OK) and real_access(p, mode))
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "ro" / "run"))
     assert code == 2 and "is not writable" in err and not (tmp_path / "ro").exists()
+    (tmp_path / "existing").mkdir()  # the output folder itself, when it exists
+    monkeypatch.setattr(trainer.os, "access", lambda p, mode: p != tmp_path / "existing" and real_access(p, mode))
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "existing"))
+    assert code == 2 and f"{tmp_path / 'existing'} is not writable" in err
 
 
 def test_file_system_errors_are_user_errors_and_bugs_are_not(capsys, run, tmp_path):
     from sanet.cli import _for_the_user
 
-    assert _for_the_user(OSError(errno.EROFS, "Read-only file system", "x"))
+    for code in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        assert _for_the_user(OSError(code, "file system full or read-only", "x"))
     assert _for_the_user(PermissionError(errno.EACCES, "Permission denied", "x"))
+    assert _for_the_user(IsADirectoryError(errno.EISDIR, "Is a directory", "x"))
     assert not _for_the_user(OSError(errno.EIO, "Input/output error", "x"))
     (tmp_path / "afile").write_text("x")
     code, out, err = run_cli(capsys, ["convert", str(run / "last.pt"), str(tmp_path / "afile" / "d" / "w.safetensors"),
@@ -133,6 +145,11 @@ def test_ctrl_c_under_json_prints_a_json_object(capsys, tmp_path, data, monkeypa
     monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
     code, out, err = run_cli(capsys, train_argv(data, tmp_path / "r", "--json"))
     assert code == 130 and "the same command with --resume, instead of any --overwrite, continues" in err
+    import sanet.cli.evaluate as cli_eval
+
+    monkeypatch.setattr(cli_eval, "run", interrupt)  # eval has nothing to resume: no hint
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", "x.pt", "--data", str(data / "val")])
+    assert code == 130 and err.strip() == "interrupted"
     assert json.loads(out) == {"error": json.loads(out)["error"], "command": "train"}
     assert json.loads(out)["error"].startswith("interrupted")
 
@@ -149,9 +166,17 @@ def test_overlay_sets_data_settings_but_not_weights(capsys, tmp_path, data):
     code, out, _ = run_cli(capsys, ["eval", "--checkpoint", str(tmp_path / "r" / "last.pt"),
                                     "--data", str(data / "val"), "--json"])
     assert code == 0 and json.loads(out)["images"] == 12
-    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r2", "--model-kwargs",
-                                              "pretrained_cfg_overlay={'file': 'other.pth'}"))
-    assert code == 2 and "not where weights come from (file): use --pretrained-file" in err
+    for source in ("file", "url", "hf_hub_id"):
+        code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r2", "--model-kwargs",
+                                                  f"pretrained_cfg_overlay={{'{source}': 'x'}}"))
+        assert code == 2 and f"not where weights come from ({source}): use --pretrained-file" in err
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r2", "--model-kwargs", "pretrained_cfg_overlay=5"))
+    assert code == 2 and "(pretrained_cfg_overlay)" in err
+    # fine-tuning keeps the overlay too (it is merged under the file's weights)
+    assert run_cli(capsys, train_argv(data, tmp_path / "ft", "--model-kwargs", overlay, "--pretrained-file",
+                                      str(tmp_path / "r" / "last.pt")))[0] == 0
+    tuned = load_for_inference(None, checkpoint=tmp_path / "ft" / "last.pt")
+    assert tuple(tuned.model.pretrained_cfg["std"]) == (0.25, 0.25, 0.25)
 
 
 def test_unreadable_val_image_in_a_worker_is_one_line(capsys, tmp_path):
@@ -170,11 +195,15 @@ def test_non_finite_validation_loss_stops_before_a_checkpoint(capsys, tmp_path, 
     import sanet.engine.trainer as trainer
 
     real = trainer._validate
-    monkeypatch.setattr(trainer, "_validate", lambda *a: dict(real(*a), val_loss=float("nan")))
-    code, out, err = run_cli(capsys, train_argv(data, tmp_path / "r", "--json"))
-    assert code == 2 and "validation loss is nan after epoch 1" in err
-    assert not (tmp_path / "r" / "best.pt").exists() and not (tmp_path / "r" / "last.pt").exists()
-    json.loads(out)
+    for key, value, flags, words in (("val_loss", float("nan"), (), "validation loss is nan after epoch 1"),
+                                     ("val_loss", float("inf"), (), "validation loss is inf"),
+                                     ("val_loss_ema", float("nan"), ("--model-ema",), "EMA validation loss is nan")):
+        monkeypatch.setattr(trainer, "_validate", lambda *a, k=key, v=value: dict(real(*a), **{k: v}))
+        out_dir = tmp_path / f"r_{key}_{value}"
+        code, out, err = run_cli(capsys, train_argv(data, out_dir, "--json", *flags))
+        assert code == 2 and words in err
+        assert not (out_dir / "best.pt").exists() and not (out_dir / "last.pt").exists()
+        json.loads(out)
 
 
 def test_json_output_is_strict():

@@ -200,6 +200,8 @@ def test_fused_functional_form_checks_groups_and_parameter_sizes():
     p = [torch.randn(1, 3, 1, 1) for _ in range(4)] + [torch.randn(3), torch.randn(3)]  # 24 / (2 * 4) = 3 each
     with pytest.raises(ValueError, match=r"valid groups for 24 channels: \[1, 2, 3, 4, 6, 12\]"):
         shuffle_attention_fused(x, *p, 5)
+    with pytest.raises(ValueError, match=r"x must be \(N, C, \*\) with channels in dim 1, got shape \[24\]"):
+        shuffle_attention_fused(torch.randn(24), *p, 4)
     with pytest.raises(ValueError, match=r"sbias must hold C / \(2 \* groups\) = 24 / \(2 \* 4\) = 3 values"):
         shuffle_attention_fused(x, *p[:3], torch.zeros(4), *p[4:], 4)
     ref = sanet.layers.shuffle_attention_reference(x, *p, 4)

@@ -141,6 +141,7 @@ def test_headless_weights_are_refused_with_what_to_do(capsys, trained, tmp_path)
     ("model_kwargs", {"pretrained": True}, "which a weights file may not"),
     ("model_kwargs", {"num_classes": 3}, "which a weights file may not"),
     ("model_kwargs", {"bogus": 1}, "do not fit sa_resnet_test"),
+    ("model_kwargs", {"pretrained_cfg_overlay": {"url": "http://x"}}, "pretrained_cfg_overlay url"),
     ("model_kwargs", [1], "not a dict"),
     ("img_size", "abc", "not a positive int"),
     ("img_size", -5, "not a positive int"),

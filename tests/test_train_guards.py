@@ -66,7 +66,8 @@ def test_bad_model_kwargs_are_user_errors(capsys, tmp_path, data):
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "b", "--model-kwargs", "in_chans=1"))
     assert code == 2 and "RGB" in err
     for kwarg, hint in (("num_classes=5", "class folders"), ("drop_path_rate=0.1", "--drop-path"),
-                        ("pretrained=True", "--pretrained-file"), ("features_only=True", "classifier")):
+                        ("pretrained=True", "--pretrained-file"), ("features_only=True", "classifier"),
+                        ("checkpoint_path='x.pth'", "--pretrained-file"), ("pretrained_cfg={}", "--pretrained-file")):
         code, _, err = run_cli(capsys, train_argv(data, tmp_path / "d", "--model-kwargs", kwarg))
         assert code == 2 and f"may not set {kwarg.split('=')[0]}" in err and hint in err, err
         assert not (tmp_path / "d").exists()  # refused before the output is made
