@@ -242,7 +242,9 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DataParallel/DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    """The module under DataParallel/DDP (``.module``) and ``torch.compile`` (``._orig_mod``).
+    By type, not timm's ``unwrap_model``: that unwraps any model with an attribute named
+    ``module``, which a user's own model may well have."""
     from torch._dynamo.eval_frame import OptimizedModule
 
     while True:

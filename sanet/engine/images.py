@@ -6,7 +6,7 @@ from typing import Union
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_rgb"]
 
@@ -31,7 +31,7 @@ def _is_16_bit(img: Image.Image) -> bool:
 
 
 def is_image_file(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
+    return has_file_allowed_extension(path, IMAGE_EXTENSIONS)
 
 
 def load_rgb(path: Union[str, Path]) -> Image.Image:
