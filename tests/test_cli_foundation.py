@@ -129,13 +129,15 @@ def test_ext_reports_the_kernels(capsys):
 def test_extension_is_built_from_a_copy_in_its_cache_dir():
     """Installs at other paths (a checkout, site-packages) share one build instead of
     rebuilding in turn: cpp_extension rebuilds when the source path in build.ninja changes."""
-    from sanet.ops.cpu_ext import _SRC, cpu_ext_status
+    from sanet.ops.cpu_ext import _FILES, _SRC, cpu_ext_status
 
     status = cpu_ext_status()
     if not status["loaded"]:
         pytest.skip("fused CPU kernel unavailable")
     build = Path(status["path"])
-    assert (build / _SRC.name).read_bytes() == _SRC.read_bytes()
+    assert len(_FILES) > 1  # the .cpp and the headers it includes
+    for path in _FILES:
+        assert (build / path.name).read_bytes() == path.read_bytes(), path.name
     ninja = (build / "build.ninja").read_text()
     assert str(build / _SRC.name) in ninja and str(_SRC) not in ninja
 
@@ -192,3 +194,20 @@ def test_unknown_pretrained_tag_names_the_valid_ones(capsys, argv):
         assert json.loads(out)["command"] == "info"
     code, _, err = run_cli(capsys, "info", "sa_resnet_test.x")
     assert code == 2 and "sa_resnet_test has no pretrained tag 'x'; it has none: use sa_resnet_test" in err
+
+
+def test_package_data_ships_every_kernel_source():
+    """A wheel (non-editable install) holds only what package-data names: every file in
+    csrc/ (the .cpp and the headers it includes) must match one of its globs."""
+    import fnmatch
+    import tomllib
+
+    from sanet.ops.cpu_ext import _CSRC, _FILES
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["sanet.ops"]
+    for path in _CSRC.iterdir():
+        rel = f"csrc/{path.name}"
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in package-data {globs}"
+    assert set(_FILES) == {p for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h")}

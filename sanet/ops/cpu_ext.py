@@ -1,4 +1,5 @@
-"""Build (once, cached) and load the fused CPU kernels in ``csrc/shuffle_attention.cpp``.
+"""Build (once, cached) and load the fused CPU kernels in ``csrc/`` (``shuffle_attention.cpp``
+and the headers it includes).
 
 The extension is compiled on first use with :func:`torch.utils.cpp_extension.load` (needs a
 C++ compiler; ~40 s on 2 cores) into ``$SANET_EXT_DIR`` or ``~/.cache/sanet/ext``, keyed by
@@ -31,7 +32,9 @@ from ..errors import SanetError
 
 __all__ = ["load_cpu_ext", "cpu_ext_status"]
 
-_SRC = Path(__file__).parent / "csrc" / "shuffle_attention.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SRC = _CSRC / "shuffle_attention.cpp"  # the translation unit; it includes the headers
+_FILES = (_SRC, *sorted(_CSRC.glob("*.h")))
 
 # ATen's Vectorized<T> picks its width from these macros; they must match compiler flags.
 _ISA_FLAGS = {
@@ -66,18 +69,25 @@ def _build_dir(name: str) -> Path:
 
 
 def _source_in(build_dir: Path) -> Path:
-    """The source, copied into the build directory. cpp_extension rebuilds when the source
-    *path* changes, so two installs (a checkout and site-packages) sharing the cache would
-    rebuild in turn; the copy's path is the same for all. (Its content is in the key.)"""
-    src = build_dir / _SRC.name
-    if not src.is_file():
-        # A unique temporary name, then an atomic rename: processes (DDP ranks) and threads
-        # may start at once; each writes the same bytes.
-        fd, tmp = tempfile.mkstemp(prefix=f".{_SRC.name}.", suffix=".tmp", dir=build_dir)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_SRC.read_bytes())
-        os.replace(tmp, src)
-    return src
+    """The sources, copied into the build directory; returns the copy of ``_SRC``.
+    cpp_extension rebuilds when the source *path* changes, so two installs (a checkout and
+    site-packages) sharing the cache would rebuild in turn; the copy's path is the same for
+    all. (Their content is in the key.)"""
+    for path in _FILES:
+        dest = build_dir / path.name
+        if not dest.is_file():
+            # A unique temporary name, then an atomic rename: processes (DDP ranks) and
+            # threads may start at once; each writes the same bytes.
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=build_dir)
+            with os.fdopen(fd, "wb") as f:
+                f.write(path.read_bytes())
+            os.replace(tmp, dest)
+    return build_dir / _SRC.name
+
+
+def _sources_key() -> bytes:
+    """Every source file's name and bytes: a change to any of them is a new build."""
+    return b"".join(p.name.encode() + b"\0" + p.read_bytes() + b"\0" for p in _FILES)
 
 
 def _ninja_dir() -> Optional[str]:
@@ -121,7 +131,7 @@ def load_cpu_ext() -> Optional[ModuleType]:
         _status["error"] = "disabled by SANET_DISABLE_EXT"
         return None
     key = hashlib.sha256(
-        _SRC.read_bytes() + f"{torch.__version__}|{_isa()}|{_flags()}".encode()).hexdigest()[:12]
+        _sources_key() + f"{torch.__version__}|{_isa()}|{_flags()}".encode()).hexdigest()[:12]
     name = f"sanet_sa_cpu_{key}"
     try:
         # cpp_extension logs a CUDA_HOME notice on CPU machines that is irrelevant here.
