@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,39 @@ def test_no_ninja_anywhere_leaves_path_alone(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     cpu_ext._ensure_ninja_on_path()
     assert os.environ["PATH"] == str(tmp_path)
+
+
+def test_a_built_library_is_imported_without_running_ninja(tmp_path):
+    """A process finding the library built runs no ninja: a ninja of another version (pip's
+    1.13 in an activated venv, a system 1.11 otherwise) read the other's build log as stale
+    and rebuilt, about a minute each time."""
+    import subprocess
+
+    status = cpu_ext.cpu_ext_status()
+    if not status["loaded"]:
+        pytest.skip("fused CPU kernel unavailable")
+    assert (Path(status["path"]) / cpu_ext._BUILT).is_file()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    ran = tmp_path / "ninja-ran"
+    (fake / "ninja").write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    (fake / "ninja").chmod(0o755)
+    env = dict(os.environ, PATH=str(fake), SANET_EXT_DIR=str(Path(status["path"]).parent),
+               SANET_REQUIRE_EXT="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    code = ("from sanet.ops.cpu_ext import cpu_ext_status; s = cpu_ext_status(); "
+            "print(s['loaded'], s['path'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", status["path"]]
+    assert not ran.exists()
+
+
+def test_a_damaged_library_is_built_again(tmp_path):
+    """A library that does not import (a build killed mid-link) is not trusted again: the
+    marker goes, and cpp_extension builds it."""
+    name = "sanet_sa_cpu_000000000000"
+    (tmp_path / f"{name}.so").write_bytes(b"not an ELF file")
+    (tmp_path / cpu_ext._BUILT).write_text(name)
+    assert cpu_ext._import_built(tmp_path, name) is None
+    assert not (tmp_path / cpu_ext._BUILT).exists()
+    assert cpu_ext._import_built(tmp_path, name) is None  # no marker: not even tried

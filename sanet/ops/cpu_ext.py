@@ -4,8 +4,9 @@ and the headers it includes).
 The extension is compiled on first use with :func:`torch.utils.cpp_extension.load` (needs a
 C++ compiler; ~40 s on 2 cores) into ``$SANET_EXT_DIR`` or ``~/.cache/sanet/ext``, keyed by
 the source, the torch version and the CPU's vector ISA, so an upgrade or another machine
-rebuilds instead of loading a stale binary. Without a compiler, SA falls back to PyTorch ops
-with a one-time warning.
+rebuilds instead of loading a stale binary. Once built, it is imported directly, without
+cpp_extension or ninja (see :func:`_import_built`). Without a compiler, SA falls back to
+PyTorch ops with a one-time warning.
 
 Environment:
     SANET_DISABLE_EXT=1  never build or load the extension (pure-PyTorch fallback).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -124,6 +126,42 @@ def _ensure_ninja_on_path() -> None:
         os.environ["PATH"] = f"{path}{os.pathsep}{d}" if path else d
 
 
+#: Written into the build directory once its library was built and imported.
+_BUILT = "built.ok"
+
+
+def _import_built(build_dir: Path, name: str) -> Optional[ModuleType]:
+    """The library built earlier in ``build_dir``, imported without ninja; None if there is
+    none (or it does not import: then cpp_extension builds it again).
+
+    cpp_extension.load runs ninja in every process, a no-op when the build is up to date,
+    but ninja 1.12 changed the command hash in its build log: with pip's ninja (1.13) in an
+    activated venv and a system ninja (1.11) otherwise, each read the other's log as stale
+    and rebuilt, about a minute each time (seen 42 times in an hour on a shared machine),
+    rewriting a library other processes had loaded. The name holds the hash of the sources,
+    flags and torch version, so a built library in it is the right one."""
+    from torch.utils import cpp_extension
+
+    lib = build_dir / f"{name}{getattr(cpp_extension, 'LIB_EXT', '.so')}"
+    if not ((build_dir / _BUILT).is_file() and lib.is_file()):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, lib)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception:  # damaged or foreign: rebuild through cpp_extension
+        (build_dir / _BUILT).unlink(missing_ok=True)
+        return None
+
+
+def _mark_built(build_dir: Path, name: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{_BUILT}.", suffix=".tmp", dir=build_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(name + "\n")
+    os.replace(tmp, build_dir / _BUILT)
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpu_ext() -> Optional[ModuleType]:
     """The compiled extension module, or None if it is disabled or can't be built."""
@@ -138,13 +176,16 @@ def load_cpu_ext() -> Optional[ModuleType]:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load
 
-        _ensure_ninja_on_path()
         build_dir = _build_dir(name)
-        if not any(build_dir.glob("*.so")):
-            print("sanet: compiling the fused Shuffle Attention CPU kernels (once, about a "
-                  f"minute) into {build_dir}", file=sys.stderr, flush=True)
-        module = load(name=name, sources=[str(_source_in(build_dir))], extra_cflags=_flags(),
-                      extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+        module = _import_built(build_dir, name)
+        if module is None:
+            _ensure_ninja_on_path()
+            if not any(build_dir.glob("*.so")):
+                print("sanet: compiling the fused Shuffle Attention CPU kernels (once, about a "
+                      f"minute) into {build_dir}", file=sys.stderr, flush=True)
+            module = load(name=name, sources=[str(_source_in(build_dir))], extra_cflags=_flags(),
+                          extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+            _mark_built(build_dir, name)
     except Exception as exc:  # no compiler, headers missing, ...
         _status["error"] = f"{type(exc).__name__}: {exc}"
         if os.environ.get("SANET_REQUIRE_EXT", "") not in ("", "0"):
