@@ -69,6 +69,8 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, fsync, then atomically replace ``path``."""
     path = Path(path)
+    if path.is_dir():  # os.replace's own message names the temporary file
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # mkdir's messages don't say what is wrong
@@ -175,6 +177,9 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
     The format is read from the file's first bytes, never its name: a safetensors file named
     ``.pth`` loads as safetensors, a ``torch.save`` file named ``.safetensors`` with torch.load."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file (give the file, e.g. {path}/last.pt "
+                                "of a sanet train run)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if _starts_like_safetensors(path):  # by content only: a torch.save file named .safetensors loads too

@@ -20,5 +20,5 @@ def is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     # CUDA raises torch.cuda.OutOfMemoryError (aliased torch.OutOfMemoryError from torch 2.5);
-    # the CPU allocator a plain RuntimeError
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc)
+    # the CPU allocator a plain RuntimeError; Python and NumPy (image decoding) MemoryError
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)

@@ -84,6 +84,26 @@ def require_fused(impl: str) -> None:
 
 
 @pytest.fixture(scope="module")
+def data(tmp_path_factory, one_thread):
+    """A tiny 3-class ImageFolder (``train/``, ``val/``) per test module."""
+    from engine_utils import make_imagefolder
+
+    return make_imagefolder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data, one_thread):
+    """The output folder of a one-epoch ``sanet train`` of ``sa_resnet_test`` on ``data``."""
+    from engine_utils import train_argv
+
+    from sanet.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(train_argv(data, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Run in-process training on one thread: fast and predictable on a shared 2-core box."""
     before = torch.get_num_threads()

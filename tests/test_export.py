@@ -73,25 +73,26 @@ def test_torch_export_records_pytorch_ops():
         torch.testing.assert_close(ep.module()(inp), model(inp), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-exporter", "torchscript-exporter"])
-def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo):
+@pytest.mark.parametrize("dynamo,folding", [(True, True), (False, True), (False, False)],
+                         ids=["dynamo-exporter", "torchscript-exporter", "torchscript-exporter-no-folding"])
+def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo, folding):
+    """Both exporters with their defaults, and the legacy one without constant folding (an
+    earlier version of the export path lost the (1,)-shaped gate parameters of narrow SA
+    layers, c = 1, to its folding)."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     if dynamo:
         pytest.importorskip("onnxscript")
     model, x = _model_and_inputs(2)
     path = tmp_path / "model.onnx"
-    kwargs = {"dynamo": dynamo}
-    if not dynamo:
-        # The legacy exporter's constant folding drops initializers of the (1,)-shaped SA
-        # parameters of narrow layers (c = 1); the README says so.
-        kwargs["do_constant_folding"] = False
+    kwargs = {"dynamo": dynamo} if folding else {"dynamo": dynamo, "do_constant_folding": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(path), **kwargs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-5)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     # No 5-D reshape/transpose for converters that stop at 4-D (SA-NET.md section 4).
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
     ranks = [len(v.type.tensor_type.shape.dim) for v in graph.value_info]

@@ -15,20 +15,6 @@ from engine_utils import make_imagefolder, run_cli, train_argv
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, one_thread):
-    return make_imagefolder(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, data, one_thread):
-    from sanet.cli import main
-
-    out = tmp_path_factory.mktemp("run") / "run"
-    assert main(train_argv(data, out)) == 0
-    return out
-
-
 # --------------------------------------------------------------------------- image files
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     """Pillow's convert("RGB") clipped 16-bit greyscale: 9000/65535 (14% grey) became white."""
@@ -54,16 +40,16 @@ def test_gif_images_are_part_of_the_dataset(tmp_path):
     assert len(open_image_folder(root / "val", "evaluation")) == 7
 
 
-def test_predict_reads_in_batches_and_refuses_a_folder(capsys, run, data, monkeypatch):
+def test_predict_reads_in_batches_and_refuses_a_folder(capsys, trained_run, data, monkeypatch):
     import sanet.engine.predict as predict
 
     images = sorted((data / "val").rglob("*.png"))
-    code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), *map(str, images), "--json"])
+    code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(trained_run / "last.pt"), *map(str, images), "--json"])
     whole = json.loads(out)["predictions"]
     sizes = []
     real = predict.read_images
     monkeypatch.setattr(predict, "read_images", lambda paths, t: sizes.append(len(paths)) or real(paths, t))
-    code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), *map(str, images),
+    code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(trained_run / "last.pt"), *map(str, images),
                                     "--json", "--batch-size", "5"])
     assert code == 0 and sizes == [5, 5, 2]
     batched = json.loads(out)["predictions"]
@@ -71,11 +57,11 @@ def test_predict_reads_in_batches_and_refuses_a_folder(capsys, run, data, monkey
     for a, b in zip(batched, whole):
         assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
         assert a["top"][0]["prob"] == pytest.approx(b["top"][0]["prob"], abs=1e-5)
-    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), str(data / "val")])
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(trained_run / "last.pt"), str(data / "val")])
     assert code == 2 and f"{data / 'val'} is a folder; pass image files" in err
     code, _, err = run_cli(capsys, ["predict", "--checkpoint", "missing.pt", str(data / "val")])
     assert code == 2 and "is a folder" in err  # checked before the model is loaded
-    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), str(images[0]), "-b", "0"])
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(trained_run / "last.pt"), str(images[0]), "-b", "0"])
     assert code == 2 and "--batch-size must be at least 1, got 0" in err
 
 
@@ -99,7 +85,7 @@ def test_output_below_a_file_or_read_only_is_refused_first(capsys, tmp_path, dat
     assert code == 2 and f"{tmp_path / 'existing'} is not writable" in err
 
 
-def test_file_system_errors_are_user_errors_and_bugs_are_not(capsys, run, tmp_path):
+def test_file_system_errors_are_user_errors_and_bugs_are_not(capsys, trained_run, tmp_path):
     from sanet.cli import _for_the_user
 
     for code in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
@@ -108,7 +94,7 @@ def test_file_system_errors_are_user_errors_and_bugs_are_not(capsys, run, tmp_pa
     assert _for_the_user(IsADirectoryError(errno.EISDIR, "Is a directory", "x"))
     assert not _for_the_user(OSError(errno.EIO, "Input/output error", "x"))
     (tmp_path / "afile").write_text("x")
-    code, out, err = run_cli(capsys, ["convert", str(run / "last.pt"), str(tmp_path / "afile" / "d" / "w.safetensors"),
+    code, out, err = run_cli(capsys, ["convert", str(trained_run / "last.pt"), str(tmp_path / "afile" / "d" / "w.safetensors"),
                                       "--model", "sa_resnet_test", "--json"])
     assert f"{tmp_path / 'afile'}, is not a folder" in err
     assert code == 2 and "part of its folder path" in err and "is not a folder" in err and "Traceback" not in err
@@ -219,8 +205,8 @@ def test_json_output_is_strict():
         {"loss": None, "x": [None, 1.5], "top1": 10.0}
 
 
-def test_predict_under_torchrun_is_refused(capsys, run, data, monkeypatch):
+def test_predict_under_torchrun_is_refused(capsys, trained_run, data, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"),
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(trained_run / "last.pt"),
                                     str(next((data / "val").rglob("*.png")))])
     assert code == 2 and "sanet predict runs in one process" in err

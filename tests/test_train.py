@@ -13,11 +13,6 @@ from engine_utils import load_ckpt, make_imagefolder, run_cli, train_argv
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, one_thread):
-    return make_imagefolder(tmp_path_factory.mktemp("data"))
-
-
 def _weights(path):
     return load_ckpt(path)["model"]
 

@@ -14,11 +14,6 @@ from engine_utils import load_ckpt, make_imagefolder, run_cli, train_argv
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, one_thread):
-    return make_imagefolder(tmp_path_factory.mktemp("data"))
-
-
 def test_overwrite_deletes_nothing_when_the_new_command_fails(capsys, tmp_path, data):
     out = tmp_path / "run"
     assert run_cli(capsys, train_argv(data, out))[0] == 0

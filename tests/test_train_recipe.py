@@ -8,14 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine_utils import load_ckpt, make_imagefolder, run_cli, train_argv
+from engine_utils import load_ckpt, run_cli, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, one_thread):
-    return make_imagefolder(tmp_path_factory.mktemp("data"))
 
 
 # --------------------------------------------------------------------------- accumulation

@@ -57,11 +57,6 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path):
         assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, one_thread):
-    return make_imagefolder(tmp_path_factory.mktemp("data"))
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_leftovers_of_a_killed_write_are_removed(capsys, tmp_path, data):
     out = tmp_path / "run"

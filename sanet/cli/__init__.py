@@ -33,6 +33,12 @@ class _Parser(argparse.ArgumentParser):
 
     argv: List[str] = []  # set by main(): the raw arguments
 
+    def __init__(self, *args, **kwargs) -> None:
+        # No prefixes of long options: "--jso" would not be the "--json" that error() looks
+        # for, and a prefix that later gains a second match breaks scripts.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         if "--json" in _Parser.argv and os.environ.get("RANK", "0") == "0":  # one object per job
             # "sanet train" for a subcommand's errors; the top parser's (unrecognized
@@ -118,9 +124,10 @@ _USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 def _describe(exc: BaseException) -> str:
     """The error for the user. Under torchrun, a process whose peer stopped (a user error
     there, e.g. an unreadable image) fails inside a collective with a backend message."""
+    from ..engine.data import clean_worker_error
     from ..errors import is_out_of_memory
 
-    text = str(exc)
+    text = clean_worker_error(exc)  # an error re-raised from a DataLoader worker carries its traceback
     if is_out_of_memory(exc):
         text = f"out of memory ({text.splitlines()[0]}); try a smaller --batch-size"
     if _in_torchrun() and _is_peer_failure(exc):

@@ -150,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SanetError("--device cuda: no CUDA device is available (use --device cpu)")
+    if args.skip_layers and args.skip_models:
+        raise ValueError("--skip-layers and --skip-models together leave nothing to time; pass at most one")
+    if not args.skip_layers and not args.shapes:
+        raise ValueError("--shapes needs at least one NxCxHxW shape (or pass --skip-layers)")
     if not args.skip_models:
         _check_models(args)
     shapes = [_shape(s) for s in args.shapes]

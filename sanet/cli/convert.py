@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict
@@ -57,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     if args.output.suffix != ".safetensors":
         raise ValueError(f"output must end in .safetensors, got {args.output}")
+    if args.num_classes is not None and args.num_classes < 0:
+        raise ValueError(f"--num-classes must be 0 (no classifier) or more, got {args.num_classes}")
+    if args.output.is_file() and args.input.is_file() and os.path.samefile(args.output, args.input):
+        raise ValueError(f"the output {args.output} is the input file: converting in place would replace the "
+                         "source (and the model card's source_sha256 would describe the new file); write to "
+                         "another file")
     checkpoint = load_checkpoint_file(args.input)
     run_info = _run_metadata(checkpoint)
     has_ema = bool(run_info) and isinstance(checkpoint.get("model_ema"), dict)

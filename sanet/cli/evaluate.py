@@ -61,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model:
         check_model_name(args.model)
-    if args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--batch-size must be at least 1 and --workers 0 or more")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     loaded = load_for_inference(args.model, checkpoint=args.checkpoint, pretrained_file=args.pretrained_file,
                                 use_ema=args.ema)
     dataset = open_image_folder(args.data, "evaluation", skip_bad=args.skip_bad_images,
@@ -86,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
     if metrics["images"] == 0:  # every image was unreadable and skipped: there is no score
         raise ValueError(f"no image of {args.data} could be read ({metrics['skipped']} skipped as "
                          "unreadable): nothing was evaluated")
+    if metrics["nonfinite"]:  # NaN outputs still rank somewhere: the accuracy would be made up
+        raise ValueError(f"the model's outputs hold NaN or inf for {metrics['nonfinite']} of {metrics['images']} "
+                         f"images, so no score is reported: the weights "
+                         f"({args.checkpoint or args.pretrained_file}) hold NaN/inf or overflow"
+                         + (f" under --amp {args.amp} (try --amp none or bf16)" if args.amp != "none" else ""))
     result = {"top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4),
               "loss": round(metrics["loss"], 6), "images": metrics["images"],
               "skipped": metrics["skipped"], "images_per_s": round(metrics["images_per_s"], 1),

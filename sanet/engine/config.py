@@ -6,6 +6,7 @@ checkpoint loads with ``weights_only=True`` and tells how it was made.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, Dict
 
@@ -169,12 +170,14 @@ def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
 #: (argument, test, what is valid): checked in order by :func:`validate_train_args`.
 _CHECKS = (
     ("epochs", lambda v: v >= 1, "at least 1"),
+    ("drop_path", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("batch_size", lambda v: v >= 2, "at least 2 (BatchNorm's batch statistics and mixup need two "
      "images; --accum-steps makes a larger batch from small steps)"),
     ("accum_steps", lambda v: v >= 1, "at least 1"),
     ("workers", lambda v: v >= 0, "0 or more"),
     ("img_size", lambda v: v is None or v >= 8, "at least 8 pixels"),
     ("lr", lambda v: v is None or v > 0, "positive"),
+    ("lr_base", lambda v: v > 0, "positive"),
     ("weight_decay", lambda v: v >= 0, "0 or more"),
     ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("hflip", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
@@ -196,6 +199,7 @@ _CHECKS = (
     ("mixup_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("mixup_switch_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("reprob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("color_jitter", lambda v: v >= 0, "0 (off) or more"),
 )
 
 
@@ -213,6 +217,10 @@ _OWNED_MODEL_KWARGS = {
 
 def validate_train_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first invalid option and what is valid."""
+    for name, value in vars(args).items():  # inf passes "positive"; nan every comparison's negation
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name, ok, valid in _CHECKS:
         value = getattr(args, name)
         if not ok(value):
@@ -233,7 +241,22 @@ def validate_train_args(args: argparse.Namespace) -> None:
         args.compile = True  # the saved args say the run was compiled
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one")
+    if args.aa:
+        _check_aa_policy(args.aa)
     from timm.optim import list_optimizers
 
     if args.opt.lower() not in list_optimizers():
         raise ValueError(f"unknown --opt {args.opt!r}; timm optimizers: {', '.join(list_optimizers())}")
+
+
+def _check_aa_policy(policy: str) -> None:
+    """timm parses --aa only when it builds the transform (after the data and model are
+    loaded), with an AssertionError or KeyError: build a small one now for a clear message."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except Exception as exc:
+        raise ValueError(f"--aa {policy!r} is not a policy timm knows ({type(exc).__name__}: {exc}); e.g. "
+                         "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 (AugMix), original or v0 "
+                         "(AutoAugment)") from None

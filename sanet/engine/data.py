@@ -71,6 +71,8 @@ class SafeImageFolder(ImageFolder):
         path, target = self.samples[index]
         try:
             sample = self.loader(path)
+        except MemoryError:  # the machine's limit, not the file's fault: reported as out of memory
+            raise
         except Exception as exc:  # PIL raises several types (OSError, UnidentifiedImageError, ...)
             if self.skip_bad:
                 return None
@@ -191,7 +193,22 @@ def build_transform(data_config: Dict[str, Any], *, is_training: bool,
     """timm's train (RandomResizedCrop + flip + ...) or eval (resize + center crop) transform."""
     from timm.data import create_transform
 
+    if not is_training:
+        check_eval_resize(data_config)
     return create_transform(**data_config, is_training=is_training, **(aug or {}))
+
+
+def check_eval_resize(data_config: Dict[str, Any]) -> None:
+    """timm's eval transform resizes to floor(size / crop_pct) before the center crop: refuse
+    a crop_pct that makes that 0 pixels now, not as "height and width must be > 0" from
+    inside the first image's transform (which reads as if the image were bad)."""
+    import math
+
+    size, crop = min(data_config["input_size"][-2:]), data_config.get("crop_pct") or 0.875  # timm's default
+    if math.floor(size / crop) < 1:
+        raise ValueError(f"--crop-pct {crop:g} with image size {size} resizes images to "
+                         f"{math.floor(size / crop)} pixels before the {size}-pixel center crop: use a "
+                         f"crop_pct of at most {size} (usual values: 0.875-1.0; above 1 pads)")
 
 
 def _train_sampler(dataset, ctx: DistContext, seed: int) -> DistributedSampler:

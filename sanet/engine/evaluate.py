@@ -30,13 +30,15 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, *, amp: Optional[str] =
              channels_last: bool = False, target_map: Optional[torch.Tensor] = None,
              progress: bool = False, desc: str = "eval") -> Dict[str, float]:
     """``top1``/``top5`` (percent), mean ``loss``, ``images``, ``skipped``, ``images_per_s``
-    (after the first batch, which pays for lazy kernel loading and allocation).
+    (after the first batch, which pays for lazy kernel loading and allocation), and
+    ``nonfinite``: images whose outputs hold a NaN or inf (their ranks mean nothing).
 
     Sums are reduced over ranks, so each image counts once (the eval loader shards without
     padding). ``target_map`` maps dataset class indices to model outputs.
     """
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # correct1, correct5, loss, n, skipped
+    # correct1, correct5, loss, n, skipped, nonfinite
+    sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
     start = time.perf_counter()
     warm = None  # (time, images) after the first batch: throughput excludes one-time setup
     bar = tqdm(loader, desc=desc, disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
@@ -63,6 +65,7 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, *, amp: Optional[str] =
             sums[1] += hits.sum()
             sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
             sums[3] += n
+            sums[5] += (~logits.isfinite()).any(dim=1).sum()
             if warm is None:
                 warm = (time.perf_counter(), sums[3].item())
     except UnreadableImageError as exc:  # re-raised from a worker: keep only the message
@@ -82,6 +85,7 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, *, amp: Optional[str] =
         "loss": sums[2].item() / n,
         "images": int(sums[3].item()),
         "skipped": int(sums[4].item()),
+        "nonfinite": int(sums[5].item()),
         "seconds": seconds,
         "images_per_s": per_s,
     }

@@ -1,6 +1,7 @@
 """Image files as 8-bit RGB, for training, ``sanet eval`` and ``sanet predict`` alike."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Union
 
@@ -14,7 +15,6 @@ __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_rgb"]
 #: first frame). Pillow reads GIFs, and ``sanet predict`` took them, but ImageFolder skipped
 #: them without a word.
 IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif",)
-
 
 
 def _is_16_bit(img: Image.Image) -> bool:
@@ -31,7 +31,9 @@ def _is_16_bit(img: Image.Image) -> bool:
 
 
 def is_image_file(path: str) -> bool:
-    return has_file_allowed_extension(path, IMAGE_EXTENSIONS)
+    """An image extension, and not a hidden file: macOS leaves ``._name.png`` metadata files
+    (AppleDouble) beside copied images, which no image reader can decode."""
+    return has_file_allowed_extension(path, IMAGE_EXTENSIONS) and not os.path.basename(path).startswith(".")
 
 
 def load_rgb(path: Union[str, Path]) -> Image.Image:
@@ -39,6 +41,9 @@ def load_rgb(path: Union[str, Path]) -> Image.Image:
     Pillow's ``convert("RGB")`` clips it instead, which made every value above 255 white."""
     with open(path, "rb") as f:
         img = Image.open(f)
+        if img.mode == "F":  # convert("RGB") would clip every value to [0, 255], silently
+            raise ValueError("a 32-bit floating-point image (Pillow mode F) has no defined value range; "
+                             "save it as 8- or 16-bit")
         sixteen = _is_16_bit(img)
         img.load()
     if sixteen:

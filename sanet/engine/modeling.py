@@ -38,6 +38,22 @@ def _has_stem(state_dict: Dict[str, torch.Tensor], model_name: str) -> bool:
     return f"{first_conv}.weight" in state_dict
 
 
+def _check_rgb_stem(state_dict: Dict[str, torch.Tensor], model_name: str, source: Path) -> None:
+    """eval and predict read images as RGB: weights whose first conv takes another number of
+    channels (a model built with in_chans=1, say) can't be fed by them."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    first_conv = (cfg.first_conv if cfg is not None else None) or "conv1"
+    weight = state_dict.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[1] != 3:
+        raise SanetError(
+            f"{source}: {model_name}'s first conv ({first_conv}) takes {weight.shape[1]}-channel input; sanet "
+            f"eval and predict read every image as RGB and run 3-channel models only. Use it from Python: "
+            f"timm.create_model({model_name!r}, in_chans={weight.shape[1]}, pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file={str(source)!r}), num_classes=...) with your own preprocessing")
+
+
 def _registered_arch(checkpoint: Any, path: Path) -> Optional[str]:
     """The architecture a weights file records, if it is a model timm knows: ``arch`` in the
     authors' layout, ``model`` in the metadata of a ``sanet convert`` safetensors file."""
@@ -281,6 +297,7 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
         data_args = {k: run_info[k] for k in ("img_size", "crop_pct", "interpolation") if k in run_info}
         model_kwargs = _checked_settings(source, data_args, run_info.get("model_kwargs") or {})
         model_kwargs = _groups_read_off(state_dict, name, model_kwargs, source)
+    _check_rgb_stem(state_dict, name, source)
     model = _create(name, model_kwargs, num_classes=num_classes, **model_kwargs)
     model.load_state_dict(check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file)))
     model.eval()

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .data import UnreadableImageError
+from .data import UnreadableImageError, check_eval_resize
 from .images import load_rgb
 
 __all__ = ["eval_transform", "target_map_for", "check_image_paths", "read_images", "topk_predictions"]
@@ -29,6 +29,7 @@ def eval_transform(model: nn.Module, data_args: Dict[str, Any], img_size: Option
     if size:
         overrides["input_size"] = (3, int(size), int(size))
     cfg = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
+    check_eval_resize(cfg)
     return create_transform(**cfg, is_training=False)
 
 
@@ -80,9 +81,14 @@ def read_images(paths: Sequence[Path], transform) -> torch.Tensor:
     tensors = []
     for path in map(Path, paths):
         try:
-            tensors.append(transform(load_rgb(path)))
+            image = load_rgb(path)
+        except MemoryError:  # the machine's limit, not the file's fault: reported as out of memory
+            raise
         except Exception as exc:  # PIL raises several types for bad files
             raise UnreadableImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+        # Outside the try: the transform follows the options (--img-size, --crop-pct, checked
+        # when it was built), and its failure is not the file's.
+        tensors.append(transform(image))
     return torch.stack(tensors)
 
 
@@ -90,7 +96,11 @@ def read_images(paths: Sequence[Path], transform) -> torch.Tensor:
 def topk_predictions(model: nn.Module, images: torch.Tensor, k: int,
                      class_names: Optional[Sequence[str]]) -> List[List[Dict[str, Any]]]:
     """Per image, the k most probable classes: ``index``, ``label``, ``prob`` (softmax)."""
-    probs = model(images).float().softmax(dim=-1)
+    logits = model(images).float()
+    if not logits.isfinite().all():  # softmax of NaN is NaN: a "nan%" ranking is no prediction
+        raise ValueError("the model's outputs hold NaN or inf: its weights hold NaN/inf or overflow; no "
+                         "prediction is made")
+    probs = logits.softmax(dim=-1)
     top = probs.topk(min(k, probs.shape[-1]), dim=-1)
     return [
         [{"index": int(i), "label": class_names[int(i)] if class_names else f"class {int(i)}",

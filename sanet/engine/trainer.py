@@ -12,7 +12,6 @@ import argparse
 import datetime
 import math
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from ..checkpoint import remove_stale_temps
 from .config import RUN_CONTROL_KEYS, plain_args, to_plain, validate_train_args
 from .data import build_eval_loader, build_train_loader, build_transform, open_train_val, reseed_loader
 from .distributed import DistContext, broadcast_buffers, cleanup_distributed, init_distributed
@@ -28,14 +26,12 @@ from .evaluate import evaluate
 from .logs import RunLogger, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model
+from .run_dir import check_output, overwrite_guard, prepare_output
 from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
 from .state import load_resume_checkpoint, optional_state, restore_best_checkpoint, save_training_checkpoint, \
     seed_epoch, seed_everything
 
 __all__ = ["fit"]
-
-_RUN_FILES = ("last.pt", "best.pt", "log.csv", "curves.png", "tb")
-
 
 @contextmanager
 def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
@@ -70,38 +66,6 @@ def fit(args: argparse.Namespace) -> Dict[str, Any]:
 def _say(ctx: DistContext, *parts: Any) -> None:
     if ctx.is_main:
         print(*parts, flush=True)
-
-
-def _check_output(out: Path, args: argparse.Namespace) -> None:
-    """Refuse to silently overwrite a previous run, or to write into a file."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {out} is a file; give a folder (it receives last.pt, best.pt, "
-                         "log.csv, tb/ and curves.png)")
-    if (out / "last.pt").exists() and not (args.resume or args.overwrite):
-        raise ValueError(f"{out} already holds a run ({out / 'last.pt'}): pass --resume to continue "
-                         "it, --overwrite to start afresh, or choose another --output")
-    # The folder, or the nearest one above it that exists, must take new files: checked now,
-    # not after the data and model are loaded (and TensorBoard's writer thread has started).
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--output {out}: {existing} is a file, so no folder can be made there")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {out}: {existing} is not writable (read-only or not yours); "
-                         "choose another --output")
-
-
-def _prepare_output(out: Path, args: argparse.Namespace, ctx: DistContext) -> None:
-    """Create the run folder; ``--overwrite`` clears the previous run. Called once the new run
-    has passed every check (data, model, options), so a mistyped command loses nothing."""
-    if ctx.is_main:
-        if args.overwrite:
-            for name in _RUN_FILES:
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("last.pt", "best.pt", "log.csv"):  # left by a kill during a write; the files are intact
-            for tmp in remove_stale_temps(out / name):
-                _say(ctx, f"removed {tmp.name}, an unfinished write of {name} from an interrupted run")
 
 
 def _sa_groups_from(args: argparse.Namespace, state_dict: Dict[str, torch.Tensor]) -> None:
@@ -342,7 +306,7 @@ def _check_val_loss_finite(row: Dict[str, Any], out: Path, epoch: int) -> None:
 
 def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.output)
-    _check_output(out, args)
+    check_output(out, resume=args.resume, overwrite=args.overwrite)
     train_ds, val_ds = open_train_val(args.data, args.skip_bad_images)
     class_names: List[str] = list(train_ds.classes)
     ckpt = load_resume_checkpoint(out, args.model, class_names) if args.resume else None
@@ -362,59 +326,63 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                          f"epoch (per process); use at most {len(train_loader)}")
     updates_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
     state = _build_state(args, model, ctx, len(class_names), updates_per_epoch)
-    _prepare_output(out, args, ctx)
+    if ctx.is_main:
+        for note in prepare_output(out, overwrite=args.overwrite):
+            _say(ctx, note)
+    # Until this run's first last.pt, a failure puts back the run --overwrite moved aside.
+    with overwrite_guard(out, active=ctx.is_main) as checkpointed:
+        start_epoch, best, best_epoch, history = 0, -1.0, 0, []
+        if ckpt is not None:
+            _resume(args, ckpt, state, ctx, updates_per_epoch)
+            start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
+            best, best_epoch = float(ckpt.get("best_top1", -1.0)), int(ckpt.get("best_epoch", 0))
+            _say(ctx, f"resumed {out / 'last.pt'}: {start_epoch} epoch(s) done, best top-1 {best:.2f}")
+            if ctx.is_main and restore_best_checkpoint(out, ckpt):
+                _say(ctx, f"restored {out / 'best.pt'} from last.pt (its best epoch; the run was "
+                          "interrupted before writing best.pt)")
+        _wrap(state, args, ctx)
+        _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
+                  f"{ctx.world_size} process(es) on {ctx.device.type}, global batch "
+                  f"{args.global_batch}, lr {args.lr_resolved:.4g}, "
+                  f"{updates_per_epoch} updates/epoch, img {args.img_size}")
 
-    start_epoch, best, best_epoch, history = 0, -1.0, 0, []
-    if ckpt is not None:
-        _resume(args, ckpt, state, ctx, updates_per_epoch)
-        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history") or [])
-        best, best_epoch = float(ckpt.get("best_top1", -1.0)), int(ckpt.get("best_epoch", 0))
-        _say(ctx, f"resumed {out / 'last.pt'}: {start_epoch} epoch(s) done, best top-1 {best:.2f}")
-        if ctx.is_main and restore_best_checkpoint(out, ckpt):
-            _say(ctx, f"restored {out / 'best.pt'} from last.pt (its best epoch; the run was "
-                      "interrupted before writing best.pt)")
-    _wrap(state, args, ctx)
-    _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
-              f"{ctx.world_size} process(es) on {ctx.device.type}, global batch "
-              f"{args.global_batch}, lr {args.lr_resolved:.4g}, "
-              f"{updates_per_epoch} updates/epoch, img {args.img_size}")
-
-    logger = RunLogger(out, start_epoch) if ctx.is_main else None
-    run_start, progress = time.perf_counter(), not args.no_progress
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            seed_epoch(args.seed, epoch, ctx.rank)
-            reseed_loader(train_loader, epoch, args.seed)
-            try:
-                row: Dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(
-                    state, train_loader, ctx, epoch, args.epochs, progress)}
-            except NonFiniteLossError as exc:
-                raise NonFiniteLossError(f"{exc}. {_kept_message(out, epoch)}") from None
-            if row["train_images"] == 0:  # a loss of 0 would be logged as if the epoch trained
-                raise ValueError(
-                    f"epoch {epoch + 1} trained on no image: {row['train_skipped']} training image(s) could not "
-                    f"be read (--skip-bad-images), and a batch needs 2 readable images. "
-                    f"{_kept_message(out, epoch)}")
-            _check_weights_finite(state, out, epoch)
-            row.update(_validate(state, val_loader, ctx, args, progress))
-            _check_val_loss_finite(row, out, epoch)
-            history.append(row)
-            metric = row.get("val_top1_ema", row["val_top1"])
-            is_best = metric > best
-            if is_best:
-                best, best_epoch = metric, epoch + 1
-            if ctx.is_main:
-                logger.log_epoch(history)  # before last.pt, the commit point (see save_training_checkpoint)
-                save_training_checkpoint(out, _checkpoint(args, state, epoch + 1, best, best_epoch,
-                                                          class_names, history), is_best)
-                per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
-                _say(ctx, _epoch_line(row, args.epochs, is_best, per_epoch * (args.epochs - epoch - 1)))
-    finally:
-        if logger is not None:
-            logger.close()
-    curves = plot_curves(history, out / "curves.png", title=f"{args.model} on {Path(args.data).name}") \
-        if ctx.is_main and history else None
-    return _summary(args, out, history, best, best_epoch, curves, time.perf_counter() - run_start, ctx)
+        logger = RunLogger(out, start_epoch) if ctx.is_main else None
+        run_start, progress = time.perf_counter(), not args.no_progress
+        try:
+            for epoch in range(start_epoch, args.epochs):
+                seed_epoch(args.seed, epoch, ctx.rank)
+                reseed_loader(train_loader, epoch, args.seed)
+                try:
+                    row: Dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(
+                        state, train_loader, ctx, epoch, args.epochs, progress)}
+                except NonFiniteLossError as exc:
+                    raise NonFiniteLossError(f"{exc}. {_kept_message(out, epoch)}") from None
+                if row["train_images"] == 0:  # a loss of 0 would be logged as if the epoch trained
+                    raise ValueError(
+                        f"epoch {epoch + 1} trained on no image: {row['train_skipped']} training image(s) could not "
+                        f"be read (--skip-bad-images), and a batch needs 2 readable images. "
+                        f"{_kept_message(out, epoch)}")
+                _check_weights_finite(state, out, epoch)
+                row.update(_validate(state, val_loader, ctx, args, progress))
+                _check_val_loss_finite(row, out, epoch)
+                history.append(row)
+                metric = row.get("val_top1_ema", row["val_top1"])
+                is_best = metric > best
+                if is_best:
+                    best, best_epoch = metric, epoch + 1
+                if ctx.is_main:
+                    logger.log_epoch(history)  # before last.pt, the commit point (see save_training_checkpoint)
+                    save_training_checkpoint(out, _checkpoint(args, state, epoch + 1, best, best_epoch,
+                                                              class_names, history), is_best)
+                    checkpointed()  # a previous run that --overwrite moved aside goes now
+                    per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
+                    _say(ctx, _epoch_line(row, args.epochs, is_best, per_epoch * (args.epochs - epoch - 1)))
+        finally:
+            if logger is not None:
+                logger.close()
+        curves = plot_curves(history, out / "curves.png", title=f"{args.model} on {Path(args.data).name}") \
+            if ctx.is_main and history else None
+        return _summary(args, out, history, best, best_epoch, curves, time.perf_counter() - run_start, ctx)
 
 
 def _summary(args, out: Path, history, best: float, best_epoch: int, curves, seconds: float,

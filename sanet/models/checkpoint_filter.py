@@ -114,6 +114,15 @@ def _hint(state_dict: Dict[str, Tensor], model: nn.Module, missing: List[str], u
         return ("this is a features_only model: it has no classifier (nor the layers after its "
                 "out_indices), so the file's classifier keys are unexpected; load features_only models "
                 f"with {via_timm.format('features_only=True')}")
+    absent = sorted({k.split(".")[0] for k in missing} - {k.split(".")[0] for k in state_dict})
+    head_module = str(cfg.get("classifier") or "").split(".")[0]
+    if (missing and set(absent) - {head_module} and not (unexpected or mismatched)
+            and all(k.split(".")[0] in absent for k in missing)):
+        # (a missing classifier alone has its own hint, below)
+        # whole top-level layers are missing and nothing else differs: a part of this model
+        return (f"the file holds no {', '.join(absent)} at all, only part of the model (e.g. the weights of "
+                "a features_only model with fewer out_indices); load full weights: a features_only model "
+                f"takes the layers it has from them ({via_timm.format('features_only=True')})")
     classifier, first_conv = cfg.get("classifier"), cfg.get("first_conv")
     expected = model.state_dict()
     head = {f"{classifier}.weight", f"{classifier}.bias"} if isinstance(classifier, str) else set()

@@ -1,0 +1,113 @@
+"""The run folder of ``sanet train`` (``--output``): refuse to overwrite a run by accident, and
+make ``--overwrite`` lose the previous run only once the new one has a checkpoint.
+
+``--overwrite`` moves the previous run's files into ``OUT/.replaced-run`` and deletes them
+after the new run's first ``last.pt`` is written; a run that fails (or is interrupted) before
+that puts them back. A ``kill -9`` in that window leaves them in ``.replaced-run``, where
+:func:`check_output` finds them and says so.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+from ..checkpoint import remove_stale_temps
+
+__all__ = ["RUN_FILES", "REPLACED_DIR", "check_output", "prepare_output", "overwrite_guard",
+           "restore_replaced"]
+
+#: What a run writes into OUT (all of it goes when --overwrite starts afresh).
+RUN_FILES = ("last.pt", "best.pt", "log.csv", "curves.png", "tb")
+#: Where --overwrite keeps the previous run until the new one has a checkpoint.
+REPLACED_DIR = ".replaced-run"
+# Files that mean OUT holds a run worth keeping (tb/ alone is a run stopped in its 1st epoch).
+_RUN_RECORDS = ("last.pt", "best.pt", "log.csv")
+
+
+def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to silently overwrite a previous run, or to write into a file."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; give a folder (it receives last.pt, best.pt, "
+                         "log.csv, tb/ and curves.png)")
+    replaced = out / REPLACED_DIR
+    if replaced.exists() and not overwrite:
+        raise ValueError(f"{out}: --overwrite moved a previous run's files into {replaced} and was interrupted "
+                         "before the new run wrote a checkpoint. Move them back into the folder to keep "
+                         "that run (then --resume continues it), or pass --overwrite to discard them")
+    held = [name for name in _RUN_RECORDS if (out / name).exists()]
+    if held and not (resume or overwrite):
+        raise ValueError(f"{out} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+                         "--overwrite to start afresh, or choose another --output")
+    # The folder, or the nearest one above it that exists, must take new files: checked now,
+    # not after the data and model are loaded (and TensorBoard's writer thread has started).
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output {out}: {existing} is a file, so no folder can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {out}: {existing} is not writable (read-only or not yours); "
+                         "choose another --output")
+
+
+def prepare_output(out: Path, *, overwrite: bool) -> List[str]:
+    """Create the run folder; with ``overwrite``, move the previous run aside (see the module
+    docstring). Returns notes for the user (unfinished writes removed). Rank 0 only."""
+    notes = []
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        replaced = out / REPLACED_DIR
+        if replaced.exists():  # an earlier --overwrite interrupted: the user asked to discard it again
+            shutil.rmtree(replaced)
+        moved = [name for name in RUN_FILES if (out / name).exists()]
+        if moved:
+            replaced.mkdir()
+            for name in moved:
+                os.replace(out / name, replaced / name)
+    for name in ("last.pt", "best.pt", "log.csv"):  # left by a kill during a write; the files are intact
+        for tmp in remove_stale_temps(out / name):
+            notes.append(f"removed {tmp.name}, an unfinished write of {name} from an interrupted run")
+    return notes
+
+
+@contextmanager
+def overwrite_guard(out: Path, *, active: bool) -> Iterator[Callable[[], None]]:
+    """Around a run that ``prepare_output`` may have moved a previous run aside for (``active``:
+    this process did it). Yields ``checkpointed``, to call once the new run's ``last.pt`` is
+    written: the previous run's files then go. Until then, any exception (Ctrl-C included)
+    puts them back before it propagates."""
+    pending = active and (out / REPLACED_DIR).is_dir()
+
+    def checkpointed() -> None:
+        nonlocal pending
+        if pending:
+            shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)
+            pending = False
+
+    try:
+        yield checkpointed
+    except BaseException:
+        if pending and restore_replaced(out):
+            print(f"sanet train: the new run stopped before its first checkpoint; the previous run in {out} "
+                  "is restored", file=sys.stderr, flush=True)
+        raise
+
+
+def restore_replaced(out: Path) -> bool:
+    """The new run stopped before its first checkpoint: remove what it wrote and put the
+    previous run's files back. Returns whether there was anything to restore."""
+    replaced = out / REPLACED_DIR
+    if not replaced.is_dir():
+        return False
+    for name in RUN_FILES:
+        kept, new = replaced / name, out / name
+        if new.is_dir():
+            shutil.rmtree(new)
+        elif new.exists():
+            new.unlink()
+        if kept.exists():
+            os.replace(kept, new)
+    shutil.rmtree(replaced)
+    return True

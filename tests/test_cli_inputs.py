@@ -1,0 +1,206 @@
+"""Options and paths users get wrong: each is refused up front with a message naming the
+option (or file) and what is valid, never a traceback or a message blaming a good image."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine_utils import make_imagefolder, run_cli, train_argv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--drop-path", "2"], "--drop-path must be in [0, 1)"),
+    (["--drop-path", "-1"], "--drop-path must be in [0, 1)"),
+    (["--lr-base", "0"], "--lr-base must be positive"),
+    (["--lr-base", "-1"], "--lr-base must be positive"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--decay-epochs", "inf"], "--decay-epochs must be a finite number"),
+    (["--scale", "0.1", "inf"], "--scale must be a finite number"),
+    (["--color-jitter", "-1"], "--color-jitter must be 0 (off) or more"),
+    (["--aa", "foo"], "--aa 'foo' is not a policy timm knows"),
+    (["--crop-pct", "100"], "--crop-pct 100 with image size 16 resizes images to 0 pixels"),
+])
+def test_bad_training_options_are_refused_before_the_run(capsys, tmp_path, data, flags, named):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, train_argv(data, out, "--json", *flags))
+    assert code == 2 and named in err, err
+    assert named in json.loads(stdout)["error"]
+    assert not out.exists()  # refused before the run folder was made
+
+
+def test_good_aa_policies_pass():
+    from sanet.engine.config import _check_aa_policy
+
+    for policy in ("rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original", "v0"):
+        _check_aa_policy(policy)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_a_crop_pct_too_large_names_the_option_not_the_image(capsys, trained_run, data, command):
+    ckpt = ["--checkpoint", str(trained_run / "last.pt"), "--crop-pct", "100"]
+    target = ["--data", str(data / "val"), "--workers", "0"] if command == "eval" else \
+        [str(next((data / "val" / "a").iterdir()))]
+    code, _, err = run_cli(capsys, [command, *ckpt, *target])
+    assert code == 2 and "--crop-pct 100" in err and "cannot read image" not in err, err
+
+
+def test_eval_names_the_bad_number(capsys, trained_run, data):
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", str(trained_run / "last.pt"), "--batch-size", "0", "--data", str(data / "val")])
+    assert code == 2 and "--batch-size must be at least 1, got 0" in err
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", str(trained_run / "last.pt"), "--workers", "-1", "--data", str(data / "val")])
+    assert code == 2 and "--workers must be 0 or more, got -1" in err
+
+
+def test_a_folder_given_as_a_checkpoint_says_so(capsys, trained_run, data):
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", str(trained_run), "--data", str(data / "val")])
+    assert code == 2 and "is a folder, not a checkpoint file" in err and "last.pt" in err
+    code, _, err = run_cli(capsys, ["convert", str(trained_run), str(trained_run.parent / "x.safetensors"), "--model", "sa_resnet_test"])
+    assert code == 2 and "is a folder" in err
+
+
+def test_atomic_write_to_a_folder_names_it_not_a_temporary_file(tmp_path):
+    from sanet.checkpoint import atomic_write
+
+    with pytest.raises(IsADirectoryError, match="it is a folder") as info:
+        atomic_write(tmp_path, lambda tmp: open(tmp, "w").close())
+    assert ".tmp" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_convert_refuses_to_write_over_its_input(capsys, trained_run, tmp_path):
+    src = tmp_path / "w.safetensors"
+    assert run_cli(capsys, ["convert", str(trained_run / "last.pt"), str(src), "--model", "sa_resnet_test"])[0] == 0
+    before = src.read_bytes()
+    code, _, err = run_cli(capsys, ["convert", str(src), str(src), "--model", "sa_resnet_test"])
+    assert code == 2 and "is the input file" in err and src.read_bytes() == before
+    code, _, err = run_cli(capsys, ["convert", str(src), str(tmp_path / "v.safetensors"), "--model",
+                                    "sa_resnet_test", "--num-classes", "-1"])
+    assert code == 2 and "--num-classes must be 0 (no classifier) or more, got -1" in err
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--skip-layers", "--skip-models"], "leave nothing to time"),
+    (["--shapes", "--skip-models"], "--shapes needs at least one"),
+])
+def test_bench_refuses_a_run_that_times_nothing(capsys, flags, named):
+    code, stdout, err = run_cli(capsys, ["bench", "--json", *flags])
+    assert code == 2 and named in err and named in json.loads(stdout)["error"]
+
+
+def test_abbreviated_options_are_refused(capsys):
+    """argparse takes "--jso" for "--json" by default; the JSON error object looks for the
+    full flag, and a prefix can become ambiguous when a flag is added."""
+    with pytest.raises(SystemExit) as info:
+        run_cli(capsys, ["models", "--jso"])
+    assert info.value.code == 2 and "unrecognized arguments: --jso" in capsys.readouterr().err
+
+
+def test_memory_error_is_out_of_memory_not_a_bad_image(tmp_path, monkeypatch):
+    from sanet.engine import predict
+    from sanet.errors import is_out_of_memory
+
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(ValueError("x"))
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(img)
+
+    def no_memory(path):
+        raise MemoryError()
+
+    monkeypatch.setattr(predict, "load_rgb", no_memory)
+    with pytest.raises(MemoryError):
+        predict.read_images([img], transform=lambda im: torch.zeros(3))
+
+
+def test_a_transform_error_is_not_reported_as_an_unreadable_image(tmp_path):
+    from sanet.engine.predict import read_images
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(img)
+
+    def broken(image):
+        raise ValueError("transform failed")
+
+    with pytest.raises(ValueError, match="^transform failed$"):
+        read_images([img], broken)
+
+
+def test_worker_tracebacks_are_cut_from_every_error():
+    from sanet.cli import _describe
+
+    wrapped = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                         "call last):\n  File \"x.py\", line 1, in f\nValueError: height and width must be > 0\n")
+    assert _describe(wrapped) == "height and width must be > 0"
+
+
+def test_hidden_files_are_not_images(tmp_path):
+    """macOS copies leave ._name.png (AppleDouble metadata) beside each image."""
+    from sanet.engine.data import open_image_folder
+
+    root = make_imagefolder(tmp_path / "d", per_class=2) / "train"
+    (root / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    ds = open_image_folder(root, what="training")
+    assert all("._" not in p for p, _ in ds.samples) and len(ds) == 6
+
+
+def test_float_images_are_refused_not_clipped(tmp_path):
+    from sanet.engine.images import load_rgb
+
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F").save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match="floating-point"):
+        load_rgb(tmp_path / "f.tif")
+
+
+@pytest.fixture()
+def nan_weights(trained_run, tmp_path):
+    from safetensors.torch import save_file
+
+    state = torch.load(trained_run / "last.pt", weights_only=True)["model"]
+    state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
+    path = tmp_path / "nan.safetensors"
+    save_file(state, str(path), metadata={"model": "sa_resnet_test"})
+    return path
+
+
+def test_eval_reports_no_score_for_nan_outputs(capsys, nan_weights, data):
+    """NaN logits still rank somewhere: the run used to print a top-1 of 33% and exit 0."""
+    code, stdout, err = run_cli(capsys, ["eval", "--pretrained-file", str(nan_weights), "--data", str(data / "val"),
+                                         "--workers", "0", "--json"])
+    assert code == 2 and "NaN or inf for 12 of 12 images" in err, err
+    assert "top1" not in json.loads(stdout)
+
+
+def test_predict_refuses_nan_outputs(capsys, nan_weights, data):
+    image = str(next((data / "val" / "a").iterdir()))
+    code, stdout, err = run_cli(capsys, ["predict", "--pretrained-file", str(nan_weights), image])
+    assert code == 2 and "NaN or inf" in err and "nan%" not in stdout
+
+
+def test_eval_and_predict_refuse_a_model_for_other_channel_counts(capsys, tmp_path, data):
+    import timm
+
+    path = tmp_path / "gray.pth"
+    torch.save(timm.create_model("sa_resnet_test", in_chans=1, num_classes=3).state_dict(), path)
+    image = str(next((data / "val" / "a").iterdir()))
+    for argv in (["eval", "--data", str(data / "val")], ["predict", image]):
+        code, _, err = run_cli(capsys, [*argv, "--model", "sa_resnet_test", "--pretrained-file", str(path)])
+        assert code == 2 and "takes 1-channel input" in err and "in_chans=1" in err, err
+
+
+def test_a_part_of_the_model_is_named_as_such(tmp_path):
+    """Weights of a features_only model with fewer stages are not "another architecture"."""
+    import timm
+
+    from sanet.models import CheckpointMismatchError
+
+    part = timm.create_model("sa_resnet_test", features_only=True, out_indices=(1, 2))
+    torch.save(part.state_dict(), tmp_path / "part.pth")
+    with pytest.raises(CheckpointMismatchError, match="holds no layer3, layer4 at all, only part of the model"):
+        timm.create_model("sa_resnet_test", features_only=True, out_indices=(1, 2, 3), pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "part.pth")))

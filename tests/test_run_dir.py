@@ -1,0 +1,102 @@
+"""The run folder: ``--overwrite`` loses the previous run only once the new one has a
+checkpoint, and a folder holding any record of a run (last.pt, best.pt, log.csv) is not
+overwritten without ``--resume`` or ``--overwrite``."""
+from __future__ import annotations
+
+import pytest
+
+from engine_utils import run_cli, train_argv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def run(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out))[0] == 0
+    return out
+
+
+def _files(out):
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom in epoch 1"), KeyboardInterrupt()])
+def test_overwrite_that_fails_before_its_first_checkpoint_restores_the_previous_run(
+        capsys, run, data, monkeypatch, error):
+    before = _files(run)
+    assert {"last.pt", "best.pt", "log.csv", "curves.png"} <= set(before)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("sanet.engine.trainer.train_one_epoch", fail)
+    from sanet.cli import main
+
+    if isinstance(error, KeyboardInterrupt):
+        assert main(train_argv(data, run, "--overwrite")) == 130  # main reports Ctrl-C
+    else:
+        with pytest.raises(RuntimeError, match="boom"):  # a bug's traceback propagates
+            main(train_argv(data, run, "--overwrite"))
+    assert _files(run) == before  # every file back, byte for byte
+    assert not (run / ".replaced-run").exists()
+    assert "previous run" in capsys.readouterr().err
+
+
+def test_overwrite_discards_the_previous_run_once_the_new_one_has_a_checkpoint(capsys, run, data):
+    before = (run / "last.pt").read_bytes()
+    assert run_cli(capsys, train_argv(data, run, "--overwrite", "--seed", "7"))[0] == 0
+    assert (run / "last.pt").read_bytes() != before
+    assert not (run / ".replaced-run").exists()
+
+
+def test_a_later_failure_keeps_the_new_runs_checkpoint(run, data, monkeypatch):
+    """Past the first checkpoint the previous run is gone for good: a failure in epoch 2 keeps
+    the new epoch-1 checkpoint (it must not restore the old files over it)."""
+    from sanet.engine import trainer
+
+    real, calls = trainer.train_one_epoch, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in epoch 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", fail_second)
+    before = (run / "last.pt").read_bytes()
+    from sanet.cli import main
+
+    with pytest.raises(RuntimeError, match="boom in epoch 2"):
+        main(train_argv(data, run, "--overwrite", "--seed", "7", epochs=2))
+    assert len(calls) == 2
+    assert (run / "last.pt").exists() and (run / "last.pt").read_bytes() != before
+    assert not (run / ".replaced-run").exists()
+
+
+@pytest.mark.parametrize("kept", ["best.pt", "log.csv", "last.pt"])
+def test_any_record_of_a_run_is_not_overwritten_silently(capsys, run, data, kept):
+    for name in ("last.pt", "best.pt", "log.csv"):
+        if name != kept:
+            (run / name).unlink()
+    before = (run / kept).read_bytes()
+    code, _, err = run_cli(capsys, train_argv(data, run))
+    assert code == 2 and "already holds a run" in err and kept in err
+    assert (run / kept).read_bytes() == before
+
+
+def test_files_moved_aside_by_an_interrupted_overwrite_are_reported(capsys, run, data):
+    """A kill -9 between --overwrite moving the old run aside and the new run's first
+    checkpoint leaves the old files in .replaced-run: a later command says where they are."""
+    aside = run / ".replaced-run"
+    aside.mkdir()
+    for name in ("last.pt", "best.pt", "log.csv"):
+        (run / name).rename(aside / name)
+    code, _, err = run_cli(capsys, train_argv(data, run))
+    assert code == 2 and ".replaced-run" in err and "Move them back" in err
+    code, _, err = run_cli(capsys, train_argv(data, run, "--resume"))
+    assert code == 2 and ".replaced-run" in err
+    assert (aside / "last.pt").exists()
+    # --overwrite again: the user discards them
+    assert run_cli(capsys, train_argv(data, run, "--overwrite"))[0] == 0
+    assert not aside.exists() and (run / "last.pt").exists()
