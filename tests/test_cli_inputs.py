@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     (["--scale", "0.1", "inf"], "--scale must be a finite number"),
     (["--color-jitter", "-1"], "--color-jitter must be 0 (off) or more"),
     (["--aa", "foo"], "--aa 'foo' is not a policy timm knows"),
-    (["--crop-pct", "100"], "--crop-pct 100 with image size 16 resizes images to 0 pixels"),
+    (["--crop-pct", "100"], "crop_pct 100 (--crop-pct, else the training run's or the model's) with image "
+                            "size 16 resizes images to 0 pixels"),
 ])
 def test_bad_training_options_are_refused_before_the_run(capsys, tmp_path, data, flags, named):
     out = tmp_path / "run"
@@ -48,7 +49,7 @@ def test_a_crop_pct_too_large_names_the_option_not_the_image(capsys, trained_run
     target = ["--data", str(data / "val"), "--workers", "0"] if command == "eval" else \
         [str(next((data / "val" / "a").iterdir()))]
     code, _, err = run_cli(capsys, [command, *ckpt, *target])
-    assert code == 2 and "--crop-pct 100" in err and "cannot read image" not in err, err
+    assert code == 2 and "crop_pct 100 (--crop-pct" in err and "cannot read image" not in err, err
 
 
 def test_eval_names_the_bad_number(capsys, trained_run, data):
@@ -116,6 +117,34 @@ def test_memory_error_is_out_of_memory_not_a_bad_image(tmp_path, monkeypatch):
     monkeypatch.setattr(predict, "load_rgb", no_memory)
     with pytest.raises(MemoryError):
         predict.read_images([img], transform=lambda im: torch.zeros(3))
+
+
+def test_a_bare_memory_error_is_reported_as_out_of_memory(capsys, monkeypatch):
+    """Python's MemoryError has no message (the description took its first line)."""
+    from sanet.cli import models_cmd
+
+    def no_memory(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(models_cmd, "run", no_memory)
+    code, stdout, err = run_cli(capsys, ["models", "--json"])
+    assert code == 2 and "out of memory (MemoryError)" in err
+    assert "out of memory" in json.loads(stdout)["error"]
+
+
+def test_the_stem_check_compares_with_the_model_not_with_3(tmp_path):
+    """Some RGB models' stems take more than 3 channels (TResNet's, after space-to-depth)."""
+    from torch import nn
+
+    from sanet.engine.modeling import _check_rgb_stem
+    from sanet.errors import SanetError
+
+    model = nn.Module()
+    model.stem = nn.Conv2d(48, 8, 3)
+    model.pretrained_cfg = {"first_conv": "stem"}
+    _check_rgb_stem({"stem.weight": torch.zeros(8, 48, 3, 3)}, model, "m", tmp_path / "f.pth")
+    with pytest.raises(SanetError, match="takes 16-channel input in this file, 48 in the model"):
+        _check_rgb_stem({"stem.weight": torch.zeros(8, 16, 3, 3)}, model, "m", tmp_path / "f.pth")
 
 
 def test_a_transform_error_is_not_reported_as_an_unreadable_image(tmp_path):

@@ -3,6 +3,11 @@ checkpoint, and a folder holding any record of a run (last.pt, best.pt, log.csv)
 overwritten without ``--resume`` or ``--overwrite``."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
+
 import pytest
 
 from engine_utils import run_cli, train_argv
@@ -34,13 +39,48 @@ def test_overwrite_that_fails_before_its_first_checkpoint_restores_the_previous_
     from sanet.cli import main
 
     if isinstance(error, KeyboardInterrupt):
-        assert main(train_argv(data, run, "--overwrite")) == 130  # main reports Ctrl-C
+        assert main(train_argv(data, run, "--overwrite", "--json")) == 130  # main reports Ctrl-C
+        message = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+        # not "--resume": that would continue the previous run with this command's options
+        assert "previous run is back in place" in message and "--resume" not in message
     else:
         with pytest.raises(RuntimeError, match="boom"):  # a bug's traceback propagates
             main(train_argv(data, run, "--overwrite"))
+        assert "the previous run in" in capsys.readouterr().err
     assert _files(run) == before  # every file back, byte for byte
     assert not (run / ".replaced-run").exists()
-    assert "previous run" in capsys.readouterr().err
+
+
+def test_sigterm_before_the_first_checkpoint_restores_the_previous_run(capsys, run, data, monkeypatch):
+    """torchrun stops the other processes with SIGTERM when one fails; Python's default
+    action would end the process with the previous run still moved aside."""
+    before, handler = _files(run), signal.getsignal(signal.SIGTERM)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not turned into an exception")
+
+    monkeypatch.setattr("sanet.engine.trainer.train_one_epoch", terminated)
+    from sanet.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(train_argv(data, run, "--overwrite"))
+    assert info.value.code == 128 + signal.SIGTERM
+    assert _files(run) == before and not (run / ".replaced-run").exists()
+    assert signal.getsignal(signal.SIGTERM) == handler  # the process's own handler is back
+
+
+def test_files_that_cannot_be_deleted_are_reported_not_left_as_an_interrupted_overwrite(
+        capsys, run, data, monkeypatch):
+    from sanet.engine import run_dir
+
+    monkeypatch.setattr(run_dir.shutil, "rmtree", lambda *a, **k: None)  # say, an immutable file
+    code, _, err = run_cli(capsys, train_argv(data, run, "--overwrite", "--seed", "7"))
+    assert code == 0 and "could not delete all of the replaced run's files" in err
+    assert not (run / ".replaced-run").exists() and list(run.glob(".replaced-run.*.discarded"))
+    monkeypatch.undo()
+    assert run_cli(capsys, train_argv(data, run, "--resume", "--seed", "7", epochs=2))[0] == 0
 
 
 def test_overwrite_discards_the_previous_run_once_the_new_one_has_a_checkpoint(capsys, run, data):
@@ -93,7 +133,7 @@ def test_files_moved_aside_by_an_interrupted_overwrite_are_reported(capsys, run,
     for name in ("last.pt", "best.pt", "log.csv"):
         (run / name).rename(aside / name)
     code, _, err = run_cli(capsys, train_argv(data, run))
-    assert code == 2 and ".replaced-run" in err and "Move them back" in err
+    assert code == 2 and ".replaced-run" in err and "delete what the killed run wrote" in err and "tb/" in err
     code, _, err = run_cli(capsys, train_argv(data, run, "--resume"))
     assert code == 2 and ".replaced-run" in err
     assert (aside / "last.pt").exists()

@@ -71,9 +71,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        message = "interrupted" + (" (the same command with --resume, instead of any --overwrite, continues "
-                                   "from the last completed epoch)" if args.command == "train" else "")
+    except KeyboardInterrupt as exc:
+        if getattr(exc, "previous_run_restored", False):  # --overwrite, stopped before its first checkpoint
+            message = ("interrupted before the new run's first checkpoint; the previous run is back in place, "
+                       "unchanged (the same command, with --overwrite, starts afresh)")
+        else:
+            message = "interrupted" + (" (the same command with --resume, instead of any --overwrite, continues "
+                                       "from the last completed epoch)" if args.command == "train" else "")
         print(message, file=sys.stderr)
         _json_error(args, message)
         return 130
@@ -129,7 +133,8 @@ def _describe(exc: BaseException) -> str:
 
     text = clean_worker_error(exc)  # an error re-raised from a DataLoader worker carries its traceback
     if is_out_of_memory(exc):
-        text = f"out of memory ({text.splitlines()[0]}); try a smaller --batch-size"
+        first = (text.splitlines() or [type(exc).__name__])[0]  # Python's MemoryError has no message
+        text = f"out of memory ({first}); try a smaller --batch-size"
     if _in_torchrun() and _is_peer_failure(exc):
         text += (" [another process of this torchrun job probably failed first: its own error "
                  "is in the log, prefixed 'sanet ...: error:']")

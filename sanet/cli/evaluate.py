@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the model's outputs hold NaN or inf for {metrics['nonfinite']} of {metrics['images']} "
                          f"images, so no score is reported: the weights "
                          f"({args.checkpoint or args.pretrained_file}) hold NaN/inf or overflow"
-                         + (f" under --amp {args.amp} (try --amp none or bf16)" if args.amp != "none" else ""))
+                         + {"fp16": " under --amp fp16 (try --amp bf16 or none)",
+                            "bf16": " under --amp bf16 (try --amp none)"}.get(args.amp, ""))
     result = {"top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4),
               "loss": round(metrics["loss"], 6), "images": metrics["images"],
               "skipped": metrics["skipped"], "images_per_s": round(metrics["images_per_s"], 1),

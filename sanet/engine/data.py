@@ -206,7 +206,8 @@ def check_eval_resize(data_config: Dict[str, Any]) -> None:
 
     size, crop = min(data_config["input_size"][-2:]), data_config.get("crop_pct") or 0.875  # timm's default
     if math.floor(size / crop) < 1:
-        raise ValueError(f"--crop-pct {crop:g} with image size {size} resizes images to "
+        raise ValueError(f"crop_pct {crop:g} (--crop-pct, else the training run's or the model's) with image "
+                         f"size {size} resizes images to "
                          f"{math.floor(size / crop)} pixels before the {size}-pixel center crop: use a "
                          f"crop_pct of at most {size} (usual values: 0.875-1.0; above 1 pads)")
 

@@ -38,20 +38,24 @@ def _has_stem(state_dict: Dict[str, torch.Tensor], model_name: str) -> bool:
     return f"{first_conv}.weight" in state_dict
 
 
-def _check_rgb_stem(state_dict: Dict[str, torch.Tensor], model_name: str, source: Path) -> None:
-    """eval and predict read images as RGB: weights whose first conv takes another number of
-    channels (a model built with in_chans=1, say) can't be fed by them."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    first_conv = (cfg.first_conv if cfg is not None else None) or "conv1"
-    weight = state_dict.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
-    if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[1] != 3:
+def _check_rgb_stem(state_dict: Dict[str, torch.Tensor], model: nn.Module, model_name: str,
+                    source: Path) -> None:
+    """eval and predict read images as RGB and build the model for them: weights whose first
+    conv takes another number of input channels than that model's (a model built with
+    in_chans=1, say) can't be fed by them. (Compared with the model, not with 3: some stems
+    take more, e.g. TResNet's after its space-to-depth.)"""
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv") or "conv1"
+    key = f"{first_conv}.weight" if isinstance(first_conv, str) else None
+    file_w, model_w = state_dict.get(key), model.state_dict().get(key)
+    if (isinstance(file_w, torch.Tensor) and isinstance(model_w, torch.Tensor) and file_w.dim() == model_w.dim() == 4
+            and file_w.shape[1] != model_w.shape[1]):
+        a, b = int(file_w.shape[1]), int(model_w.shape[1])
+        in_chans = f"in_chans={a}" if b == 3 else "the in_chans it was built with"
         raise SanetError(
-            f"{source}: {model_name}'s first conv ({first_conv}) takes {weight.shape[1]}-channel input; sanet "
-            f"eval and predict read every image as RGB and run 3-channel models only. Use it from Python: "
-            f"timm.create_model({model_name!r}, in_chans={weight.shape[1]}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file={str(source)!r}), num_classes=...) with your own preprocessing")
+            f"{source}: {model_name}'s first conv ({first_conv}) takes {a}-channel input in this file, {b} in the "
+            f"model for RGB images: the weights were built for other input. sanet eval and predict read every "
+            f"image as RGB; use the file from Python: timm.create_model({model_name!r}, {in_chans}, "
+            f"pretrained=True, pretrained_cfg_overlay=dict(file=...)) with your own preprocessing")
 
 
 def _registered_arch(checkpoint: Any, path: Path) -> Optional[str]:
@@ -297,8 +301,8 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
         data_args = {k: run_info[k] for k in ("img_size", "crop_pct", "interpolation") if k in run_info}
         model_kwargs = _checked_settings(source, data_args, run_info.get("model_kwargs") or {})
         model_kwargs = _groups_read_off(state_dict, name, model_kwargs, source)
-    _check_rgb_stem(state_dict, name, source)
     model = _create(name, model_kwargs, num_classes=num_classes, **model_kwargs)
+    _check_rgb_stem(state_dict, model, name, source)
     model.load_state_dict(check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file)))
     model.eval()
     return LoadedModel(model, name, class_names, data_args)

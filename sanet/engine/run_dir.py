@@ -2,15 +2,18 @@
 make ``--overwrite`` lose the previous run only once the new one has a checkpoint.
 
 ``--overwrite`` moves the previous run's files into ``OUT/.replaced-run`` and deletes them
-after the new run's first ``last.pt`` is written; a run that fails (or is interrupted) before
-that puts them back. A ``kill -9`` in that window leaves them in ``.replaced-run``, where
-:func:`check_output` finds them and says so.
+after the new run's first ``last.pt`` is written; a run that fails, or is interrupted (Ctrl-C,
+or the SIGTERM torchrun sends when another process failed), before that puts them back. A
+``kill -9`` in that window leaves them in ``.replaced-run``, where :func:`check_output` finds
+them and says so.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List
@@ -35,9 +38,10 @@ def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
                          "log.csv, tb/ and curves.png)")
     replaced = out / REPLACED_DIR
     if replaced.exists() and not overwrite:
-        raise ValueError(f"{out}: --overwrite moved a previous run's files into {replaced} and was interrupted "
-                         "before the new run wrote a checkpoint. Move them back into the folder to keep "
-                         "that run (then --resume continues it), or pass --overwrite to discard them")
+        raise ValueError(f"{out}: --overwrite moved a previous run's files into {replaced} and was killed "
+                         "before the new run wrote a checkpoint. To keep that run, delete what the killed run "
+                         f"wrote in {out} (tb/, and log.csv if there is one) and move the files in {replaced} "
+                         "back (then --resume continues it); or pass --overwrite to discard them")
     held = [name for name in _RUN_RECORDS if (out / name).exists()]
     if held and not (resume or overwrite):
         raise ValueError(f"{out} already holds a run ({', '.join(held)}): pass --resume to continue it, "
@@ -72,27 +76,71 @@ def prepare_output(out: Path, *, overwrite: bool) -> List[str]:
     return notes
 
 
+class _Terminated(BaseException):
+    """SIGTERM turned into an exception, so that the guard can restore before exiting."""
+
+
 @contextmanager
 def overwrite_guard(out: Path, *, active: bool) -> Iterator[Callable[[], None]]:
     """Around a run that ``prepare_output`` may have moved a previous run aside for (``active``:
     this process did it). Yields ``checkpointed``, to call once the new run's ``last.pt`` is
     written: the previous run's files then go. Until then, any exception (Ctrl-C included)
-    puts them back before it propagates."""
+    and SIGTERM put them back before the process stops; the exception then carries
+    ``previous_run_restored = True`` (the CLI's Ctrl-C hint depends on it)."""
     pending = active and (out / REPLACED_DIR).is_dir()
+    # torchrun stops the other processes with SIGTERM when one fails, and by default that ends
+    # Python without running except/finally blocks. (signal.signal works in the main thread only.)
+    installed = pending and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if installed else None
+
+    def uninstall() -> None:
+        nonlocal installed
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+            installed = False
 
     def checkpointed() -> None:
         nonlocal pending
         if pending:
-            shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)
-            pending = False
+            pending = False  # first: from here on the new run is the one to keep
+            uninstall()
+            _discard(out / REPLACED_DIR)
 
     try:
         yield checkpointed
-    except BaseException:
-        if pending and restore_replaced(out):
-            print(f"sanet train: the new run stopped before its first checkpoint; the previous run in {out} "
-                  "is restored", file=sys.stderr, flush=True)
+    except BaseException as exc:
+        if pending:
+            pending = False
+            if installed:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # not twice, not mid-restore
+            if restore_replaced(out):
+                exc.previous_run_restored = True
+                print(f"sanet train: the new run stopped before its first checkpoint; the previous run in {out} "
+                      "is restored, unchanged", file=sys.stderr, flush=True)
+        if isinstance(exc, _Terminated):
+            raise SystemExit(128 + signal.SIGTERM) from None
         raise
+    finally:
+        uninstall()
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _discard(replaced: Path) -> None:
+    """Delete the previous run's files: first renamed out of the way in one step (a
+    ``.replaced-run`` left behind would read as an interrupted --overwrite), then removed;
+    what can't be removed is reported, not hidden."""
+    trash = replaced.with_name(f"{REPLACED_DIR}.{os.getpid()}.discarded")
+    try:
+        os.replace(replaced, trash)
+    except OSError:  # (a leftover of that name): delete in place
+        trash = replaced
+    shutil.rmtree(trash, ignore_errors=True)
+    if trash.exists():
+        print(f"sanet train: could not delete all of the replaced run's files; what is left is in {trash} "
+              "(safe to delete)", file=sys.stderr, flush=True)
 
 
 def restore_replaced(out: Path) -> bool:

@@ -139,7 +139,7 @@ def _import_built(build_dir: Path, name: str) -> Optional[ModuleType]:
     activated venv and a system ninja (1.11) otherwise, each read the other's log as stale
     and rebuilt, about a minute each time (seen 42 times in an hour on a shared machine),
     rewriting a library other processes had loaded. The name holds the hash of the sources,
-    flags and torch version, so a built library in it is the right one."""
+    flags, torch version and Python ABI, so a built library in it is the one to load."""
     from torch.utils import cpp_extension
 
     lib = build_dir / f"{name}{getattr(cpp_extension, 'LIB_EXT', '.so')}"
@@ -156,10 +156,15 @@ def _import_built(build_dir: Path, name: str) -> Optional[ModuleType]:
 
 
 def _mark_built(build_dir: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{_BUILT}.", suffix=".tmp", dir=build_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(name + "\n")
-    os.replace(tmp, build_dir / _BUILT)
+    """Best effort: without the marker (a full disk, say) the next process goes through
+    cpp_extension again, which is slower, not wrong."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{_BUILT}.", suffix=".tmp", dir=build_dir)
+        with os.fdopen(fd, "w") as f:
+            f.write(name + "\n")
+        os.replace(tmp, build_dir / _BUILT)
+    except OSError:
+        pass
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,8 +173,10 @@ def load_cpu_ext() -> Optional[ModuleType]:
     if os.environ.get("SANET_DISABLE_EXT", "") not in ("", "0"):
         _status["error"] = "disabled by SANET_DISABLE_EXT"
         return None
+    # The Python ABI too: venvs of two Python versions with the same torch share the cache.
     key = hashlib.sha256(
-        _sources_key() + f"{torch.__version__}|{_isa()}|{_flags()}".encode()).hexdigest()[:12]
+        _sources_key() + f"{torch.__version__}|{sys.implementation.cache_tag}|{_isa()}|{_flags()}".encode()
+    ).hexdigest()[:12]
     name = f"sanet_sa_cpu_{key}"
     try:
         # cpp_extension logs a CUDA_HOME notice on CPU machines that is irrelevant here.
