@@ -26,12 +26,13 @@ from .evaluate import evaluate
 from .logs import RunLogger, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model
-from .run_dir import check_output, overwrite_guard, prepare_output
 from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
+from .run_dir import check_output, overwrite_guard, prepare_output
 from .state import load_resume_checkpoint, optional_state, restore_best_checkpoint, save_training_checkpoint, \
     seed_epoch, seed_everything
 
 __all__ = ["fit"]
+
 
 @contextmanager
 def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
