@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from safetensors.torch import load_file as _st_load
-from safetensors.torch import save_file as _st_save
+from safetensors.torch import save as _st_bytes
 from torch import Tensor, nn
 
 from .errors import SanetError
@@ -115,7 +115,27 @@ def save_safetensors(state_dict: Dict[str, Tensor], path: PathLike,
                      metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a state_dict as safetensors, atomically (tensors made contiguous, unshared)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: _st_save(tensors, tmp, metadata=metadata))
+    data = _sorted_metadata(_st_bytes(tensors, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors file with its metadata keys in sorted order. safetensors writes
+    them in hash-map order, which changes from call to call; sorted, the same weights and
+    metadata give the same bytes (and the model card's sha256 is reproducible)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def safetensors_metadata(path: PathLike) -> Dict[str, str]:

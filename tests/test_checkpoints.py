@@ -393,6 +393,13 @@ def test_convert_round_trip(authors_r50, tmp_path, capsys):
     with torch.no_grad():
         ref = theirs(x)
         assert rel_err(ours(x), ref) <= 1e-5 and rel_err(via_sanet(x), ref) <= 1e-5
+    # converting again gives the same bytes (safetensors writes metadata in hash-map order)
+    again = tmp_path / "again" / "sa_resnet50.safetensors"
+    assert cli_main(["convert", str(src), str(again), "--model", "sa_resnet50"]) == 0
+    assert again.read_bytes() == out.read_bytes()
+    assert json.loads(again.with_suffix(".json").read_text()) == card
+    header = json.loads(out.read_bytes()[8:8 + int.from_bytes(out.read_bytes()[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
 
 
 def test_convert_keeps_the_files_input_channels_and_classes(tmp_path, capsys):

@@ -102,3 +102,16 @@ def test_too_few_images_for_a_batch_suggest_only_valid_fixes():
     with pytest.raises(ValueError, match=r"1 training image\(s\) for 1 process\(es\).*at least 2") as info:
         build_train_loader([0], 2, workers=0, ctx=DistContext(), seed=0)
     assert "--batch-size" not in str(info.value)  # 1 is below the minimum batch size
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc-per-node above the GPU count (or one visible GPU per process under a
+    scheduler): a message, not torch.cuda.set_device's "invalid device ordinal"."""
+    from sanet.engine.distributed import resolve_device
+    from sanet.errors import SanetError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", 1) == torch.device("cuda", 1)
+    with pytest.raises(SanetError, match=r"LOCAL_RANK 2 but sees 2 GPU\(s\) \(cuda:0 to cuda:1\)"):
+        resolve_device("cuda", 2)

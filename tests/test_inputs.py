@@ -128,8 +128,15 @@ def test_ctrl_c_under_json_prints_a_json_object(capsys, tmp_path, data, monkeypa
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
+    real = trainer.train_one_epoch
     monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
     code, out, err = run_cli(capsys, train_argv(data, tmp_path / "r", "--json"))
+    # stopped in epoch 1 of a fresh run: there is no last.pt to --resume from
+    assert code == 130 and "there is nothing to resume" in err and "--resume" not in err
+    monkeypatch.setattr(trainer, "train_one_epoch", real)
+    assert run_cli(capsys, train_argv(data, tmp_path / "r2"))[0] == 0
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
+    code, out, err = run_cli(capsys, train_argv(data, tmp_path / "r2", "--json", "--resume", epochs=2))
     assert code == 130 and "the same command with --resume, instead of any --overwrite, continues" in err
     import sanet.cli.evaluate as cli_eval
 
@@ -138,6 +145,21 @@ def test_ctrl_c_under_json_prints_a_json_object(capsys, tmp_path, data, monkeypa
     assert code == 130 and err.strip() == "interrupted"
     assert json.loads(out) == {"error": json.loads(out)["error"], "command": "train"}
     assert json.loads(out)["error"].startswith("interrupted")
+
+
+def test_only_rank_0_of_a_torchrun_job_says_how_to_go_on_after_ctrl_c(monkeypatch):
+    """Rank 0 may have just put back a run that --overwrite moved aside: the others can't
+    know whether --resume is right."""
+    import argparse
+
+    from sanet.cli import _interrupted
+
+    exc = KeyboardInterrupt()
+    exc.resumable = True
+    args = argparse.Namespace(command="train")
+    assert "--resume" in _interrupted(args, exc)
+    monkeypatch.setenv("RANK", "1")
+    assert _interrupted(args, exc) == "interrupted"
 
 
 def test_overlay_sets_data_settings_but_not_weights(capsys, tmp_path, data):

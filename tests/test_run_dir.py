@@ -80,7 +80,9 @@ def test_files_that_cannot_be_deleted_are_reported_not_left_as_an_interrupted_ov
     assert code == 0 and "could not delete all of the replaced run's files" in err
     assert not (run / ".replaced-run").exists() and list(run.glob(".replaced-run.*.discarded"))
     monkeypatch.undo()
-    assert run_cli(capsys, train_argv(data, run, "--resume", "--seed", "7", epochs=2))[0] == 0
+    code, out, err = run_cli(capsys, train_argv(data, run, "--resume", "--seed", "7", epochs=2))
+    # the next run in OUT removes them, and says so
+    assert code == 0 and not list(run.glob(".replaced-run.*")) and "could not delete" in out + err
 
 
 def test_overwrite_discards_the_previous_run_once_the_new_one_has_a_checkpoint(capsys, run, data):
@@ -140,3 +142,26 @@ def test_files_moved_aside_by_an_interrupted_overwrite_are_reported(capsys, run,
     # --overwrite again: the user discards them
     assert run_cli(capsys, train_argv(data, run, "--overwrite"))[0] == 0
     assert not aside.exists() and (run / "last.pt").exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(capsys, run, data, monkeypatch):
+    """torchrun starts its workers in a session of their own: a kill -9 of torchrun alone
+    leaves them training, and a --resume started then would write into the same files."""
+    from sanet.engine import run_dir
+
+    before = _files(run)
+    with run_dir._output_lock(run):  # the running job's hold (a different open file: flock conflicts)
+        monkeypatch.setattr("sanet.engine.trainer.open_train_val", lambda *a: pytest.fail("data loaded"))
+        code, _, err = run_cli(capsys, train_argv(data, run, "--resume", epochs=2))
+        assert code == 2 and f"another sanet train (process {os.getpid()}) is writing into this folder" in err
+        assert "torchrun" in err
+        monkeypatch.undo()
+        # and if it got past the early check (started in the same instant), it stops before touching OUT
+        monkeypatch.setattr(run_dir, "check_not_busy", lambda out: None)
+        monkeypatch.setattr("sanet.engine.trainer.check_not_busy", lambda out: None)
+        code, _, err = run_cli(capsys, train_argv(data, run, "--overwrite"))
+        assert code == 2 and "is writing into this folder" in err
+    assert _files(run) == before and not (run / ".replaced-run").exists()
+    monkeypatch.undo()
+    # the lock goes with its process (kill -9 included): nothing stale blocks the next run
+    assert run_cli(capsys, train_argv(data, run, "--resume", epochs=2))[0] == 0

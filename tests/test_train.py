@@ -115,9 +115,16 @@ def test_resume_reports_every_changed_option(capsys, tmp_path, data):
                                                  epochs=2))
     assert code == 0 and "min_lr (0.001 -> 0.0)" in stdout and "interpolation (box -> bilinear)" in stdout
     assert "workers" not in stdout.split("warning: resuming with different")[1].splitlines()[0]
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--min-lr", "0.001",
                                                  "--interpolation", "box", "--resume", epochs=2))
-    assert code == 0 and "nothing to train" in stdout
+    assert code == 0 and "nothing to train" in stdout and "nothing trained (2 epoch(s) were done)" in stdout
+    # nothing trained, nothing written: no new TensorBoard events, the same log and curves
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--min-lr", "0.001",
+                                                 "--interpolation", "box", "--resume", "--json", epochs=3))
+    summary = json.loads(stdout)
+    assert code == 0 and summary["epochs"] == 3 and summary["epochs_trained"] == 1
 
 
 def test_json_error_is_one_json_object(capsys, tmp_path, data):

@@ -72,12 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt as exc:
-        if getattr(exc, "previous_run_restored", False):  # --overwrite, stopped before its first checkpoint
-            message = ("interrupted before the new run's first checkpoint; the previous run is back in place, "
-                       "unchanged (the same command, with --overwrite, starts afresh)")
-        else:
-            message = "interrupted" + (" (the same command with --resume, instead of any --overwrite, continues "
-                                       "from the last completed epoch)" if args.command == "train" else "")
+        message = _interrupted(args, exc)
         print(message, file=sys.stderr)
         _json_error(args, message)
         return 130
@@ -97,6 +92,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             _json_error(args, message)
         return 2
+
+
+def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    """What Ctrl-C left behind. For ``train``, rank 0 says how to go on (the other processes
+    of a torchrun job don't know: rank 0 may have just put a previous run back)."""
+    if args.command != "train" or os.environ.get("RANK", "0") != "0":
+        return "interrupted"
+    if getattr(exc, "previous_run_restored", False):  # --overwrite, stopped before its first checkpoint
+        return ("interrupted before the new run's first checkpoint; the previous run is back in place, "
+                "unchanged (the same command, with --overwrite, starts afresh)")
+    if getattr(exc, "resumable", False):  # set by `sanet train`: OUT holds a last.pt
+        return ("interrupted (the same command with --resume, instead of any --overwrite, continues from the "
+                "last completed epoch)")
+    return "interrupted before the run's first checkpoint: there is nothing to resume (the same command starts afresh)"
 
 
 def _json_error(args: argparse.Namespace, message: str, **extra: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 from .common import add_json_flag, check_model_name, print_json
 from .pipes import pipe_safe_console
@@ -50,7 +51,11 @@ def _run(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     # With --json, stdout carries the one JSON object; the epoch lines go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        summary = fit(args)
+        try:
+            summary = fit(args)
+        except KeyboardInterrupt as exc:
+            exc.resumable = (Path(args.output) / "last.pt").is_file()  # for main's message
+            raise
     if summary["world_size"] > 1 and not _is_rank0():
         return 0
     if args.json:
@@ -60,7 +65,11 @@ def _run(args: argparse.Namespace) -> int:
     last = f"last {summary['last_top1']:.2f}%"
     if ema and summary["last_top1_ema"] is not None:
         last += f" (EMA {summary['last_top1_ema']:.2f}%)"
-    print(f"done: {summary['epochs']} epoch(s) in {summary['seconds']:.0f} s; best val top-1 "
+    trained, epochs = summary["epochs_trained"], summary["epochs"]
+    done = (f"nothing trained ({epochs} epoch(s) were done)" if trained == 0 else
+            f"done: {trained} epoch(s) in {summary['seconds']:.0f} s"
+            + (f" ({epochs} in all)" if trained != epochs else ""))
+    print(f"{done}; best val top-1 "
           f"{'of the EMA ' if ema else ''}{summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), {last}")
     print(f"checkpoints: {summary['last_checkpoint']}, {summary['best_checkpoint']}; "
           f"curves: {summary['curves']}")

@@ -56,6 +56,12 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise SanetError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    count = torch.cuda.device_count()
+    if local_rank >= count:  # torch.cuda.set_device would fail with "invalid device ordinal"
+        raise SanetError(f"this process has LOCAL_RANK {local_rank} but sees {count} GPU(s) (cuda:0 to "
+                         f"cuda:{count - 1}): start at most {count} process(es) per machine "
+                         "(torchrun --nproc-per-node), or make every GPU visible to each of them "
+                         "(CUDA_VISIBLE_DEVICES)")
     return torch.device("cuda", local_rank)
 
 

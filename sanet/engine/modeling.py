@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import SanetError
 
 __all__ = ["create_train_model", "LoadedModel", "load_for_inference",
-           "check_checkpoint_model", "imagenet_class_names"]
+           "check_checkpoint_model", "imagenet_class_names", "to_channels_last"]
 
 
 def _classifier_size(state_dict: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
@@ -306,3 +306,14 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
     model.load_state_dict(check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file)))
     model.eval()
     return LoadedModel(model, name, class_names, data_args)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model.to(memory_format=torch.channels_last)``, except for (1, C, 1, 1) parameters (SA's
+    gates): channels_last gives them strides their gradients don't have, and DDP then warns
+    and copies every such gradient into its bucket at each step."""
+    model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[0] == 1 and p.shape[2:] == (1, 1):
+            p.data = torch.empty(p.shape, dtype=p.dtype, device=p.device).copy_(p.data)
+    return model

@@ -5,7 +5,8 @@ make ``--overwrite`` lose the previous run only once the new one has a checkpoin
 after the new run's first ``last.pt`` is written; a run that fails, or is interrupted (Ctrl-C,
 or the SIGTERM torchrun sends when another process failed), before that puts them back. A
 ``kill -9`` in that window leaves them in ``.replaced-run``, where :func:`check_output` finds
-them and says so.
+them and says so. Files that could not be deleted stay in ``.replaced-run.<pid>.discarded``
+(reported then) until the next run in OUT removes them.
 """
 from __future__ import annotations
 
@@ -14,19 +15,21 @@ import shutil
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, List
 
 from ..checkpoint import remove_stale_temps
 
-__all__ = ["RUN_FILES", "REPLACED_DIR", "check_output", "prepare_output", "overwrite_guard",
-           "restore_replaced"]
+__all__ = ["RUN_FILES", "REPLACED_DIR", "LOCK_FILE", "check_output", "check_not_busy", "claim_output",
+           "prepare_output", "overwrite_guard", "restore_replaced"]
 
 #: What a run writes into OUT (all of it goes when --overwrite starts afresh).
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "curves.png", "tb")
 #: Where --overwrite keeps the previous run until the new one has a checkpoint.
 REPLACED_DIR = ".replaced-run"
+#: Locked by the run writing into OUT (rank 0), so that a second run can't write there too.
+LOCK_FILE = ".sanet-train.lock"
 # Files that mean OUT holds a run worth keeping (tb/ alone is a run stopped in its 1st epoch).
 _RUN_RECORDS = ("last.pt", "best.pt", "log.csv")
 
@@ -56,6 +59,60 @@ def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
                          "choose another --output")
 
 
+def check_not_busy(out: Path) -> None:
+    """Refuse early (before data and model load) if a run is writing into ``out``. Rank 0 only:
+    the probe takes the lock for a moment."""
+    if (out / LOCK_FILE).is_file():
+        with _output_lock(out):
+            pass
+
+
+@contextmanager
+def claim_output(out: Path, *, overwrite: bool, main: bool,
+                 say: Callable[[str], None]) -> Iterator[Callable[[], None]]:
+    """The run's hold on ``out``, for its whole length: on rank 0 (``main``) the lock, then
+    :func:`prepare_output` (its notes go to ``say``); on every rank :func:`overwrite_guard`,
+    whose ``checkpointed`` it yields."""
+    with _output_lock(out) if main else nullcontext():
+        if main:
+            for note in prepare_output(out, overwrite=overwrite):
+                say(note)
+        with overwrite_guard(out, active=main) as checkpointed:
+            yield checkpointed
+
+
+@contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``OUT/.sanet-train.lock`` (the kernel releases it when the
+    process ends, ``kill -9`` included, so it never goes stale). Where locks are not available
+    (Windows, some network file systems) the run goes on unguarded."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(
+                f"--output {out}: another sanet train (process {holder}) is writing into this folder; wait for it "
+                "to end, stop it, or choose another --output. (Under torchrun, stop the worker processes: "
+                "torchrun starts them in a session of their own, so killing torchrun alone leaves them "
+                "running.)") from None
+        except OSError:  # no locks on this file system
+            pass
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def prepare_output(out: Path, *, overwrite: bool) -> List[str]:
     """Create the run folder; with ``overwrite``, move the previous run aside (see the module
     docstring). Returns notes for the user (unfinished writes removed). Rank 0 only."""
@@ -70,6 +127,10 @@ def prepare_output(out: Path, *, overwrite: bool) -> List[str]:
             replaced.mkdir()
             for name in moved:
                 os.replace(out / name, replaced / name)
+    for trash in sorted(out.glob(f"{REPLACED_DIR}.*.discarded")):  # an earlier run's failed delete
+        shutil.rmtree(trash, ignore_errors=True)
+        if not trash.exists():
+            notes.append(f"removed {trash.name}, files of a replaced run that an earlier run could not delete")
     for name in ("last.pt", "best.pt", "log.csv"):  # left by a kill during a write; the files are intact
         for tmp in remove_stale_temps(out / name):
             notes.append(f"removed {tmp.name}, an unfinished write of {name} from an interrupted run")

@@ -25,9 +25,9 @@ from .distributed import DistContext, broadcast_buffers, cleanup_distributed, in
 from .evaluate import evaluate
 from .logs import RunLogger, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
-from .modeling import create_train_model
+from .modeling import create_train_model, to_channels_last
 from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
-from .run_dir import check_output, overwrite_guard, prepare_output
+from .run_dir import check_not_busy, check_output, claim_output
 from .state import load_resume_checkpoint, optional_state, restore_best_checkpoint, save_training_checkpoint, \
     seed_epoch, seed_everything
 
@@ -112,7 +112,7 @@ def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext,
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
     if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     return model
 
 
@@ -213,9 +213,6 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
     if changed:
         _say(ctx, "warning: resuming with different " + ", ".join(
             f"{k} ({saved[k]} -> {now.get(k)})" for k in changed))
-    if int(ckpt["epoch"]) >= args.epochs:
-        _say(ctx, f"warning: {path} has {ckpt['epoch']} epoch(s) done and --epochs is {args.epochs}: "
-                  "nothing to train (raise --epochs to continue)")
 
 
 def _epoch_line(row: Dict[str, Any], epochs: int, is_best: bool, eta_s: float) -> str:
@@ -308,6 +305,8 @@ def _check_val_loss_finite(row: Dict[str, Any], out: Path, epoch: int) -> None:
 def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.output)
     check_output(out, resume=args.resume, overwrite=args.overwrite)
+    if ctx.is_main:
+        check_not_busy(out)
     train_ds, val_ds = open_train_val(args.data, args.skip_bad_images)
     class_names: List[str] = list(train_ds.classes)
     ckpt = load_resume_checkpoint(out, args.model, class_names) if args.resume else None
@@ -327,11 +326,10 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                          f"epoch (per process); use at most {len(train_loader)}")
     updates_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
     state = _build_state(args, model, ctx, len(class_names), updates_per_epoch)
-    if ctx.is_main:
-        for note in prepare_output(out, overwrite=args.overwrite):
-            _say(ctx, note)
-    # Until this run's first last.pt, a failure puts back the run --overwrite moved aside.
-    with overwrite_guard(out, active=ctx.is_main) as checkpointed:
+    # OUT is locked for the run; until its first last.pt, a failure puts back the run that
+    # --overwrite moved aside.
+    with claim_output(out, overwrite=args.overwrite, main=ctx.is_main, say=lambda note: _say(ctx, note)) \
+            as checkpointed:
         start_epoch, best, best_epoch, history = 0, -1.0, 0, []
         if ckpt is not None:
             _resume(args, ckpt, state, ctx, updates_per_epoch)
@@ -341,13 +339,17 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
             if ctx.is_main and restore_best_checkpoint(out, ckpt):
                 _say(ctx, f"restored {out / 'best.pt'} from last.pt (its best epoch; the run was "
                           "interrupted before writing best.pt)")
+            if start_epoch >= args.epochs:
+                _say(ctx, f"warning: {out / 'last.pt'} has {start_epoch} epoch(s) done and --epochs is "
+                          f"{args.epochs}: nothing to train (raise --epochs to continue)")
         _wrap(state, args, ctx)
         _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
                   f"{ctx.world_size} process(es) on {ctx.device.type}, global batch "
                   f"{args.global_batch}, lr {args.lr_resolved:.4g}, "
                   f"{updates_per_epoch} updates/epoch, img {args.img_size}")
 
-        logger = RunLogger(out, start_epoch) if ctx.is_main else None
+        # (nothing to train: the run's log, TensorBoard events and curves stay as they are)
+        logger = RunLogger(out, start_epoch) if ctx.is_main and start_epoch < args.epochs else None
         run_start, progress = time.perf_counter(), not args.no_progress
         try:
             for epoch in range(start_epoch, args.epochs):
@@ -381,16 +383,21 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         finally:
             if logger is not None:
                 logger.close()
-        curves = plot_curves(history, out / "curves.png", title=f"{args.model} on {Path(args.data).name}") \
-            if ctx.is_main and history else None
-        return _summary(args, out, history, best, best_epoch, curves, time.perf_counter() - run_start, ctx)
+        if ctx.is_main and len(history) > start_epoch:
+            curves = plot_curves(history, out / "curves.png", title=f"{args.model} on {Path(args.data).name}")
+        else:
+            curves = out / "curves.png" if (out / "curves.png").exists() else None
+        return _summary(args, out, history, start_epoch, best, best_epoch, curves,
+                        time.perf_counter() - run_start, ctx)
 
 
-def _summary(args, out: Path, history, best: float, best_epoch: int, curves, seconds: float,
-             ctx: DistContext) -> Dict[str, Any]:
+def _summary(args, out: Path, history, start_epoch: int, best: float, best_epoch: int, curves,
+             seconds: float, ctx: DistContext) -> Dict[str, Any]:
     last = history[-1] if history else {}
     return {
+        # epochs: the run's, all told; epochs_trained: by this command (fewer after --resume)
         "model": args.model, "output": str(out), "epochs": len(history),
+        "epochs_trained": len(history) - start_epoch,
         # best.pt is chosen on the EMA's top-1 when there is an EMA: say which one it is
         "best_top1": best, "best_epoch": best_epoch, "best_of": "ema" if args.model_ema else "model",
         "last_top1": last.get("val_top1"), "last_top5": last.get("val_top5"), "last_loss": last.get("val_loss"),
