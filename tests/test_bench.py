@@ -173,6 +173,22 @@ def test_gpu_profile_without_cuda_exits_2(tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "p").exists()
 
 
+def test_attention_modules_script_leaves_out_the_fused_row_without_a_kernel(tmp_path):
+    """With impl="auto" and no kernel, the 'sa (fused)' row would time the authors' formulation
+    under the fused name."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SANET_DISABLE_EXT": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention_modules.py"), "--json",
+                           "--rounds", "1", "--batch-size", "2", "--img-size", "32", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(done.stdout)
+    assert "sa (fused)" not in res["memory"] and "sa (reference)" in res["memory"]
+    assert res["fused_kernel_available"] is False and "left out" in res["notes"][0]
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention_modules.py"), "--threads", "0"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "--threads: must be >= 1, got 0" in done.stderr
+
+
 # ---------------------------------------------------------------- benchmarks/gpu_check.sh's exit status
 
 def _fake_python(tmp_path: Path, cuda: bool) -> Path:

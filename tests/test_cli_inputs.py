@@ -95,6 +95,50 @@ def test_bench_refuses_a_run_that_times_nothing(capsys, flags, named):
     assert code == 2 and named in err and named in json.loads(stdout)["error"]
 
 
+@pytest.mark.parametrize("flags,named", [
+    # found after the first shape's timing, the results were lost
+    (["--skip-models", "--shapes", "2x8x4x4", "2x3x4x4"], "the channel count (the 2nd dim, 3) must be even"),
+    (["--skip-models", "--shapes", "2x8x4x4", "--output", "."], "--output . is a folder"),
+    (["--skip-layers", "--model", "sa_resnet50.authors_in1k", "--baseline", "sa_resnet50"],
+     "are the same architecture"),
+    (["--skip-layers", "--model", "sa_resnet_test", "--baseline", "vit_tiny_patch16_224", "--img-size", "32"],
+     "takes only 224x224 input; pass --img-size 224"),
+    (["--skip-layers", "--model", "sa_resnet_test", "--baseline", "resnet18", "--batch-size", "1", "--img-size",
+      "32"], "leaves one value per channel in the last stage's BatchNorm"),
+])
+def test_bench_refuses_bad_inputs_before_timing_anything(capsys, monkeypatch, flags, named):
+    import sanet.analysis.bench as bench
+
+    monkeypatch.setattr(bench, "time_interleaved", lambda *a, **k: pytest.fail("timed before the check"))
+    code, stdout, err = run_cli(capsys, ["bench", "--json", *flags])
+    assert code == 2 and named in err and named in json.loads(stdout)["error"]
+
+
+def test_bench_baseline_without_a_classifier_gets_the_same_head(capsys):
+    """timm models with num_classes=0 (e.g. DINO weights' configs) returned features, and the
+    loss against 1000-class targets failed with an IndexError."""
+    import timm
+
+    from sanet.analysis.bench import model_bench
+
+    headless = "vit_small_patch16_224.dino"
+    assert timm.create_model(headless, img_size=32, patch_size=16).num_classes == 0
+    res = model_bench({"sa": {"model": "sa_resnet_test"}, "vit": {"model": headless, "img_size": 32}},
+                      batch_size=8, img_size=32, rounds=1)  # 8 targets: one >= 384 (vit-s width)
+    assert res["memory"]["vit"]["saved_bytes"] > 0
+
+
+def test_bench_out_of_memory_names_the_sizes_of_bench(capsys, monkeypatch):
+    import sanet.analysis.bench as bench
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+
+    monkeypatch.setattr(bench, "layer_bench", oom)
+    code, _, err = run_cli(capsys, ["bench", "--skip-models", "--shapes", "2x8x4x4"])
+    assert code == 2 and "out of memory" in err and "smaller --shapes (layers)" in err
+
+
 def test_abbreviated_options_are_refused(capsys):
     """argparse takes "--jso" for "--json" by default; the JSON error object looks for the
     full flag, and a prefix can become ambiguous when a flag is added."""

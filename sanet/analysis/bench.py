@@ -231,6 +231,7 @@ def model_bench(names: Dict[str, Dict[str, object]], *, batch_size: int = 8, img
     models, opts = {}, {}
     for label, spec in names.items():
         spec = dict(spec)
+        spec.setdefault("num_classes", 1000)  # the same head for all (some timm models have none)
         torch.manual_seed(seed)
         models[label] = timm.create_model(spec.pop("model"), **spec).to(device)
         opts[label] = torch.optim.SGD(models[label].parameters(), lr=1e-3, momentum=0.9)

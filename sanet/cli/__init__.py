@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:
         if not _for_the_user(exc) or getattr(args, "debug", False):
             raise  # a bug or an environment failure: its traceback is what a report needs
-        message = _describe(exc)
+        message = _describe(exc, args.command)
         print(f"sanet {args.command}: error: {message}", file=sys.stderr)
         if _in_torchrun() and _is_peer_failure(exc):
             # Rank 0 only saw the backend notice that a peer left: its own error is elsewhere.
@@ -134,7 +134,11 @@ def _for_the_user(exc: BaseException) -> bool:
 _USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
-def _describe(exc: BaseException) -> str:
+# What to make smaller when a command runs out of memory.
+_OOM_HINTS = {"bench": "smaller --shapes (layers) or --batch-size / --img-size (models)"}
+
+
+def _describe(exc: BaseException, command: Optional[str] = None) -> str:
     """The error for the user. Under torchrun, a process whose peer stopped (a user error
     there, e.g. an unreadable image) fails inside a collective with a backend message."""
     from ..engine.data import clean_worker_error
@@ -143,7 +147,7 @@ def _describe(exc: BaseException) -> str:
     text = clean_worker_error(exc)  # an error re-raised from a DataLoader worker carries its traceback
     if is_out_of_memory(exc):
         first = (text.splitlines() or [type(exc).__name__])[0]  # Python's MemoryError has no message
-        text = f"out of memory ({first}); try a smaller --batch-size"
+        text = f"out of memory ({first}); try {_OOM_HINTS.get(command, 'a smaller --batch-size')}"
     if _in_torchrun() and _is_peer_failure(exc):
         text += (" [another process of this torchrun job probably failed first: its own error "
                  "is in the log, prefixed 'sanet ...: error:']")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -33,11 +34,11 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         description="Time one SA layer per implementation (reference = the authors' formulation, "
                     "torch = per-channel form in PyTorch ops, fused = our kernels) next to x.clone(), "
                     "and SA-ResNet-50 (fused and reference SA) next to timm's resnet50: inference, "
-                    "SGD training step, bytes saved for backward, peak live bytes. Variants run "
+                    "SGD training step, bytes saved for backward, peak bytes allocated during the step. Variants run "
                     "interleaved in one process; ratios are per-round paired medians (see docs/benchmarks.md).")
     p.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, metavar="NxCxHxW",
                    help=f"layer input shapes (default: {' '.join(DEFAULT_SHAPES)}); 3-D/5-D shapes work too")
-    p.add_argument("--impls", nargs="*", default=["reference", "torch", "fused"], choices=SA_IMPLS,
+    p.add_argument("--impls", nargs="+", default=["reference", "torch", "fused"], choices=SA_IMPLS,
                    help="layer implementations to time (default: reference torch fused)")
     p.add_argument("--rounds", type=_at_least_one, default=30, help="timing rounds per layer shape (default 30)")
     p.add_argument("--model", default="sa_resnet50",
@@ -65,6 +66,9 @@ def _shape(text: str) -> List[int]:
         raise ValueError(f"bad shape {text!r}; expected e.g. 8x256x56x56") from None
     if not 3 <= len(dims) <= 5 or min(dims) <= 0:
         raise ValueError(f"bad shape {text!r}; expected 3 to 5 positive dims, e.g. 8x256x56x56")
+    if dims[1] % 2:
+        raise ValueError(f"bad shape {text!r}: SA splits the channels into 2 x G groups, so the channel "
+                         f"count (the 2nd dim, {dims[1]}) must be even")
     return dims
 
 
@@ -132,8 +136,30 @@ def _check_models(args: argparse.Namespace) -> None:
         raise ValueError(f"--model {args.model!r} is not an SA model (the table runs it with the fused "
                          f"and the reference SA); SA models: {', '.join(SA_MODELS)}. "
                          "Any timm model works as --baseline.")
-    if args.model == args.baseline:
-        raise ValueError(f"--model and --baseline are both {args.model!r}; compare two different models")
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    if split_model_name_tag(args.model)[0] == split_model_name_tag(args.baseline)[0]:
+        raise ValueError(f"--model {args.model!r} and --baseline {args.baseline!r} are the same architecture; "
+                         "compare two different models")
+    last = -(-args.img_size // 32)  # the last stage's feature map side (stride 32)
+    if args.batch_size * last * last < 2:  # the training step's BatchNorm needs two values per channel
+        raise ValueError(f"--batch-size {args.batch_size} at --img-size {args.img_size} leaves one value per "
+                         "channel in the last stage's BatchNorm (1x1 maps), which can't train; use "
+                         "--batch-size 2 or more, or --img-size 33 or more")
+    cfg = get_pretrained_cfg(args.baseline)
+    size = getattr(cfg, "input_size", None)
+    if getattr(cfg, "fixed_input_size", False) and size and tuple(size[1:]) != (args.img_size, args.img_size):
+        raise ValueError(f"--baseline {args.baseline} takes only {size[1]}x{size[2]} input; pass "
+                         f"--img-size {size[1]} or choose another baseline")
+
+
+def _check_output_path(path: Path) -> None:
+    """--output is written at the end: a path that can't take it is refused before the timing."""
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a .json file path")
+    existing = next(p for p in (path.parent, *path.parent.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: {existing} is not a writable folder; choose another path")
 
 
 def _json_args(args: argparse.Namespace) -> Dict[str, object]:
@@ -156,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--shapes needs at least one NxCxHxW shape (or pass --skip-layers)")
     if not args.skip_models:
         _check_models(args)
-    shapes = [_shape(s) for s in args.shapes]
+    shapes = [] if args.skip_layers else [_shape(s) for s in args.shapes]
+    if args.output:
+        _check_output_path(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -165,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
     # a layer in this dtype has one.
     fused_ok = fused_sa_supported(torch.empty(1, 2, 1, device=device, dtype=dtype))
     why = f"no fused SA kernel for {device.type} {DTYPES[args.dtype]}"
+    if device.type == "cpu" and dtype == torch.float32 and not fused_ok:
+        from sanet.ops import cpu_ext_status
+
+        why += f" (the C++ extension is not loaded: {str(cpu_ext_status()['error'])[:200]}; see `sanet ext`)"
     notes: List[str] = []
     impls = list(args.impls)
     if not args.skip_layers and "fused" in impls and not fused_ok:

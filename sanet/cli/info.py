@@ -12,7 +12,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                                    "default input size (counter named in the output), input settings, "
                                    "feature channels/strides and where its weights come from.")
     p.add_argument("model", help="model name, e.g. sa_resnet50 (see `sanet models`)")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: 1000)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's own, 1000 for the SA family)")
     add_json_flag(p)
     return p
 
@@ -37,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  MACs / FLOPs:    {info['macs'] / 1e9:.3f} G / {info['flops'] / 1e9:.3f} G at "
           f"{'x'.join(map(str, info['input_size']))}")
     print(f"                   counter: {info['flop_counter']}")
-    print(f"  SA element-wise: ~{info['sa_elementwise_flops_estimate'] / 1e6:.1f} MFLOPs (estimate, not in the count above)")
+    if info.get("sa_params"):  # (a timm model without SA has no SA element-wise work)
+        print(f"  SA element-wise: ~{info['sa_elementwise_flops_estimate'] / 1e6:.1f} MFLOPs (estimate, not in "
+              "the count above)")
     print(f"  input:           {'x'.join(map(str, info['input_size']))}, {info['interpolation']}, "
           f"crop_pct {info['crop_pct']}, mean {info['mean']}, std {info['std']}")
     feats = ", ".join(f"{m}: {c}ch /{s}" for m, c, s in zip(

@@ -89,7 +89,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     sched.add_argument("--decay-epochs", type=float, default=30, help="step schedule period (30)")
     sched.add_argument("--decay-rate", type=float, default=0.1, help="step schedule factor (0.1)")
     sched.add_argument("--warmup-epochs", type=float, default=0, help="linear warmup epochs (0)")
-    sched.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at the start of warmup")
+    sched.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at the start of warmup (1e-6)")
     sched.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule floor (0)")
     sched.add_argument("--accum-steps", type=int, default=1,
                        help="gradient accumulation: micro-batches per optimizer step (1)")
@@ -97,9 +97,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     sched.add_argument("--smoothing", type=float, default=0.0, help="label smoothing (0)")
     sched.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     sched.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
-    sched.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup/cutmix per batch")
+    sched.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup/cutmix per batch (1.0)")
     sched.add_argument("--mixup-switch-prob", type=float, default=0.5,
-                       help="probability of cutmix instead of mixup when both are on")
+                       help="probability of cutmix instead of mixup when both are on (0.5)")
     sched.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
     sched.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay (0.9998)")
     sched.add_argument("--model-ema-warmup", action="store_true",
@@ -112,7 +112,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                       help="train/eval crop size (default: the model's input size, 224 for the SA-ResNets, 64 for "
                            "sa_resnet_test)")
     data.add_argument("--crop-pct", type=float, default=None,
-                      help="eval center-crop fraction (default: the model's, 0.875: resize 256, crop 224)")
+                      help="eval center-crop fraction (default: the model's; 0.875 for the SA-ResNets: resize 256, "
+                           "crop 224)")
     data.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
                       help="resize interpolation (default: the model's)")
     data.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),

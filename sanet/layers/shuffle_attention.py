@@ -27,7 +27,8 @@ torch.fx.wrap("_compute_dtype")
 
 #: ``impl`` choices: "auto" picks the fused kernel where one exists for the input (CPU
 #: fp32/fp64 via the C++ extension, CUDA via Triton) and the authors' formulation elsewhere
-#: (measured faster, and lighter on memory, than the per-channel form in PyTorch ops).
+#: (measured faster, and lighter on memory, than the per-channel form in PyTorch ops), and
+#: "torch" where a graph must hold PyTorch ops (tracing, export, fx) or torch.func runs.
 SA_IMPLS = ("auto", "fused", "torch", "reference")
 
 
@@ -48,7 +49,8 @@ class ShuffleAttention(nn.Module):
         channels: input (= output) channels C; must be divisible by ``2 * groups``.
         groups: G, number of groups (paper default 64). See :func:`sanet.fit_sa_groups`
             for narrow layers.
-        impl: "auto" (default: fused kernel when available, else "reference"), "fused" (fused
+        impl: "auto" (default: fused kernel when available, else "reference"; "torch" under
+            tracing, export, fx and torch.func), "fused" (fused
             kernel, error if unavailable for the input), "torch" (per-channel form in
             PyTorch ops), "reference" (the authors' formulation).
         eps: GroupNorm epsilon (1e-5 as in the authors' ``nn.GroupNorm``).
