@@ -12,7 +12,8 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                                    "default input size (counter named in the output), input settings, "
                                    "feature channels/strides and where its weights come from.")
     p.add_argument("model", help="model name, e.g. sa_resnet50 (see `sanet models`)")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's own, 1000 for the SA family)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier size (default: the model's own, 1000 for the SA family)")
     add_json_flag(p)
     return p
 
