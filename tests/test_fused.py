@@ -17,7 +17,7 @@ from torch import nn
 import sanet
 from sanet.analysis.memory import saved_tensor_bytes
 from sanet.layers import shuffle_attention_reference
-from sanet.ops import bn_shuffle_attention, fused_bn_sa_supported, fused_sa_supported
+from sanet.ops import bn_shuffle_attention, fused_bn_sa_supported, fused_sa_supported, shuffle_attention_fused
 from sanet.ops.sa_op import sa_forward
 
 from conftest import case_seed
@@ -422,3 +422,52 @@ def test_bn_sa_refuses_running_statistics_of_another_width():
     with pytest.raises(ValueError, match=r"bn.running_mean holds 16 values but x has 8 channels"):
         bn_shuffle_attention(torch.randn(2, 8, 4, 4), bn, sanet.ShuffleAttention(8, 2))
     assert bn.num_batches_tracked.item() == 0  # refused before anything changed
+
+
+# ------------------------------------------------ the public functional ops as users call them
+
+def test_functional_fused_op_under_torch_func_and_forward_ad():
+    """torch.func and forward-mode AD have no rule for the kernels: the public functions
+    compute with PyTorch ops there (as the layer does), instead of torch's message about
+    an autograd.Function the user never wrote."""
+    gen = torch.Generator().manual_seed(21)
+    bn, sa, _, _ = bn_sa_pair(8, 2, gen, torch.float64)
+    params = [sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias]
+    x = torch.randn(2, 8, 3, 4, generator=gen, dtype=torch.float64)
+    want = torch.func.grad(lambda x: shuffle_attention_reference(x, *params, 2).square().sum())(x)
+    got = torch.func.grad(lambda x: shuffle_attention_fused(x, *params, 2).square().sum())(x)
+    assert rel(got, want) <= 1e-12
+    tangent = torch.randn_like(x)
+    _, jvp = torch.func.jvp(lambda x: shuffle_attention_fused(x, *params, 2), (x,), (tangent,))
+    _, jvp_ref = torch.func.jvp(lambda x: shuffle_attention_reference(x, *params, 2), (x,), (tangent,))
+    assert rel(jvp, jvp_ref) <= 1e-12
+    bn.eval()
+    batched = torch.func.vmap(lambda x: bn_shuffle_attention(x, bn, sa, relu=True))(x.unsqueeze(1))
+    assert rel(batched.squeeze(1), torch.relu(sa(bn(x)))) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int64])
+def test_functional_fused_op_without_a_kernel_for_the_dtype_says_so(dtype):
+    sa = sanet.ShuffleAttention(8, 2)
+    params = [sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias]
+    with pytest.raises(sanet.SanetError, match=rf"no fused kernel for cpu {dtype} input .*shuffle_attention_torch"):
+        shuffle_attention_fused(torch.ones(2, 8, 3, 3, dtype=dtype), *params, 2)
+
+
+def test_bn_shuffle_attention_is_bn_then_sa_where_the_op_does_not_fit():
+    """A shortcut that broadcasts, a 3-D input, hooks: the modules one by one (the function
+    promised "exactly as bn(x)"; the op raised a bare 'shortcut must match x' or accepted
+    what bn(x) refuses)."""
+    gen = torch.Generator().manual_seed(22)
+    bn, sa, ref_bn, ref_sa = bn_sa_pair(8, 2, gen, torch.float32)
+    x = torch.randn(2, 8, 3, 4, generator=gen)
+    shortcut = torch.randn(1, 8, 1, 1, generator=gen)
+    out = bn_shuffle_attention(x, bn, sa, shortcut, relu=True)
+    assert torch.allclose(out, torch.relu(ref_sa(ref_bn(x)) + shortcut), rtol=1e-5, atol=1e-6)
+    assert torch.equal(bn.running_mean, ref_bn.running_mean)  # updated once, as bn(x) does
+    with pytest.raises(ValueError, match="expected 4D input"):
+        bn_shuffle_attention(torch.randn(2, 8, 5), bn, sa)
+    seen = []
+    sa.gn.register_forward_hook(lambda *args: seen.append(1))
+    bn_shuffle_attention(x, bn, sa)
+    assert seen == [1]

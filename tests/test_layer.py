@@ -338,6 +338,19 @@ def test_autocast_half_statistics_in_fp32(impl, dtype, u):
     assert xg.grad.dtype == dtype and torch.isfinite(xg.grad).all()
 
 
+@pytest.mark.parametrize("impl", ["reference", "torch", "auto"])
+def test_low_precision_parameters_with_fp32_input(impl):
+    """A bf16 layer (module.bfloat16()) on fp32 input computes in fp32: its parameters are
+    exact in fp32, and products of two of them must not round to bf16 first ("torch" did)."""
+    module = randomize_sa_(ShuffleAttention(16, 2, impl=impl)).bfloat16()
+    x = torch.randn(2, 16, 5, 5)
+    p = {k: v.detach().double() for k, v in module.named_parameters()}
+    exact = authors_sa_nd(x.double(), p, 2)
+    with torch.no_grad():
+        out = module(x)
+    assert out.dtype == torch.float32 and rel_err(out.double(), exact) <= FP32_TOL
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_autocast_fp32_input_stays_fp32(impl):
     module, ref = make_pair(64, 8, impl)

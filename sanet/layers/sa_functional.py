@@ -200,8 +200,11 @@ def sa_coefficients(
     Centring first keeps tiny planes exact: with one pixel, ``1/sqrt(var + eps)`` is huge
     and ``A * x`` would cancel against ``B`` in the uncentred form.
     """
-    cw, cb = cweight.reshape(-1), cbias.reshape(-1)
-    sw, sb = sweight.reshape(-1), sbias.reshape(-1)
+    # In the statistics' dtype (fp32 at least): bf16 parameters' products would round there.
+    dt = mean.dtype
+    cw, cb = cweight.reshape(-1).to(dt), cbias.reshape(-1).to(dt)
+    sw, sb = sweight.reshape(-1).to(dt), sbias.reshape(-1).to(dt)
+    gn_weight, gn_bias = gn_weight.to(dt), gn_bias.to(dt)
     m0 = mean[:, 0]
     rstd = torch.rsqrt(var[:, 1] + eps)
     a_spatial = sw * gn_weight * rstd
@@ -248,8 +251,15 @@ def _shuffle_attention_torch(
     xf = x.to(_compute_dtype(x)).flatten(2)  # (N, C, M); explicit sizes: -1 is ambiguous for N = 0
     m = xf.shape[2]
     xc = xf.reshape(n * groups, 2, c, m)
-    var, mean = _plane_var_mean(xc)
-    a, b = sa_coefficients(mean, var, cweight, cbias, sweight, sbias, gn_weight, gn_bias, eps)
-    y = xc * torch.sigmoid(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), xc - mean.unsqueeze(-1)))
+    # The mean from its own reduction: var_mean's is NaN for a plane holding an inf, where the
+    # channel branch's pooled value is inf (and its gate saturates, as in the reference).
+    var = _plane_var_mean(xc)[0]
+    mean = _plane_mean(xc)
+    a, b = sa_coefficients(mean.squeeze(-1), var, cweight, cbias, sweight, sbias, gn_weight, gn_bias, eps)
+    # The channel branch's slope is 0 by construction (its gate depends on the mean only): its
+    # deviations are not used, so that an inf pixel gives no 0 * inf = NaN across its plane.
+    spatial = torch.arange(2, device=xc.device).reshape(1, 2, 1, 1) == 1  # (1, branch, 1, 1)
+    dev = torch.where(spatial, xc - mean, torch.zeros_like(xc))
+    y = xc * torch.sigmoid(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), dev))
     # Channel order g*C/G + branch*c + j, then the 2-group shuffle.
     return channel_shuffle(y.reshape(n, c_total, m), 2).reshape(x.shape).to(x.dtype)

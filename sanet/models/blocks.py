@@ -20,7 +20,8 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
-from ..ops import bn_shuffle_attention, fused_bn_sa_supported, has_hooks, needs_pytorch_ops
+from ..ops import fused_bn_sa_supported, has_hooks, needs_pytorch_ops
+from ..ops.fused import _bn_shuffle_attention
 
 __all__ = ["SABottleneck", "SABasicBlock"]
 
@@ -51,7 +52,7 @@ class _SATailMixin:
             or not fused_bn_sa_supported(x, bn, self.sa, shortcut)
         ):
             return None
-        return bn_shuffle_attention(x, bn, self.sa, shortcut, relu=True)
+        return _bn_shuffle_attention(x, bn, self.sa, shortcut, relu=True)
 
 
 class SABottleneck(_SATailMixin, Bottleneck):

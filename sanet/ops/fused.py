@@ -23,6 +23,7 @@ __all__ = [
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # Evaluated once at trace time under torch.compile (building/loading can't be traced).
@@ -105,10 +106,20 @@ def shuffle_attention_fused(
     eps: float = 1e-5,
 ) -> Tensor:
     """Shuffle Attention with the fused kernels (same function as the reference) on (N, C, *)
-    input; checks its arguments (G, parameter sizes) with the module's errors."""
-    check_op_args("shuffle_attention_fused", x, None, (cweight, cbias, sweight, sbias, gn_weight, gn_bias),
-                  groups)
-    return _shuffle_attention_fused(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
+    input; checks its arguments (G, parameter sizes) with the module's errors. Where a graph
+    must hold PyTorch ops (tracing, export, fx) or ``torch.func`` runs, it computes the
+    per-channel form in PyTorch ops, as ``ShuffleAttention(impl="fused")`` does."""
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+    check_op_args("shuffle_attention_fused", x, None, params, groups)
+    if needs_pytorch_ops():
+        from ..layers.sa_functional import _shuffle_attention_torch  # layers import ops: import late
+
+        return _shuffle_attention_torch(x, *params, groups, eps)
+    if not fused_sa_supported(x):
+        raise SanetError(f"shuffle_attention_fused: no fused kernel for {x.device.type} {x.dtype} input (CPU "
+                         "needs the C++ extension and fp32/fp64, CUDA needs Triton); use "
+                         "sanet.shuffle_attention_torch, or ShuffleAttention(impl='auto'), which falls back")
+    return _shuffle_attention_fused(x, *params, groups, eps)
 
 
 def _shuffle_attention_fused(x: Tensor, cweight: Tensor, cbias: Tensor, sweight: Tensor, sbias: Tensor,
@@ -119,18 +130,32 @@ def _shuffle_attention_fused(x: Tensor, cweight: Tensor, cbias: Tensor, sweight:
 
 
 def fused_bn_sa_supported(x: Tensor, bn: nn.Module, sa: nn.Module, shortcut: Optional[Tensor] = None) -> bool:
-    """BN+SA(+add+ReLU) fusion needs a plain BatchNorm2d, a fused kernel for ``x`` (CPU or
-    CUDA), a shortcut of x's dtype (``x + shortcut`` would otherwise promote), and the
-    shortcut, SA and the BatchNorm on x's device: elsewhere the modules one by one give
-    PyTorch's own errors."""
+    """BN+SA(+add+ReLU) fusion needs a plain BatchNorm2d on 4-D input, a fused kernel for
+    ``x`` (CPU or CUDA), BatchNorm's dtype as ``bn(x)`` allows, a shortcut of x's shape and
+    dtype (``x + shortcut`` would otherwise broadcast or promote), and the shortcut, SA and
+    the BatchNorm on x's device: elsewhere the modules one by one give PyTorch's own errors."""
+    # One tensor per module: Module.to()/.cuda() move all of a module's tensors together.
+    # (A tensor moved on its own still meets the op's device check: an error, not a crash.)
+    return _fusable(x, bn, sa, shortcut) and fused_sa_supported(x, shortcut, sa.cweight, _bn_tensor(bn))
+
+
+def _bn_tensor(bn: nn.BatchNorm2d) -> Optional[Tensor]:
+    return bn.running_mean if bn.weight is None else bn.weight
+
+
+def _fusable(x: Tensor, bn: nn.Module, sa: nn.Module, shortcut: Optional[Tensor]) -> bool:
+    """:func:`fused_bn_sa_supported` but for where the tensors are."""
+    if type(bn) is not nn.BatchNorm2d or getattr(sa, "impl", None) not in ("auto", "fused"):
+        return False
+    ref = _bn_tensor(bn)
+    bn_dtype = None if ref is None else ref.dtype
     return (
-        type(bn) is nn.BatchNorm2d
+        x.dim() == 4  # (bn(x) refuses other ranks)
         and x.numel() > 0  # empty batches: nn.BatchNorm2d's own handling (statistics untouched)
-        and getattr(sa, "impl", None) in ("auto", "fused")
-        and (shortcut is None or shortcut.dtype == x.dtype)
-        # One tensor per module: Module.to()/.cuda() move all of a module's tensors together.
-        # (A tensor moved on its own still meets the op's device check: an error, not a crash.)
-        and fused_sa_supported(x, shortcut, sa.cweight, bn.running_mean if bn.weight is None else bn.weight)
+        # bn(x)'s dtype rule: BatchNorm's dtype, or fp32 BatchNorm on fp16/bf16 input (AMP)
+        and (bn_dtype in (None, x.dtype) or (bn_dtype == torch.float32 and x.dtype in _HALF_DTYPES))
+        and (shortcut is None or (shortcut.dtype == x.dtype and shortcut.shape == x.shape))  # no broadcasting
+        and fused_sa_supported(x)
     )
 
 
@@ -146,11 +171,21 @@ def bn_shuffle_attention(
 
     BatchNorm behaves exactly as ``bn(x)`` would: batch statistics in training (running
     statistics updated once, with the module's momentum), running statistics in eval.
-    Backward recomputes ``bn(x)`` from ``x`` instead of keeping it.
+    Backward recomputes ``bn(x)`` from ``x`` instead of keeping it. Where the op can't run
+    (see :func:`fused_bn_sa_supported`; tracing, export, fx, ``torch.func``) or the modules
+    have hooks (which the op would skip), the modules are called one by one: the same
+    function, with their own errors for what they refuse.
     """
-    if x.numel() == 0:  # empty output, with nn.BatchNorm2d's own bookkeeping (it raises nothing)
+    # (A tensor on another device than x goes to the op, whose error names it.)
+    if needs_pytorch_ops() or has_hooks(bn, sa, *sa.children()) or not _fusable(x, bn, sa, shortcut):
         y = sa(bn(x)) if shortcut is None else sa(bn(x)) + shortcut
         return torch.relu(y) if relu else y
+    return _bn_shuffle_attention(x, bn, sa, shortcut, relu=relu)
+
+
+def _bn_shuffle_attention(x: Tensor, bn: nn.BatchNorm2d, sa: nn.Module, shortcut: Optional[Tensor] = None,
+                          *, relu: bool = False) -> Tensor:
+    # Unchecked: for the SA blocks, which asked fused_bn_sa_supported (and more) first.
     n = x.shape[0]
     m = x.numel() // max(1, n * x.shape[1])
     use_batch_stats = bn.training or bn.running_mean is None
