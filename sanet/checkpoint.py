@@ -211,12 +211,19 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
         # An open file, not the path: torch.load reads a path ending in .safetensors as safetensors.
         with open(path, "rb") as f:
             return torch.load(f, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
         if not _starts_like_torch_save(path):
             raise SanetError(
                 f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a binary "
                 f"pickle; this file starts with {_head(path)!r}: a web page or an interrupted "
                 "download?)"
+            ) from None
+        if "Unsupported operand" in str(exc):  # an opcode of pickle protocol 3+ it doesn't implement
+            raise SanetError(
+                f"{path}: written with a pickle protocol (torch.save(..., pickle_protocol=N) with N > 2) whose "
+                "instructions torch.load(weights_only=True) can't read, so what it holds could not be checked; "
+                "nothing in it ran. If you trust the file, re-save its state_dict with torch.save's default "
+                "protocol in a trusted environment"
             ) from None
         raise UnsafeCheckpointError(
             f"{path}: refused to load. The file contains pickled objects other than tensors "

@@ -277,3 +277,70 @@ def test_a_part_of_the_model_is_named_as_such(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="holds no layer3, layer4 at all, only part of the model"):
         timm.create_model("sa_resnet_test", features_only=True, out_indices=(1, 2, 3), pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "part.pth")))
+
+
+# ------------------------------------------------ eval / predict / convert with converted files
+
+def test_a_converted_file_converts_again_with_its_records(capsys, trained_run, data, tmp_path):
+    """Converting a .safetensors that sanet convert wrote kept only the weights: class names,
+    image size, crop and model kwargs were lost, and eval's scores changed."""
+    from sanet.checkpoint import safetensors_metadata
+
+    first, again = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert run_cli(capsys, ["convert", str(trained_run / "last.pt"), str(first), "--model", "sa_resnet_test"])[0] == 0
+    assert run_cli(capsys, ["convert", str(first), str(again), "--model", "sa_resnet_test"])[0] == 0
+    kept = {k: v for k, v in safetensors_metadata(first).items() if k != "source"}
+    assert "class_names" in kept and "img_size" in kept and kept["weights"] == "model"
+    assert {k: v for k, v in safetensors_metadata(again).items() if k != "source"} == kept
+    scores = []
+    for path in (first, again):
+        code, out, _ = run_cli(capsys, ["eval", "--pretrained-file", str(path), "--data", str(data / "val"), "--json"])
+        assert code == 0
+        scores.append({k: json.loads(out)[k] for k in ("top1", "top5", "loss", "images")})
+    assert scores[0] == scores[1]
+    # what the file records is checked against --model, and --ema is answered with what it holds
+    code, _, err = run_cli(capsys, ["convert", str(first), str(tmp_path / "c.safetensors"), "--model", "sa_resnet50"])
+    assert code == 2 and "says it holds sa_resnet_test weights; pass --model sa_resnet_test" in err
+    code, _, err = run_cli(capsys, ["eval", "--pretrained-file", str(first), "--model", "sa_resnet50",
+                                    "--data", str(data / "val")])
+    assert code == 2 and "says it holds sa_resnet_test weights" in err
+    code, _, err = run_cli(capsys, ["eval", "--pretrained-file", str(first), "--ema", "--data", str(data / "val")])
+    assert code == 2 and "holds its run's model weights (converted without --ema)" in err
+
+
+def test_convert_refuses_a_model_card_path_that_is_the_input(capsys, trained_run, tmp_path):
+    source = tmp_path / "in.json"  # OUT.json is where the card goes
+    source.write_bytes((trained_run / "last.pt").read_bytes())
+    before = source.read_bytes()
+    code, _, err = run_cli(capsys, ["convert", str(source), str(tmp_path / "in.safetensors"), "--model",
+                                    "sa_resnet_test"])
+    assert code == 2 and "the model card" in err and "is the input file" in err
+    assert source.read_bytes() == before
+
+
+def test_a_pickle_protocol_torch_cannot_read_safely_is_named_not_called_unsafe(capsys, tmp_path):
+    import timm
+
+    path = tmp_path / "p4.pt"
+    torch.save({"state_dict": timm.create_model("sa_resnet_test").state_dict()}, path, pickle_protocol=4)
+    with pytest.warns(UserWarning):  # torch's own note about the protocol
+        code, _, err = run_cli(capsys, ["convert", str(path), str(tmp_path / "o.safetensors"), "--model",
+                                        "sa_resnet_test"])
+    assert code == 2 and "pickle protocol" in err and "could run code" not in err
+
+
+def test_eval_and_predict_say_what_is_wrong_with_the_paths(capsys, trained_run, data, tmp_path):
+    ckpt = ["--checkpoint", str(trained_run / "last.pt")]
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    image = next((data / "val").rglob("*.png"))
+    (loose / "x.png").write_bytes(image.read_bytes())
+    code, _, err = run_cli(capsys, ["eval", *ckpt, "--data", str(loose)])
+    assert code == 2 and "holds images (x.png, ...) but no class folders" in err
+    code, _, err = run_cli(capsys, ["eval", *ckpt, "--data", str(image)])
+    assert code == 2 and "is a file" in err and "sanet predict" in err
+    code, _, err = run_cli(capsys, ["predict", *ckpt, str(tmp_path / "none*.png")])
+    assert code == 2 and "a shell pattern that matched no file" in err
+    (tmp_path / "notes.png").write_text("not an image")
+    code, _, err = run_cli(capsys, ["predict", *ckpt, str(tmp_path / "notes.png")])
+    assert code == 2 and "not in an image format Pillow can read" in err and "BufferedReader" not in err

@@ -46,6 +46,27 @@ def _run_metadata(checkpoint: Any) -> Dict[str, Any]:
     return {k: v for k, v in found.items() if v not in (None, {})}
 
 
+def _converted_metadata(path: Path) -> Dict[str, Any]:
+    """What an earlier ``sanet convert`` recorded in a safetensors input: the run's
+    ``RUN_METADATA`` (decoded) and which weights it holds, carried into the new file."""
+    from sanet.checkpoint import RUN_METADATA, safetensors_metadata
+    from sanet.errors import SanetError
+
+    meta = safetensors_metadata(path)
+    found: Dict[str, Any] = {}
+    for key in RUN_METADATA:
+        if key in meta:
+            try:
+                found[key] = json.loads(meta[key])
+            except ValueError:
+                raise SanetError(f"{path}: its metadata entry {key!r} is not JSON ({meta[key][:80]!r})") from None
+    if meta.get("weights") in ("model", "ema"):
+        found["weights"] = meta["weights"]
+    if meta.get("model"):
+        found["model"] = meta["model"]
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     import timm
 
@@ -60,21 +81,32 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"output must end in .safetensors, got {args.output}")
     if args.num_classes is not None and args.num_classes < 0:
         raise ValueError(f"--num-classes must be 0 (no classifier) or more, got {args.num_classes}")
-    if args.output.is_file() and args.input.is_file() and os.path.samefile(args.output, args.input):
-        raise ValueError(f"the output {args.output} is the input file: converting in place would replace the "
-                         "source (and the model card's source_sha256 would describe the new file); write to "
-                         "another file")
+    card_path = args.output.with_suffix(".json")
+    for written in (args.output, card_path):
+        if written.is_file() and args.input.is_file() and os.path.samefile(written, args.input):
+            raise ValueError(f"{written} (written by convert{', the model card' if written == card_path else ''}) "
+                             "is the input file: converting would replace the source; write to another file")
     checkpoint = load_checkpoint_file(args.input)
     run_info = _run_metadata(checkpoint)
-    has_ema = bool(run_info) and isinstance(checkpoint.get("model_ema"), dict)
+    is_run = bool(run_info)
+    earlier = _converted_metadata(args.input)  # a file sanet convert wrote: its records carry over
+    recorded = earlier.pop("model", None)
+    if recorded and recorded.split(".")[0] != args.model.split(".")[0]:
+        raise ValueError(f"--model {args.model}: {args.input} says it holds {recorded} weights; "
+                         f"pass --model {recorded}")
+    has_ema = is_run and isinstance(checkpoint.get("model_ema"), dict)
     if args.ema and not has_ema:
+        already = " (it was converted with --ema: it holds the EMA's weights already)" \
+            if earlier.get("weights") == "ema" else ""
         raise ValueError(f"--ema: {args.input} holds no EMA weights (only sanet train checkpoints of "
-                         "--model-ema runs do)")
+                         f"--model-ema runs do){already}")
+    if not run_info:
+        run_info = {k: v for k, v in earlier.items() if k != "weights"}
     state_dict = strip_prefix(checkpoint["model_ema"]) if args.ema else state_dict_from(checkpoint, args.input)
     if has_ema and not args.ema:
         print(f"sanet convert: note: {args.input} also holds EMA weights (its run's best.pt is chosen by "
               "their top-1); --ema converts those", file=sys.stderr)
-    if run_info:  # a sanet train checkpoint names its architecture
+    if is_run:  # a sanet train checkpoint names its architecture
         check_checkpoint_model(checkpoint, args.model, str(args.input))
     # The model the file holds: its classifier size and input channels (e.g. a 1-channel stem),
     # built with the run's model kwargs if it is a run's
@@ -95,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     if "sa_groups" in kwargs:  # a non-default G: the file needs it to be rebuilt
         metadata["sa_groups"] = str(kwargs["sa_groups"])
     metadata.update({k: json.dumps(run_info[k]) for k in RUN_METADATA if k in run_info})
-    if run_info:
-        metadata["weights"] = "ema" if args.ema else "model"
+    if is_run or "weights" in earlier:
+        metadata["weights"] = "ema" if args.ema else earlier.get("weights", "model")
     save_safetensors(state_dict, args.output, metadata=metadata)
     card = model_card(args.model, args.input, args.output, sum(p.numel() for p in model.parameters()))
     card["num_classes"] = model.num_classes
@@ -104,9 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if "sa_groups" in kwargs:
         card["sa_groups"] = kwargs["sa_groups"]
     card.update(run_info)
-    if run_info:
+    if "weights" in metadata:
         card["weights"] = metadata["weights"]
-    card_path = args.output.with_suffix(".json")
     write_json_atomic(card, card_path)
     if args.json:
         print_json(dict(card, card_file=str(card_path)))

@@ -134,6 +134,10 @@ def collate_skip(batch: List[Optional[Tuple[Any, int]]]) -> Tuple[torch.Tensor, 
 def open_image_folder(root: Path, what: str, *, skip_bad: bool = False, transform=None) -> SafeImageFolder:
     """One ImageFolder (``root/<class>/<image>``) or an error saying what is wrong with it."""
     root = Path(root)
+    if root.is_file():
+        raise NotADirectoryError(f"{what} folder {root} is a file; give a folder of class folders "
+                                 f"({root.parent}/<class name>/<image file>)"
+                                 + ("; sanet predict classifies single images" if what == "evaluation" else ""))
     if not root.is_dir():
         raise FileNotFoundError(f"{what} folder not found: {root} (expected ImageFolder layout "
                                 f"{root}/<class name>/<image file>)")
@@ -149,6 +153,12 @@ def open_image_folder(root: Path, what: str, *, skip_bad: bool = False, transfor
                 + ("every class needs images in train/ and val/ (labels are class-folder indices)"
                    if what in ("training", "validation") else "every class folder needs images")
                 + ": add images or remove the folder") from None
+        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        if loose:
+            raise FileNotFoundError(
+                f"{what} folder {root} holds images ({loose[0].name}, ...) but no class folders: the labels are "
+                f"the folder names, {root}/<class name>/<image file>"
+                + ("; sanet predict classifies images without labels" if what == "evaluation" else "")) from None
         raise FileNotFoundError(f"{what} folder {root} is empty or holds no images: {exc} "
                                 f"(expected {root}/<class name>/<image file>)") from None
 

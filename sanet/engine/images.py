@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_rgb"]
@@ -40,7 +40,10 @@ def load_rgb(path: Union[str, Path]) -> Image.Image:
     """The image at ``path`` as 8-bit RGB. 16-bit greyscale is scaled to 8 bits (x / 257):
     Pillow's ``convert("RGB")`` clips it instead, which made every value above 255 white."""
     with open(path, "rb") as f:
-        img = Image.open(f)
+        try:
+            img = Image.open(f)
+        except UnidentifiedImageError:  # its message names the file object, not the path
+            raise UnidentifiedImageError("not in an image format Pillow can read") from None
         if img.mode == "F":  # convert("RGB") would clip every value to [0, 255], silently
             raise ValueError("a 32-bit floating-point image (Pillow mode F) has no defined value range; "
                              "save it as 8- or 16-bit")

@@ -71,6 +71,26 @@ def _registered_arch(checkpoint: Any, path: Path) -> Optional[str]:
     return arch if isinstance(arch, str) and timm.is_model(arch) else None
 
 
+def _arch(name: str) -> str:
+    """The architecture of a timm model name (without its pretrained tag)."""
+    from timm.models import split_model_name_tag
+
+    return split_model_name_tag(name)[0]
+
+
+def _ema_refusal(path: Path) -> str:
+    """Why --ema doesn't apply to a weights file that is not a sanet train checkpoint."""
+    from sanet.checkpoint import safetensors_metadata
+
+    weights = safetensors_metadata(path).get("weights")
+    if weights == "ema":
+        return f"--ema: {path} already holds its run's EMA weights (converted with --ema); drop --ema"
+    if weights == "model":
+        return (f"--ema: {path} holds its run's model weights (converted without --ema); convert the run's "
+                "checkpoint again with sanet convert --ema for the EMA's")
+    return "--ema applies to checkpoints of runs trained with --model-ema"
+
+
 def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional[Path] = None,
                        drop_path: float = 0.0, model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """``timm.create_model`` for training, optionally starting from a weights file.
@@ -282,8 +302,12 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
         num_classes = len(class_names)
     else:
         if use_ema:
-            raise ValueError("--ema applies to checkpoints of runs trained with --model-ema")
-        name = model_name or _registered_arch(raw, source)
+            raise ValueError(_ema_refusal(source))
+        recorded = _registered_arch(raw, source)
+        if model_name and recorded and _arch(model_name) != _arch(recorded):
+            raise ValueError(f"--model {model_name}: {source} says it holds {recorded} weights; pass --model "
+                             f"{recorded} (or leave --model out)")
+        name = model_name or recorded
         if name is None:
             raise ValueError("--pretrained-file needs --model: the file names no registered architecture "
                              "(the authors' files name theirs in 'arch', `sanet convert` files in their "

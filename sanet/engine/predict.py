@@ -72,7 +72,12 @@ def check_image_paths(paths: Sequence[Path]) -> None:
             raise ValueError(f"{path} is a folder; pass image files (e.g. {path}/*.jpg), or evaluate a "
                              "folder of class folders with sanet eval")
         if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
+            hint = ""
+            if path.is_symlink():
+                hint = " (a symbolic link to a missing file, or a loop of links)"
+            elif any(ch in str(path) for ch in "*?["):
+                hint = " (a shell pattern that matched no file is passed on as it is)"
+            raise FileNotFoundError(f"image not found: {path}{hint}")
 
 
 def read_images(paths: Sequence[Path], transform) -> torch.Tensor:
