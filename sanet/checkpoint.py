@@ -28,6 +28,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "atomic_write",
     "atomic_torch_save",
+    "converted_run_metadata",
     "load_checkpoint_file",
     "load_state_dict_file",
     "load_weights",
@@ -136,6 +137,21 @@ def _sorted_metadata(data: bytes) -> bytes:
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
     return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def converted_run_metadata(path: PathLike) -> Dict[str, Any]:
+    """The ``RUN_METADATA`` that ``sanet convert`` kept in a safetensors file, decoded from
+    their JSON strings (empty for any other file)."""
+    meta = safetensors_metadata(path)
+    found: Dict[str, Any] = {}
+    for key in RUN_METADATA:
+        if key in meta:
+            try:
+                found[key] = json.loads(meta[key])
+            except ValueError:
+                raise SanetError(f"{path}: its metadata entry {key!r} is not JSON ({meta[key][:80]!r}); "
+                                 "convert the checkpoint again with sanet convert") from None
+    return found
 
 
 def safetensors_metadata(path: PathLike) -> Dict[str, str]:

@@ -49,17 +49,10 @@ def _run_metadata(checkpoint: Any) -> Dict[str, Any]:
 def _converted_metadata(path: Path) -> Dict[str, Any]:
     """What an earlier ``sanet convert`` recorded in a safetensors input: the run's
     ``RUN_METADATA`` (decoded) and which weights it holds, carried into the new file."""
-    from sanet.checkpoint import RUN_METADATA, safetensors_metadata
-    from sanet.errors import SanetError
+    from sanet.checkpoint import converted_run_metadata, safetensors_metadata
 
     meta = safetensors_metadata(path)
-    found: Dict[str, Any] = {}
-    for key in RUN_METADATA:
-        if key in meta:
-            try:
-                found[key] = json.loads(meta[key])
-            except ValueError:
-                raise SanetError(f"{path}: its metadata entry {key!r} is not JSON ({meta[key][:80]!r})") from None
+    found = converted_run_metadata(path)
     if meta.get("weights") in ("model", "ema"):
         found["weights"] = meta["weights"]
     if meta.get("model"):

@@ -6,7 +6,6 @@ error, never a silent partial load.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -178,17 +177,9 @@ def imagenet_class_names() -> List[str]:
 def _converted_run_info(path: Path, num_classes: int) -> Dict[str, Any]:
     """What ``sanet convert`` kept of a ``sanet train`` checkpoint in a safetensors file's
     metadata (class names, img_size, crop_pct, interpolation, model_kwargs; JSON strings)."""
-    from sanet.checkpoint import RUN_METADATA, safetensors_metadata
+    from sanet.checkpoint import converted_run_metadata
 
-    meta = safetensors_metadata(path)
-    info: Dict[str, Any] = {}
-    for key in RUN_METADATA:
-        if key in meta:
-            try:
-                info[key] = json.loads(meta[key])
-            except ValueError:
-                raise SanetError(f"{path}: its metadata entry {key!r} is not JSON ({meta[key][:80]!r}); "
-                                 "convert the checkpoint again with sanet convert") from None
+    info = converted_run_metadata(path)
     names = info.get("class_names")
     if names is not None:
         if not isinstance(names, list) or len(names) != num_classes:
