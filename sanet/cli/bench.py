@@ -34,7 +34,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         description="Time one SA layer per implementation (reference = the authors' formulation, "
                     "torch = per-channel form in PyTorch ops, fused = our kernels) next to x.clone(), "
                     "and SA-ResNet-50 (fused and reference SA) next to timm's resnet50: inference, "
-                    "SGD training step, bytes saved for backward, peak bytes allocated during the step. Variants run "
+                    "SGD training step, bytes saved for backward, peak bytes of live op outputs in the step. Variants run "
                     "interleaved in one process; ratios are per-round paired medians (see docs/benchmarks.md).")
     p.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, metavar="NxCxHxW",
                    help=f"layer input shapes (default: {' '.join(DEFAULT_SHAPES)}); 3-D/5-D shapes work too")
