@@ -19,7 +19,8 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                     "size, input channels and SA group count read off the weights), and write "
                     "OUT.safetensors plus OUT.json (model, source file, sha256, parameter count). A sanet "
                     "train checkpoint keeps its class names, image size, crop and model kwargs in "
-                    "the safetensors metadata, for sanet eval/predict. "
+                    "the safetensors metadata, for sanet eval/predict (a file sanet convert wrote converts "
+                    "again with them). "
                     "The input is read with torch.load(weights_only=True): no pickled code runs.")
     p.add_argument("input", type=Path, help="checkpoint file (.pth/.pth.tar/.pt/.safetensors)")
     p.add_argument("output", type=Path, help="output .safetensors file")
