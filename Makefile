@@ -12,7 +12,9 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 .PHONY: demo test ext bench clean
 
 $(STAMP): pyproject.toml constraints.txt
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# (re)created when missing, broken (no pip: an interrupted creation) or older than 3.11
+	@$(BIN)/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+		|| $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 

@@ -37,8 +37,13 @@ def write_digits_imagefolder(root: Path, seed: int = 0, val_fraction: float = 0.
     """
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise SystemExit("the demo's data are scikit-learn's bundled digits: pip install 'sanet[demo]' "
+                         "(or scikit-learn)") from None
 
     digits = load_digits()
     idx = np.arange(len(digits.target))
