@@ -136,9 +136,9 @@ def _check_models(args: argparse.Namespace) -> None:
         raise ValueError(f"--model {args.model!r} is not an SA model (the table runs it with the fused "
                          f"and the reference SA); SA models: {', '.join(SA_MODELS)}. "
                          "Any timm model works as --baseline.")
-    from timm.models import get_pretrained_cfg, split_model_name_tag
+    from timm.models import get_arch_name, get_pretrained_cfg
 
-    if split_model_name_tag(args.model)[0] == split_model_name_tag(args.baseline)[0]:
+    if get_arch_name(args.model) == get_arch_name(args.baseline):
         raise ValueError(f"--model {args.model!r} and --baseline {args.baseline!r} are the same architecture; "
                          "compare two different models")
     last = -(-args.img_size // 32)  # the last stage's feature map side (stride 32)

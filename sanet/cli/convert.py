@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     is_run = bool(run_info)
     earlier = _converted_metadata(args.input)  # a file sanet convert wrote: its records carry over
     recorded = earlier.pop("model", None)
-    if recorded and recorded.split(".")[0] != args.model.split(".")[0]:
+    if recorded and timm.models.get_arch_name(recorded) != timm.models.get_arch_name(args.model):
         raise ValueError(f"--model {args.model}: {args.input} says it holds {recorded} weights; "
                          f"pass --model {recorded}")
     has_ema = is_run and isinstance(checkpoint.get("model_ema"), dict)

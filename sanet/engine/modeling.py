@@ -70,13 +70,6 @@ def _registered_arch(checkpoint: Any, path: Path) -> Optional[str]:
     return arch if isinstance(arch, str) and timm.is_model(arch) else None
 
 
-def _arch(name: str) -> str:
-    """The architecture of a timm model name (without its pretrained tag)."""
-    from timm.models import split_model_name_tag
-
-    return split_model_name_tag(name)[0]
-
-
 def _ema_refusal(path: Path) -> str:
     """Why --ema doesn't apply to a weights file that is not a sanet train checkpoint."""
     from sanet.checkpoint import safetensors_metadata
@@ -294,8 +287,10 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
     else:
         if use_ema:
             raise ValueError(_ema_refusal(source))
+        from timm.models import get_arch_name
+
         recorded = _registered_arch(raw, source)
-        if model_name and recorded and _arch(model_name) != _arch(recorded):
+        if model_name and recorded and get_arch_name(model_name) != get_arch_name(recorded):
             raise ValueError(f"--model {model_name}: {source} says it holds {recorded} weights; pass --model "
                              f"{recorded} (or leave --model out)")
         name = model_name or recorded

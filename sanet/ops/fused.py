@@ -144,7 +144,7 @@ def _bn_tensor(bn: nn.BatchNorm2d) -> Optional[Tensor]:
 
 
 def _fusable(x: Tensor, bn: nn.Module, sa: nn.Module, shortcut: Optional[Tensor]) -> bool:
-    """:func:`fused_bn_sa_supported` but for where the tensors are."""
+    """:func:`fused_bn_sa_supported` but for the kernel and where the tensors are."""
     if type(bn) is not nn.BatchNorm2d or getattr(sa, "impl", None) not in ("auto", "fused"):
         return False
     ref = _bn_tensor(bn)
@@ -155,7 +155,6 @@ def _fusable(x: Tensor, bn: nn.Module, sa: nn.Module, shortcut: Optional[Tensor]
         # bn(x)'s dtype rule: BatchNorm's dtype, or fp32 BatchNorm on fp16/bf16 input (AMP)
         and (bn_dtype in (None, x.dtype) or (bn_dtype == torch.float32 and x.dtype in _HALF_DTYPES))
         and (shortcut is None or (shortcut.dtype == x.dtype and shortcut.shape == x.shape))  # no broadcasting
-        and fused_sa_supported(x)
     )
 
 
@@ -177,7 +176,8 @@ def bn_shuffle_attention(
     function, with their own errors for what they refuse.
     """
     # (A tensor on another device than x goes to the op, whose error names it.)
-    if needs_pytorch_ops() or has_hooks(bn, sa, *sa.children()) or not _fusable(x, bn, sa, shortcut):
+    if (needs_pytorch_ops() or has_hooks(bn, sa, *sa.children()) or not _fusable(x, bn, sa, shortcut)
+            or not fused_sa_supported(x)):
         y = sa(bn(x)) if shortcut is None else sa(bn(x)) + shortcut
         return torch.relu(y) if relu else y
     return _bn_shuffle_attention(x, bn, sa, shortcut, relu=relu)
