@@ -8,11 +8,14 @@
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import pickle
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -207,6 +210,21 @@ def _starts_like_torch_save(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+def _protocol_of(path: Path) -> str:
+    """`` of protocol N`` as the pickle's PROTO opcode says (inside a torch.save zip archive, its
+    data.pkl's), or empty when it can't be read."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+                head = z.open(name).read(2)
+        else:
+            head = _head(path, 2)
+    except Exception:  # only the message's detail is lost
+        return ""
+    return f" of protocol {head[1]}" if head[:1] == b"\x80" and len(head) == 2 else ""
+
+
 def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
     """Load a checkpoint without executing pickled code (safetensors or weights_only).
 
@@ -225,7 +243,12 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
             raise SanetError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
         # An open file, not the path: torch.load reads a path ending in .safetensors as safetensors.
-        with open(path, "rb") as f:
+        # argparse.Namespace is allowed as timm allows it: timm's train.py stores its args as
+        # one (unpickling it only fills an attribute dict; its values are checked as usual).
+        with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]), \
+                warnings.catch_warnings():
+            # a legacy file of protocol > 2 warns, then fails below with our own message
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _starts_like_torch_save(path):
@@ -236,10 +259,10 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
             ) from None
         if "Unsupported operand" in str(exc):  # an opcode of pickle protocol 3+ it doesn't implement
             raise SanetError(
-                f"{path}: written with a pickle protocol (torch.save(..., pickle_protocol=N) with N > 2) whose "
-                "instructions torch.load(weights_only=True) can't read, so what it holds could not be checked; "
-                "nothing in it ran. If you trust the file, re-save its state_dict with torch.save's default "
-                "protocol in a trusted environment"
+                f"{path}: a pickle{_protocol_of(path)} (torch.save(..., pickle_protocol=N) with N > 2, or a "
+                "pickle.dump file) whose instructions torch.load(weights_only=True) "
+                "can't read, so what it holds could not be checked; nothing in it ran. If you trust the file, "
+                "re-save its state_dict with torch.save (default protocol) in a trusted environment"
             ) from None
         raise UnsafeCheckpointError(
             f"{path}: refused to load. The file contains pickled objects other than tensors "

@@ -198,16 +198,20 @@ def test_convert_ema_weights_evaluate_as_eval_ema(capsys, trained, tmp_path):
                                           "--json", *(["--ema"] if ema else [])])
         assert code == 0, err
         assert last_json(out)["weights"] == ("ema" if ema else "model")
-        assert ("--ema converts those" in err) is not ema
+        assert ("--ema converts the EMA's" in err) is not ema
         from safetensors.torch import load_file
 
         weights = load_file(str(st))
         source = ckpt["model_ema" if ema else "model"]
         assert all(weights[k].equal(v) for k, v in source.items())
         results[ema] = last_json(run_cli(capsys, ["eval", "--pretrained-file", str(st), *val])[1])
-        expected = last_json(run_cli(capsys, ["eval", "--checkpoint", str(run / "last.pt"), *val,
-                                              *(["--ema"] if ema else [])])[1])
+        code, out, err = run_cli(capsys, ["eval", "--checkpoint", str(run / "last.pt"), *val,
+                                          *(["--ema"] if ema else [])])
+        expected = last_json(out)
         assert results[ema]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        # which weights were evaluated: in the JSON, and a note when the EMA's were left out
+        assert expected["ema"] is ema and results[ema]["ema"] is False
+        assert ("also holds EMA weights ('model_ema'); these are the model's weights; --ema uses" in err) is not ema
     assert results[True]["loss"] != results[False]["loss"]
     code, _, err = run_cli(capsys, ["convert", str(trained[1] / "last.pt"), str(tmp_path / "x.safetensors"),
                                     "--model", "sa_resnet_test", "--ema"])

@@ -90,6 +90,25 @@ def test_large_mean_against_fp64(mode, hw):
 
 
 @pytest.mark.parametrize("impl", ["fused", "torch"])
+@pytest.mark.parametrize("hw", [(6, 6), (7, 7)])
+def test_constant_planes_against_fp64(impl, hw):
+    """A constant plane (variance 0) with an offset: the spatial slope is ~1/sqrt(eps), so the
+    fp32 plane mean's rounding would spread over the plane (the authors' fp32 formulation is
+    1e-5 - 5e-4 off here; "torch" was too, before its second pass on the mean)."""
+    gen = torch.Generator().manual_seed(5)
+    sa = sanet.ShuffleAttention(64, 8, impl=impl)
+    randomize(sa, gen)
+    ref64 = copy.deepcopy(sa).double()
+    ref64.impl = "reference"
+    x = (3 * torch.randn(2, 64, 1, 1, generator=gen) + 5).expand(2, 64, *hw).contiguous().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    y, y64 = sa(x), ref64(x64)
+    g = torch.randn(y.shape, generator=gen)
+    assert rel(y, y64) <= 3e-6
+    assert rel(grads(y, [x], g)[0], grads(y64, [x64], g.double())[0]) <= 3e-6
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
 @pytest.mark.parametrize("where", [0, 7], ids=["first", "middle"])
 def test_inf_in_a_plane_like_the_reference(where, impl):
     """An inf saturates a channel-branch gate (finite outputs elsewhere in the plane), as in

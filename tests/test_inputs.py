@@ -147,7 +147,7 @@ def test_ctrl_c_under_json_prints_a_json_object(capsys, tmp_path, data, monkeypa
     assert json.loads(out)["error"].startswith("interrupted")
 
 
-def test_only_rank_0_of_a_torchrun_job_says_how_to_go_on_after_ctrl_c(monkeypatch):
+def test_only_rank_0_of_a_torchrun_job_says_how_to_go_on_after_ctrl_c(monkeypatch, tmp_path):
     """Rank 0 may have just put back a run that --overwrite moved aside: the others can't
     know whether --resume is right."""
     import argparse
@@ -155,11 +155,54 @@ def test_only_rank_0_of_a_torchrun_job_says_how_to_go_on_after_ctrl_c(monkeypatc
     from sanet.cli import _interrupted
 
     exc = KeyboardInterrupt()
-    exc.resumable = True
-    args = argparse.Namespace(command="train")
+    args = argparse.Namespace(command="train", output=str(tmp_path))
+    (tmp_path / "last.pt").write_bytes(b"")
     assert "--resume" in _interrupted(args, exc)
     monkeypatch.setenv("RANK", "1")
     assert _interrupted(args, exc) == "interrupted"
+
+
+def test_ctrl_c_between_the_first_log_and_checkpoint_says_overwrite(tmp_path):
+    """A run stopped after its first epoch's log.csv, before its last.pt: the folder now holds a
+    run (the same command is refused), and there is nothing to resume."""
+    import argparse
+
+    from sanet.cli import _interrupted
+    from sanet.engine.state import load_resume_checkpoint
+
+    (tmp_path / "log.csv").write_text("epoch,train_loss\n1,2.0\n")
+    msg = _interrupted(argparse.Namespace(command="train", output=str(tmp_path)), KeyboardInterrupt())
+    assert "nothing to resume" in msg and "--overwrite starts afresh" in msg
+    with pytest.raises(FileNotFoundError, match="stopped before its first checkpoint.*--overwrite instead of --resume"):
+        load_resume_checkpoint(tmp_path, "sa_resnet_test", ["a", "b"])
+
+
+def test_an_error_after_ctrl_c_is_reported_as_the_interruption(capsys, monkeypatch, data, tmp_path):
+    """Ctrl-C while DataLoader workers start: Python drops the KeyboardInterrupt there, the
+    workers die of the signal and the loader raises RuntimeError. That is the interruption."""
+    import os
+    import signal
+
+    import sanet.cli.evaluate as cli_eval
+
+    def interrupted_then_failed(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # through sanet's handler, as a terminal's Ctrl-C
+        except KeyboardInterrupt:
+            pass  # dropped, as in a finalizer
+        raise RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly")
+
+    monkeypatch.setattr(cli_eval, "run", interrupted_then_failed)
+    code, out, err = run_cli(capsys, ["eval", "--checkpoint", "x.pt", "--data", str(data / "val"), "--json"])
+    assert code == 130 and err.strip() == "interrupted" and json.loads(out)["error"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the command
+
+    def failed(args):  # without Ctrl-C the same error is a bug: its traceback is kept
+        raise RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly")
+
+    monkeypatch.setattr(cli_eval, "run", failed)
+    with pytest.raises(RuntimeError):
+        run_cli(capsys, ["eval", "--checkpoint", "x.pt", "--data", str(data / "val")])
 
 
 def test_overlay_sets_data_settings_but_not_weights(capsys, tmp_path, data):

@@ -22,6 +22,20 @@ def test_construction_error_bad_impl():
         ShuffleAttention(16, 2, impl="cuda")
 
 
+@pytest.mark.parametrize("eps", [-1e-5, 0, 0.0, float("nan"), float("inf"), True, "1e-5", None])
+def test_construction_error_bad_eps(eps):
+    # eps <= 0 made constant planes NaN (rsqrt(0 + eps) is NaN or inf) instead of an error
+    with pytest.raises(ValueError, match=r"eps must be a positive finite number .*got "):
+        ShuffleAttention(16, 2, eps=eps)
+
+
+def test_eps_accepts_numpy_and_int_as_float():
+    np = pytest.importorskip("numpy")
+    for eps in (np.float32(1e-3), 1):
+        m = ShuffleAttention(16, 2, eps=eps)
+        assert type(m.gn.eps) is float and m.gn.eps == pytest.approx(float(eps))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(2, 16), (16,), (1, 2, 16, 2, 2, 2)])
 def test_call_error_wrong_rank(impl, shape):

@@ -228,6 +228,22 @@ def test_another_attention_layer_is_refused_not_replaced(attn):
     assert not sa_layers(plain) and (plain.layer1[0].se is None) == (attn is None)
 
 
+@pytest.mark.parametrize("block", ["SABottleneck", "SABasicBlock"])
+def test_sa_blocks_used_directly_in_timms_resnet_build_sa(block):
+    """timm's ResNet passes attn_layer only from block_args and its blocks default to none: the
+    SA blocks default to ShuffleAttention (fitted to narrow layers), unless told otherwise."""
+    from timm.models.resnet import ResNet
+
+    cls = getattr(sanet, block)
+    model = ResNet(block=cls, layers=[1, 1, 1, 1], num_classes=10)
+    layers = sa_layers(model)
+    assert len(layers) == 4 and all(isinstance(m.sa, ShuffleAttention) for m in model.modules() if isinstance(m, cls))
+    assert [m.groups for m in layers] == [sanet.fit_sa_groups(m.channels, 64) for m in layers]
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(m.cweight.grad is not None for m in layers)
+    assert not sa_layers(ResNet(block=cls, layers=[1, 1, 1, 1], block_args=dict(attn_layer=None)))
+
+
 def test_numpy_sa_groups_accepted():
     np = pytest.importorskip("numpy")
     model = create("sa_resnet_test", sa_groups=np.int64(4))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -66,6 +67,9 @@ def test_bad_model_kwargs_are_user_errors(capsys, tmp_path, data):
         code, _, err = run_cli(capsys, train_argv(data, tmp_path / "d", "--model-kwargs", kwarg))
         assert code == 2 and f"may not set {kwarg.split('=')[0]}" in err and hint in err, err
         assert not (tmp_path / "d").exists()  # refused before the output is made
+    for kwarg in ("norm_layer='bogus'", "act_layer='nope'"):  # timm looks the name up: a KeyError
+        code, _, err = run_cli(capsys, train_argv(data, tmp_path / "e", "--model-kwargs", kwarg))
+        assert code == 2 and "does not accept them (unknown name" in err, err
     with pytest.raises(SystemExit) as info:  # a usage error, as argparse reports them
         run_cli(capsys, train_argv(data, tmp_path / "c", "--model-kwargs", "sa_groups", "--json"))
     out, err = capsys.readouterr()
@@ -167,3 +171,65 @@ def test_fixed_input_size_model_built_for_another_size_trains_at_that_size(capsy
     code, _, err = run_cli(capsys, argv)
     assert code == 0, err
     assert load_ckpt(out / "last.pt")["args"]["img_size"] == 16
+
+
+def test_resume_with_no_wd_norm_at_another_weight_decay(capsys, tmp_path, data):
+    """--no-wd-norm's two parameter groups exist at weight decay 0 too, so a resume that
+    changes --weight-decay (to 0 or from it) fits the saved optimizer state."""
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out, "--no-wd-norm", "--weight-decay", "0"))[0] == 0
+    code, stdout, err = run_cli(capsys, train_argv(data, out, "--no-wd-norm", "--resume", epochs=2))
+    assert code == 0, err
+    groups = load_ckpt(out / "last.pt")["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.0001]
+
+
+def test_changing_epochs_of_a_cosine_run_on_resume_warns(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out, "--sched", "cosine", epochs=1))[0] == 0
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--resume", epochs=3))
+    assert code == 0 and "--epochs 1 -> 3: the cosine schedule is now drawn over 3 epochs" in stdout
+    step = tmp_path / "step"  # the step schedule does not depend on --epochs: no warning
+    assert run_cli(capsys, train_argv(data, step, epochs=1))[0] == 0
+    code, stdout, _ = run_cli(capsys, train_argv(data, step, "--resume", epochs=2))
+    assert code == 0 and "schedule is now drawn" not in stdout
+
+
+def test_curves_are_drawn_every_epoch_and_redrawn_when_missing(capsys, tmp_path, data, monkeypatch):
+    import sanet.engine.trainer as trainer
+
+    drawn = []
+    real = trainer.plot_curves
+    monkeypatch.setattr(trainer, "plot_curves", lambda history, path, **kw: drawn.append(len(history))
+                        or real(history, path, **kw))
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out, epochs=2))[0] == 0
+    assert drawn == [1, 2]  # a run stopped after epoch 1 keeps epoch 1's curves
+    (out / "curves.png").unlink()  # e.g. killed between last.pt and the picture
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--resume", "--json", epochs=2))
+    assert code == 0 and json.loads(stdout)["curves"] == str(out / "curves.png")
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and drawn == [1, 2, 2]
+
+
+def test_hidden_folders_are_not_classes(capsys, tmp_path):
+    data = make_imagefolder(tmp_path / "d")
+    for split in ("train", "val"):  # e.g. Jupyter's, with an image copy in it
+        (data / split / ".ipynb_checkpoints").mkdir()
+        shutil.copy(data / split / "a" / "000.png", data / split / ".ipynb_checkpoints" / "000.png")
+    code, stdout, err = run_cli(capsys, train_argv(data, tmp_path / "r", "--json"))
+    assert code == 0, err
+    assert load_ckpt(tmp_path / "r" / "last.pt")["class_names"] == ["a", "b", "c"]
+
+
+def test_data_that_is_a_file_and_a_damaged_last_pt_say_what_to_do(capsys, tmp_path, data):
+    code, _, err = run_cli(capsys, train_argv(tmp_path / "nope.txt", tmp_path / "r0"))
+    assert code == 2 and "--data folder not found" in err
+    (tmp_path / "f.txt").write_text("x")
+    code, _, err = run_cli(capsys, train_argv(tmp_path / "f.txt", tmp_path / "r0"))
+    assert code == 2 and "is a file; give the folder that holds train/ and val/" in err
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out))[0] == 0
+    last = out / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # damaged after it was written
+    code, _, err = run_cli(capsys, train_argv(data, out, "--resume", epochs=2))
+    assert code == 2 and "damaged" in err and f"--pretrained-file {out / 'best.pt'}" in err and "--overwrite" in err

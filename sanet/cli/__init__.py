@@ -9,7 +9,10 @@ import errno
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import List, Optional
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -69,18 +72,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    _SIGINT["received"] = False
+    previous = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt as exc:
-        message = _interrupted(args, exc)
-        print(message, file=sys.stderr)
-        _json_error(args, message)
-        return 130
+        return _report_interrupt(args, exc)
     except BrokenPipeError:
         # Output piped into e.g. `head`, which closed early: not an error of ours.
         sys.stderr.close()
         return 0
     except Exception as exc:
+        if _SIGINT["received"] and not getattr(args, "debug", False):
+            # Ctrl-C landed where Python drops KeyboardInterrupt (e.g. while DataLoader workers
+            # start: they die of the same signal and the loader then fails): this error is its echo.
+            return _report_interrupt(args, exc)
         if not _for_the_user(exc) or getattr(args, "debug", False):
             raise  # a bug or an environment failure: its traceback is what a report needs
         message = _describe(exc, args.command)
@@ -92,9 +101,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             _json_error(args, message)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
-def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+_SIGINT = {"received": False}  # set by _on_sigint during main()
+
+
+def _on_sigint(signum, frame) -> None:
+    """Python's own SIGINT behaviour (KeyboardInterrupt), remembered: where Python can't raise
+    it, the error that follows is reported as the interruption it is."""
+    _SIGINT["received"] = True
+    raise KeyboardInterrupt
+
+
+def _report_interrupt(args: argparse.Namespace, exc: BaseException) -> int:
+    message = _interrupted(args, exc)
+    print(message, file=sys.stderr)
+    _json_error(args, message)
+    return 130
+
+
+def _interrupted(args: argparse.Namespace, exc: BaseException) -> str:
     """What Ctrl-C left behind. For ``train``, rank 0 says how to go on (the other processes
     of a torchrun job don't know: rank 0 may have just put a previous run back)."""
     if args.command != "train" or os.environ.get("RANK", "0") != "0":
@@ -102,9 +131,13 @@ def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
     if getattr(exc, "previous_run_restored", False):  # --overwrite, stopped before its first checkpoint
         return ("interrupted before the new run's first checkpoint; the previous run is back in place, "
                 "unchanged (the same command, with --overwrite, starts afresh)")
-    if getattr(exc, "resumable", False):  # set by `sanet train`: OUT holds a last.pt
+    out = Path(args.output)
+    if (out / "last.pt").is_file():
         return ("interrupted (the same command with --resume, instead of any --overwrite, continues from the "
                 "last completed epoch)")
+    if (out / "log.csv").is_file():  # stopped between the first epoch's log.csv and its last.pt
+        return ("interrupted before the run's first checkpoint: there is nothing to resume; the same command "
+                "with --overwrite starts afresh (the folder holds the interrupted epoch's log.csv)")
     return "interrupted before the run's first checkpoint: there is nothing to resume (the same command starts afresh)"
 
 

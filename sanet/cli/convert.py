@@ -23,13 +23,15 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                     "again with them). "
                     "The input is read with torch.load(weights_only=True): no pickled code runs.")
     p.add_argument("input", type=Path, help="checkpoint file (.pth/.pth.tar/.pt/.safetensors)")
-    p.add_argument("output", type=Path, help="output .safetensors file")
+    p.add_argument("output", type=Path, help="output .safetensors file (its folder is created if missing); the "
+                                             "model card OUT.json is written beside it")
     p.add_argument("--model", required=True, help="architecture, e.g. sa_resnet50")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier size of the checkpoint (default: read from its fc layer)")
     p.add_argument("--ema", action="store_true",
-                   help="convert a sanet train checkpoint's EMA weights (--model-ema runs; their best.pt "
-                        "is chosen by the EMA's top-1) instead of its model weights")
+                   help="convert the checkpoint's EMA weights instead of its model weights: a sanet train "
+                        "checkpoint's (--model-ema runs; their best.pt is chosen by the EMA's top-1) or a "
+                        "timm train.py checkpoint's ('state_dict_ema')")
     add_json_flag(p)
     return p
 
@@ -68,15 +70,21 @@ def run(args: argparse.Namespace) -> int:
         state_dict_from, write_json_atomic
     from sanet.engine.modeling import check_checkpoint_model
     from sanet.models import check_state_dict, strip_prefix
-    from sanet.models.checkpoint_filter import cfg_from_weights, with_sa_groups_of
+    from sanet.models.checkpoint_filter import cfg_from_weights, ema_key_of, with_sa_groups_of
 
     check_model_name(args.model)
-    if args.output.suffix != ".safetensors":
-        raise ValueError(f"output must end in .safetensors, got {args.output}")
+    if args.output.suffix != ".safetensors":  # (".safetensors" alone is a name without a suffix)
+        raise ValueError(f"output must be a file name ending in .safetensors (e.g. {args.model}.safetensors), "
+                         f"got {args.output}")
     if args.num_classes is not None and args.num_classes < 0:
         raise ValueError(f"--num-classes must be 0 (no classifier) or more, got {args.num_classes}")
     card_path = args.output.with_suffix(".json")
     for written in (args.output, card_path):
+        # Both checked before anything is written: a card that can't be written after the
+        # weights were would leave half a conversion behind.
+        if written.is_dir():
+            raise ValueError(f"cannot write {written}{' (the model card)' if written == card_path else ''}: "
+                             "it is a folder")
         if written.is_file() and args.input.is_file() and os.path.samefile(written, args.input):
             raise ValueError(f"{written} (written by convert{', the model card' if written == card_path else ''}) "
                              "is the input file: converting would replace the source; write to another file")
@@ -88,18 +96,20 @@ def run(args: argparse.Namespace) -> int:
     if recorded and timm.models.get_arch_name(recorded) != timm.models.get_arch_name(args.model):
         raise ValueError(f"--model {args.model}: {args.input} says it holds {recorded} weights; "
                          f"pass --model {recorded}")
-    has_ema = is_run and isinstance(checkpoint.get("model_ema"), dict)
-    if args.ema and not has_ema:
+    ema_key = ema_key_of(checkpoint)
+    if args.ema and ema_key is None:
         already = " (it was converted with --ema: it holds the EMA's weights already)" \
             if earlier.get("weights") == "ema" else ""
-        raise ValueError(f"--ema: {args.input} holds no EMA weights (only sanet train checkpoints of "
-                         f"--model-ema runs do){already}")
+        raise ValueError(f"--ema: {args.input} holds no EMA weights (sanet train checkpoints of --model-ema "
+                         f"runs keep them under 'model_ema', timm's train.py under 'state_dict_ema'){already}")
     if not run_info:
         run_info = {k: v for k, v in earlier.items() if k != "weights"}
-    state_dict = strip_prefix(checkpoint["model_ema"]) if args.ema else state_dict_from(checkpoint, args.input)
-    if has_ema and not args.ema:
-        print(f"sanet convert: note: {args.input} also holds EMA weights (its run's best.pt is chosen by "
-              "their top-1); --ema converts those", file=sys.stderr)
+    state_dict = strip_prefix(checkpoint[ema_key]) if args.ema else state_dict_from(checkpoint, args.input)
+    if ema_key is not None and not args.ema:
+        why = "its run's best.pt is chosen by their top-1" if is_run else \
+            "timm's load_checkpoint would pick them by default"
+        print(f"sanet convert: note: {args.input} also holds EMA weights ('{ema_key}': {why}); converted the "
+              "model's weights; --ema converts the EMA's", file=sys.stderr)
     if is_run:  # a sanet train checkpoint names its architecture
         check_checkpoint_model(checkpoint, args.model, str(args.input))
     # The model the file holds: its classifier size and input channels (e.g. a 1-channel stem),
@@ -121,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if "sa_groups" in kwargs:  # a non-default G: the file needs it to be rebuilt
         metadata["sa_groups"] = str(kwargs["sa_groups"])
     metadata.update({k: json.dumps(run_info[k]) for k in RUN_METADATA if k in run_info})
-    if is_run or "weights" in earlier:
+    if is_run or ema_key is not None or "weights" in earlier:
         metadata["weights"] = "ema" if args.ema else earlier.get("weights", "model")
     save_safetensors(state_dict, args.output, metadata=metadata)
     card = model_card(args.model, args.input, args.output, sum(p.numel() for p in model.parameters()))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..engine.config import AMP_CHOICES
@@ -18,11 +19,20 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
                      help="any weights file: the authors' .pth.tar, a .safetensors from `sanet convert` "
                           "(it names its model), ...; a `sanet train` checkpoint is read as with --checkpoint. "
                           "The SA group count is read off the weights")
-    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (--model-ema runs)")
+    p.add_argument("--ema", action="store_true",
+                   help="use the file's EMA weights (sanet train --model-ema runs, whose best.pt is chosen by "
+                        "the EMA's top-1; timm train.py's 'state_dict_ema') instead of the model's")
     p.add_argument("--img-size", type=int, default=None, help="crop size (default: training's, else the model's)")
     p.add_argument("--crop-pct", type=float, default=None,
                    help="center-crop fraction (default: training's, else the model's, e.g. 0.875)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (auto)")
+
+
+def note_unused_ema(loaded, command: str, path: Path) -> None:
+    """Say on stderr that the file also holds EMA weights, which --ema would use."""
+    if loaded.unused_ema:
+        print(f"{command}: note: {path} also holds EMA weights ('{loaded.unused_ema}'); these are the model's "
+              "weights; --ema uses the EMA's", file=sys.stderr)
 
 
 def add_parser(sub, name: str) -> argparse.ArgumentParser:
@@ -98,12 +108,13 @@ def run(args: argparse.Namespace) -> int:
               "loss": round(metrics["loss"], 6), "images": metrics["images"],
               "skipped": metrics["skipped"], "images_per_s": round(metrics["images_per_s"], 1),
               "model": loaded.name, "weights": str(args.checkpoint or args.pretrained_file),
-              "data": str(args.data)}
+              "ema": loaded.ema, "data": str(args.data)}
+    note_unused_ema(loaded, "sanet eval", args.checkpoint or args.pretrained_file)
     if args.json:
         print_json(result)
     else:
         skipped = f" ({result['skipped']} unreadable skipped)" if result["skipped"] else ""
-        print(f"{loaded.name} on {args.data}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        print(f"{loaded.name}{' (EMA weights)' if loaded.ema else ''} on {args.data}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
               f"loss {result['loss']:.4f}  {result['images']} images{skipped}  "
               f"{result['images_per_s']:.0f} img/s")
     return 0

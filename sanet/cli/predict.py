@@ -19,7 +19,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         epilog="example: sanet predict --checkpoint runs/digits/best.pt img1.png img2.png --json")
     add_model_source(p)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
-    p.add_argument("--topk", "-k", type=int, default=5, help="classes to show per image (5)")
+    p.add_argument("--topk", "--top-k", "-k", dest="topk", type=int, default=5, help="classes to show per image (5)")
     p.add_argument("--batch-size", "-b", type=int, default=32,
                    help="images read and classified at a time (32): memory stays that of one batch")
     add_json_flag(p)
@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from sanet.engine.modeling import load_for_inference
     from sanet.engine.predict import check_image_paths, eval_transform, read_images, topk_predictions
 
+    from .evaluate import note_unused_ema
+
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):  # each process would print it all
         raise ValueError("sanet predict runs in one process: start it without torchrun (sanet eval shards a "
                          "folder of class folders over processes)")
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     check_image_paths(args.images)  # before loading the model
     loaded = load_for_inference(args.model, checkpoint=args.checkpoint, pretrained_file=args.pretrained_file,
                                 use_ema=args.ema)
+    note_unused_ema(loaded, "sanet predict", args.checkpoint or args.pretrained_file)
     transform = eval_transform(loaded.model, loaded.data_args, args.img_size, args.crop_pct)
     device = resolve_device(args.device)
     model, results = loaded.model.to(device), []
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             results += topk_predictions(model, batch.to(device), args.topk, loaded.class_names)
     if args.json:
-        print_json({"model": loaded.name, "weights": str(args.checkpoint or args.pretrained_file),
+        print_json({"model": loaded.name, "weights": str(args.checkpoint or args.pretrained_file), "ema": loaded.ema,
                     "predictions": [{"image": str(path), "top": top} for path, top in zip(args.images, results)]})
         return 0
     for path, top in zip(args.images, results):

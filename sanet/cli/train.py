@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 
 from .common import add_json_flag, check_model_name, print_json
 from .pipes import pipe_safe_console
@@ -51,11 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     # With --json, stdout carries the one JSON object; the epoch lines go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        try:
-            summary = fit(args)
-        except KeyboardInterrupt as exc:
-            exc.resumable = (Path(args.output) / "last.pt").is_file()  # for main's message
-            raise
+        summary = fit(args)  # (Ctrl-C: sanet.cli.main says what it left behind)
     if summary["world_size"] > 1 and not _is_rank0():
         return 0
     if args.json:

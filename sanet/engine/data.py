@@ -8,6 +8,7 @@ resume reproduce an uninterrupted run, with any ``--workers``.
 """
 from __future__ import annotations
 
+import os
 import random
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +67,14 @@ class SafeImageFolder(ImageFolder):
         # from its own generators, seeded from (seed, epoch, index), so it does not depend on
         # which worker (or how many) loads it. None: the transform uses the process's generators.
         self.aug_seed: Optional[Tuple[int, int]] = None
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        """torchvision's, without hidden folders (``.ipynb_checkpoints``, ``.DS_Store``-style
+        tool folders): their files are ignored as hidden files are, not taken as a class."""
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -146,7 +155,7 @@ def open_image_folder(root: Path, what: str, *, skip_bad: bool = False, transfor
     except FileNotFoundError as exc:
         # torchvision's messages: no class folders, or class folders without images
         empty = _classes_without_images(root)
-        if empty and len(empty) < sum(1 for d in root.iterdir() if d.is_dir()):
+        if empty and len(empty) < sum(1 for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
             raise FileNotFoundError(
                 f"{what} folder {root}: class folder(s) {empty[:10]} hold no images (image files: "
                 f"{', '.join(IMAGE_EXTENSIONS)}); "
@@ -164,11 +173,12 @@ def open_image_folder(root: Path, what: str, *, skip_bad: bool = False, transfor
 
 
 def _classes_without_images(root: Path) -> List[str]:
-    """Class folders of ``root`` with no image file at any depth (ImageFolder's rule)."""
+    """Class folders of ``root`` (hidden ones aside) with no image file at any depth (ImageFolder's rule)."""
     def has_image(folder: Path) -> bool:
         return any(f.is_file() and is_image_file(f.name) for f in folder.rglob("*"))
 
-    return [d.name for d in sorted(root.iterdir()) if d.is_dir() and not has_image(d)]
+    return [d.name for d in sorted(root.iterdir())
+            if d.is_dir() and not d.name.startswith(".") and not has_image(d)]
 
 
 def check_same_classes(train: Sequence[str], val: Sequence[str]) -> None:
@@ -186,6 +196,9 @@ def check_same_classes(train: Sequence[str], val: Sequence[str]) -> None:
 def open_train_val(data: Path, skip_bad: bool = False) -> Tuple[SafeImageFolder, SafeImageFolder]:
     """``data/train`` and ``data/val`` as ImageFolders with matching classes."""
     data = Path(data)
+    if data.is_file():
+        raise NotADirectoryError(f"--data {data} is a file; give the folder that holds train/ and val/ in "
+                                 "ImageFolder layout (<folder>/train/<class name>/<image file>)")
     if not data.is_dir():
         raise FileNotFoundError(f"--data folder not found: {data} (expected {data}/train and "
                                 f"{data}/val in ImageFolder layout)")

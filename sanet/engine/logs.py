@@ -81,7 +81,10 @@ def plot_curves(history: List[Dict[str, Any]], path: Path, title: Optional[str] 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from sanet.checkpoint import atomic_write
+
+    try:  # atomically: a kill mid-write leaves the previous epoch's picture, not half a PNG
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path

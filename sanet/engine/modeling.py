@@ -80,7 +80,8 @@ def _ema_refusal(path: Path) -> str:
     if weights == "model":
         return (f"--ema: {path} holds its run's model weights (converted without --ema); convert the run's "
                 "checkpoint again with sanet convert --ema for the EMA's")
-    return "--ema applies to checkpoints of runs trained with --model-ema"
+    return ("--ema applies to checkpoints that hold EMA weights: sanet train runs with --model-ema, timm "
+            "train.py checkpoints with 'state_dict_ema'")
 
 
 def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional[Path] = None,
@@ -135,15 +136,16 @@ def _create(name: str, model_kwargs: Optional[Dict[str, Any]], **kwargs: Any) ->
 
     try:
         return timm.create_model(name, **kwargs)
-    except TypeError as exc:
+    except (TypeError, KeyError) as exc:  # KeyError: timm's lookup of a layer name (norm_layer=...)
         if not model_kwargs:
             raise
         raise _kwargs_error(name, model_kwargs, exc) from None
 
 
-def _kwargs_error(name: str, model_kwargs: Dict[str, Any], exc: TypeError) -> ValueError:
+def _kwargs_error(name: str, model_kwargs: Dict[str, Any], exc: Exception) -> ValueError:
+    why = f"unknown name {exc}" if isinstance(exc, KeyError) else str(exc)
     return ValueError(f"--model-kwargs {' '.join(f'{k}={v!r}' for k, v in model_kwargs.items())}: "
-                      f"{name} does not accept them ({exc})")
+                      f"{name} does not accept them ({why})")
 
 
 def check_checkpoint_model(ckpt: Dict[str, Any], model_name: Optional[str], source: str) -> str:
@@ -251,6 +253,8 @@ class LoadedModel:
     name: str
     class_names: Optional[List[str]]
     data_args: Dict[str, Any] = field(default_factory=dict)  # img_size/crop_pct/... of training
+    ema: bool = False  # the file's EMA weights were loaded (--ema)
+    unused_ema: Optional[str] = None  # the key of EMA weights the file holds besides those loaded
 
 
 def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] = None,
@@ -271,6 +275,9 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
     if checkpoint is not None and not is_run:
         raise ValueError(f"{checkpoint} is not a sanet train checkpoint (no 'model'/'class_names'); "
                          "use --pretrained-file for other weight files")
+    from sanet.models.checkpoint_filter import ema_key_of
+
+    ema_key = ema_key_of(raw)
     if is_run:
         name = check_checkpoint_model(raw, model_name, str(source))
         key = "model_ema" if use_ema else "model"
@@ -285,7 +292,7 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
         model_kwargs = _groups_read_off(state_dict, name, model_kwargs, source)
         num_classes = len(class_names)
     else:
-        if use_ema:
+        if use_ema and ema_key is None:
             raise ValueError(_ema_refusal(source))
         from timm.models import get_arch_name
 
@@ -298,7 +305,8 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
             raise ValueError("--pretrained-file needs --model: the file names no registered architecture "
                              "(the authors' files name theirs in 'arch', `sanet convert` files in their "
                              "metadata)")
-        state_dict = state_dict_from(raw, source)
+        # a timm train.py checkpoint keeps its EMA's weights under 'state_dict_ema'
+        state_dict = strip_prefix(raw[ema_key]) if use_ema else state_dict_from(raw, source)
         num_classes = _classifier_size(state_dict, name)
         if num_classes is None and _has_stem(state_dict, name):
             raise SanetError(
@@ -315,7 +323,8 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
     _check_rgb_stem(state_dict, model, name, source)
     model.load_state_dict(check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file)))
     model.eval()
-    return LoadedModel(model, name, class_names, data_args)
+    return LoadedModel(model, name, class_names, data_args, ema=use_ema,
+                       unused_ema=None if use_ema else ema_key)
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:

@@ -45,9 +45,13 @@ def build_optimizer(model: nn.Module, opt: str, *, lr: float, weight_decay: floa
     """timm's ``create_optimizer_v2``; ``no_wd_norm`` exempts norms, biases and SA gates."""
     from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
-    if no_wd_norm and weight_decay:
-        params: Any = param_groups_weight_decay(model, weight_decay,
-                                                no_weight_decay_list=sa_gate_param_names(model))
+    if no_wd_norm:
+        # Two groups at any weight decay, so that a resume with another value fits the saved
+        # optimizer state: timm returns one group for 0, so it is asked with 1 and then set.
+        params: Any = param_groups_weight_decay(model, 1.0, no_weight_decay_list=sa_gate_param_names(model))
+        for group in params:
+            if group["weight_decay"]:
+                group["weight_decay"] = weight_decay
     else:
         params = model.parameters()  # the authors decay every parameter
     return create_optimizer_v2(params, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum)

@@ -22,6 +22,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from ..errors import SanetError
+
 __all__ = ["seed_everything", "seed_epoch", "save_training_checkpoint", "restore_best_checkpoint",
            "load_resume_checkpoint", "optional_state"]
 
@@ -82,9 +84,20 @@ def load_resume_checkpoint(out: Path, model_name: str, class_names: list) -> Dic
 
     path = out / "last.pt"
     if not path.is_file():
+        # stopped after logging its 1st epoch, before saving it
+        if (out / "log.csv").is_file() and not (out / "best.pt").exists():
+            raise FileNotFoundError(f"--resume: {path} not found: the run in {out} stopped before its first "
+                                    "checkpoint (it holds log.csv only), so there is nothing to continue; "
+                                    "start afresh with --overwrite instead of --resume")
         raise FileNotFoundError(f"--resume: {path} not found (no completed epoch to continue from; "
                                 "start without --resume)")
-    ckpt = load_checkpoint_file(path)
+    try:
+        ckpt = load_checkpoint_file(path)
+    except SanetError as exc:  # damaged after it was written (sanet writes it atomically)
+        best = out / "best.pt"
+        raise SanetError(f"--resume: {exc}. It can't be continued"
+                         + (f"; {best} may still load: fine-tune from it in a new --output with --pretrained-file "
+                            f"{best}" if best.is_file() else "") + ", or start afresh with --overwrite") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise ValueError(f"--resume: {path} is not a sanet train checkpoint")
     check_checkpoint_model(ckpt, model_name, str(path))

@@ -213,6 +213,12 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
     if changed:
         _say(ctx, "warning: resuming with different " + ", ".join(
             f"{k} ({saved[k]} -> {now.get(k)})" for k in changed))
+    if args.sched != "step" and saved.get("epochs") not in (None, args.epochs):
+        # --epochs may change on resume (to train longer), but a cosine curve is drawn over all
+        # epochs: rebuilt for the new count, it is at another height at the same epoch.
+        _say(ctx, f"warning: --epochs {saved['epochs']} -> {args.epochs}: the {args.sched} schedule is now drawn "
+                  f"over {args.epochs} epochs, so the learning rate jumps at epoch {int(ckpt['epoch']) + 1} to where "
+                  f"that schedule has it (the step schedule is the same for any --epochs)")
 
 
 def _epoch_line(row: Dict[str, Any], epochs: int, is_best: bool, eta_s: float) -> str:
@@ -349,6 +355,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                   f"{updates_per_epoch} updates/epoch, img {args.img_size}")
 
         # (nothing to train: the run's log, TensorBoard events and curves stay as they are)
+        title = f"{args.model} on {Path(args.data).name}"
         logger = RunLogger(out, start_epoch) if ctx.is_main and start_epoch < args.epochs else None
         run_start, progress = time.perf_counter(), not args.no_progress
         try:
@@ -378,15 +385,16 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                     save_training_checkpoint(out, _checkpoint(args, state, epoch + 1, best, best_epoch,
                                                               class_names, history), is_best)
                     checkpointed()  # a previous run that --overwrite moved aside goes now
+                    plot_curves(history, out / "curves.png", title=title)  # every epoch: a stopped run keeps them
                     per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
                     _say(ctx, _epoch_line(row, args.epochs, is_best, per_epoch * (args.epochs - epoch - 1)))
         finally:
             if logger is not None:
                 logger.close()
-        if ctx.is_main and len(history) > start_epoch:
-            curves = plot_curves(history, out / "curves.png", title=f"{args.model} on {Path(args.data).name}")
-        else:
-            curves = out / "curves.png" if (out / "curves.png").exists() else None
+        curves = out / "curves.png"
+        if ctx.is_main and history and not curves.exists():  # a run killed before drawing them
+            plot_curves(history, curves, title=title)
+        curves = curves if curves.exists() else None
         return _summary(args, out, history, start_epoch, best, best_epoch, curves,
                         time.perf_counter() - run_start, ctx)
 

@@ -259,7 +259,10 @@ def _shuffle_attention_torch(
     # The channel branch's slope is 0 by construction (its gate depends on the mean only): its
     # deviations are not used, so that an inf pixel gives no 0 * inf = NaN across its plane.
     spatial = torch.arange(2, device=xc.device).reshape(1, 2, 1, 1) == 1  # (1, branch, 1, 1)
-    dev = torch.where(spatial, xc - mean, 0.0)
+    dev = xc - mean
+    # Second pass: the fp32 mean is off by a rounding, which the spatial slope (up to
+    # 1/sqrt(eps) on a constant plane) would spread over the whole plane; its own mean removes it.
+    dev = torch.where(spatial, dev - _plane_mean(dev), 0.0)
     y = xc * torch.sigmoid(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), dev))
     # Channel order g*C/G + branch*c + j, then the 2-group shuffle.
     return channel_shuffle(y.reshape(n, c_total, m), 2).reshape(x.shape).to(x.dtype)

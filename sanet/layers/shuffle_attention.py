@@ -1,6 +1,7 @@
 """The Shuffle Attention layer (Zhang & Yang, SA-Net, ICASSP 2021, arXiv:2102.00240)."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -70,6 +71,11 @@ class ShuffleAttention(nn.Module):
         check_sa_groups(channels, groups)
         if impl not in SA_IMPLS:
             raise ValueError(f"ShuffleAttention: impl must be one of {SA_IMPLS}, got {impl!r}")
+        # A constant plane has variance 0: rsqrt(0 + eps) is NaN for eps < 0 and inf for 0
+        # (then 0 * inf = NaN). `not 0 < eps` also catches NaN.
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < float("inf"):
+            raise ValueError(f"ShuffleAttention: eps must be a positive finite number (GroupNorm's epsilon, "
+                             f"default 1e-5), got {eps!r}")
         dd = {"device": device, "dtype": dtype}
         channels, groups = int(channels), int(groups)  # plain ints for TorchScript and the kernels
         self.channels = channels
@@ -80,7 +86,7 @@ class ShuffleAttention(nn.Module):
         self.cbias = nn.Parameter(torch.ones(1, c, 1, 1, **dd))
         self.sweight = nn.Parameter(torch.zeros(1, c, 1, 1, **dd))
         self.sbias = nn.Parameter(torch.ones(1, c, 1, 1, **dd))
-        self.gn = nn.GroupNorm(c, c, eps=eps, **dd)
+        self.gn = nn.GroupNorm(c, c, eps=float(eps), **dd)
 
     @classmethod
     def fitted(cls, channels: int, groups: int = 64, **kwargs) -> "ShuffleAttention":

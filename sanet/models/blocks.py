@@ -14,12 +14,14 @@ the attention layer from ``attn_layer``) and change two things:
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
+from ..layers import ShuffleAttention
 from ..ops import fused_bn_sa_supported, has_hooks, needs_pytorch_ops
 from ..ops.fused import _bn_shuffle_attention
 
@@ -32,6 +34,14 @@ class _SATailMixin:
     TorchScript can't pass modules around, so each block names its tail modules in
     ``_tail_modules`` and writes the unfused tail inline.
     """
+
+    @staticmethod
+    def _with_sa_default(block: type, args: tuple, kwargs: dict) -> dict:
+        """``kwargs`` with ``attn_layer=ShuffleAttention.fitted`` unless the caller set it
+        (None included): timm's ResNet passes it only from ``block_args``, and timm's blocks
+        default to no attention, so ``ResNet(block=SABottleneck, ...)`` would have built none."""
+        bound = inspect.signature(block.__init__).bind_partial(None, *args, **kwargs)
+        return kwargs if "attn_layer" in bound.arguments else dict(kwargs, attn_layer=ShuffleAttention.fitted)
 
     def _rename_attn(self) -> None:
         self.sa = self.se  # authors' attribute name; registered as a submodule
@@ -56,10 +66,11 @@ class _SATailMixin:
 
 
 class SABottleneck(_SATailMixin, Bottleneck):
-    """timm ``Bottleneck`` with SA after ``bn3`` (SA-NET.md section 2)."""
+    """timm ``Bottleneck`` with SA after ``bn3`` (SA-NET.md section 2). ``attn_layer`` defaults
+    to ``ShuffleAttention.fitted`` (G = 64, or the largest valid G below it)."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **self._with_sa_default(Bottleneck, args, kwargs))
         self._rename_attn()
 
     @torch.jit.unused
@@ -86,10 +97,11 @@ class SABottleneck(_SATailMixin, Bottleneck):
 
 
 class SABasicBlock(_SATailMixin, BasicBlock):
-    """timm ``BasicBlock`` with SA after ``bn2`` (our choice; the authors released none)."""
+    """timm ``BasicBlock`` with SA after ``bn2`` (our choice; the authors released none).
+    ``attn_layer`` defaults to ``ShuffleAttention.fitted`` (G = 64, or the largest valid G below it)."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **self._with_sa_default(BasicBlock, args, kwargs))
         self._rename_attn()
 
     @torch.jit.unused

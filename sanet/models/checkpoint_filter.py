@@ -8,7 +8,8 @@ mis-shaped key instead.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -202,12 +203,28 @@ def sa_groups_of(state_dict: Dict[str, Tensor], model: nn.Module) -> Optional[in
     return max(found) if found and differs else None
 
 
+#: Where checkpoints keep EMA weights beside the model's: ``sanet train`` (``model_ema``) and
+#: timm's ``train.py`` (``state_dict_ema``).
+EMA_KEYS = ("model_ema", "state_dict_ema")
+
+
+def ema_key_of(checkpoint: Any) -> Optional[str]:
+    """The key of a checkpoint's EMA weights (``EMA_KEYS``), or None when it holds none."""
+    if isinstance(checkpoint, dict):
+        for key in EMA_KEYS:
+            if isinstance(checkpoint.get(key), dict) and checkpoint[key]:
+                return key
+    return None
+
+
 def weights_of(checkpoint: dict) -> Dict[str, Tensor]:
     """The tensors of a checkpoint's weights, without DDP's ``module.`` or torch.compile's
     ``_orig_mod.`` prefix.
 
-    The PyTorch ImageNet example (the authors' script) nests them under ``state_dict``,
-    ``sanet train`` under ``model``; a bare state_dict is taken as it is."""
+    The PyTorch ImageNet example (the authors' script) and timm's ``train.py`` nest them
+    under ``state_dict``, ``sanet train`` under ``model``; a bare state_dict is taken as it
+    is. EMA weights beside them are not taken (timm's ``load_checkpoint`` prefers them by
+    default): :func:`ema_key_of` finds them, ``sanet convert --ema`` extracts them."""
     for key in ("state_dict", "model"):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -216,8 +233,12 @@ def weights_of(checkpoint: dict) -> Dict[str, Tensor]:
 
 
 def cfg_from_weights(checkpoint: dict, classifier: Optional[str] = "fc", first_conv: Optional[str] = "conv1",
-                     input_size: Tuple[int, int, int] = (3, 224, 224)) -> Dict[str, Any]:
-    """``num_classes`` and ``input_size`` (its channel count) as the weights have them.
+                     input_size: Tuple[int, int, int] = (3, 224, 224), mean: Optional[Sequence[float]] = None,
+                     std: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+    """``num_classes`` and ``input_size`` (its channel count) as the weights have them; with
+    ``mean``/``std`` (the registry's), one value per input channel: the average of the
+    registry's where the weights' channel count differs (timm's transforms need as many as
+    there are channels: a 1-channel model reads grey images).
 
     Given to timm as ``pretrained_cfg`` entries, they become ``create_model``'s defaults, so a
     10-class file builds a 10-class model and keeps its classifier, and a file with a first conv
@@ -235,7 +256,11 @@ def cfg_from_weights(checkpoint: dict, classifier: Optional[str] = "fc", first_c
         # a backbone without classifier (a feature extractor's weights): a headless model by default
         cfg["num_classes"] = 0
     if isinstance(conv, Tensor) and conv.dim() == 4:
-        cfg["input_size"] = (int(conv.shape[1]), *input_size[1:])
+        chans = int(conv.shape[1])
+        cfg["input_size"] = (chans, *input_size[1:])
+        for key, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) != chans:
+                cfg[key] = (sum(values) / len(values),) * chans
     return cfg
 
 
@@ -244,6 +269,13 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, Tensor
 
     Used by ``timm.create_model(..., pretrained=True)`` for SA models.
     """
+    ema = ema_key_of(state_dict)
+    if ema is not None:
+        # timm's own load_checkpoint(use_ema=True) would take the EMA's: say which we took.
+        warnings.warn(f"the checkpoint also holds EMA weights ('{ema}'); loaded the model's weights. "
+                      f"To use the EMA's, extract them: sanet convert FILE OUT.safetensors --model "
+                      f"{(getattr(model, 'pretrained_cfg', None) or {}).get('architecture', 'M')} --ema",
+                      stacklevel=2)
     state_dict = weights_of(state_dict)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     exempt: List[str] = []
@@ -264,16 +296,19 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, Tensor
         if in_chans != (cfg.get("input_size") or (3,))[0]:
             exempt.append(f"{first_conv}.weight")
         else:
-            _check_dim(state_dict, f"{first_conv}.weight", 1, in_chans, "input channels", "in_chans")
+            _check_dim(state_dict, f"{first_conv}.weight", 1, in_chans, "input channels", "input_size")
     return check_state_dict(state_dict, model, shape_exempt=exempt, missing_ok=head)
 
 
-def _check_dim(state_dict: Dict[str, Tensor], key: str, dim: int, expected: int, what: str, kwarg: str) -> None:
+def _check_dim(state_dict: Dict[str, Tensor], key: str, dim: int, expected: int, what: str, cfg_key: str) -> None:
+    # Reached only when the pretrained config given to create_model (pretrained_cfg or
+    # pretrained_cfg_overlay) overrides what sanet reads off the file and the model follows it.
     w = state_dict.get(key)
     if w is not None and w.dim() > dim and w.shape[dim] != expected:
         raise CheckpointMismatchError(
             f"checkpoint does not match the model: its {key} has {w.shape[dim]} {what}, the model "
-            f"{expected}. Leave {kwarg} at its default to load it as it is")
+            f"{expected}, as the pretrained config passed to create_model sets ({cfg_key}); leave {cfg_key} out "
+            "of pretrained_cfg / pretrained_cfg_overlay: the file then sets it")
 
 
 def with_sa_groups_of(state_dict: Dict[str, Tensor], name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:

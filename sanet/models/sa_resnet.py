@@ -152,6 +152,13 @@ def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: boo
         cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
         if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
             raise SanetError(weights_help(variant))
+        if not (cfg.file or cfg.state_dict):
+            # timm would download it, and load it without the file-derived defaults below
+            # (a 10-class file into a 1000-class model): sanet reads local files only.
+            where = f"url={cfg.url!r}" if cfg.url else f"hf_hub_id={cfg.hf_hub_id!r}"
+            raise SanetError(f"{variant}: pretrained_cfg_overlay {where}: sanet loads SA weights from local "
+                             "files only (nothing is downloaded at run time). Download the file yourself, then "
+                             f"pass pretrained_cfg_overlay=dict(file='/path/to/file')")
         overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
         state_dict = cfg.state_dict
         if cfg.file and not state_dict:
@@ -162,7 +169,8 @@ def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: boo
                 raise CheckpointMismatchError(f"{cfg.file}: expected a checkpoint dict or state_dict, "
                                               f"found {type(state_dict).__name__}")
         if state_dict:  # the weights, not the registry, set the default head and input channels
-            overlay = {**cfg_from_weights(state_dict, cfg.classifier, cfg.first_conv, cfg.input_size), **overlay}
+            overlay = {**cfg_from_weights(state_dict, cfg.classifier, cfg.first_conv, cfg.input_size,
+                                          cfg.mean, cfg.std), **overlay}
         kwargs["pretrained_cfg_overlay"] = overlay
     model = build_model_with_cfg(
         ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
