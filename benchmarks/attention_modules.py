@@ -35,15 +35,21 @@ MODELS = {
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=_at_least_one, default=8)
-    p.add_argument("--img-size", type=_at_least_one, default=224)
+    p.add_argument("--batch-size", type=_at_least_one, default=8, help="images per step (default 8)")
+    p.add_argument("--img-size", type=_at_least_one, default=224, help="image side in pixels (default 224)")
     p.add_argument("--rounds", type=_at_least_one, default=5, help="timing rounds (default 5)")
     p.add_argument("--threads", type=_at_least_one, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON result here")
     args = p.parse_args()
-    if args.output is not None and args.output.is_dir():
-        p.error(f"--output {args.output} is a folder; give a .json file path")
+    from sanet.cli.bench import check_output_path, check_trainable_batch
+
+    try:  # before the timing, as `sanet bench` does: its results would be lost at the end
+        check_trainable_batch(args.batch_size, args.img_size)
+        if args.output is not None:
+            check_output_path(args.output)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     import timm

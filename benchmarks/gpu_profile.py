@@ -127,7 +127,7 @@ def graphed_steps() -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for the profiler tables (default: .)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         # Every measurement here is of CUDA kernels and streams: nothing to fall back to.

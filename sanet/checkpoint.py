@@ -71,17 +71,26 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, then atomically replace ``path``."""
+    """Call ``write(tmp_path)``, fsync, then atomically replace ``path`` (through a symlink:
+    the file it points to is replaced, the link kept)."""
     path = Path(path)
+    if path.is_symlink():  # os.replace would put the file in place of the link
+        path = path.resolve()
     if path.is_dir():  # os.replace's own message names the temporary file
         raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file path")
+    if path.exists() and not path.is_file():  # a device, FIFO or socket would be replaced, not written
+        raise ValueError(f"cannot write {path}: it is not a regular file (a device, pipe or socket); give a "
+                         "file path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # mkdir's messages don't say what is wrong
         blocker = next((p for p in path.absolute().parents if p.exists() or p.is_symlink()), None)
         raise NotADirectoryError(f"cannot write {path}: part of its folder path, {blocker}, is not a "
                                  "folder") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # its message names the temporary file, not the path asked for
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     os.close(fd)
     try:
         write(tmp)

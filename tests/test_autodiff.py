@@ -47,6 +47,30 @@ def test_second_order_with_only_the_shortcut_requiring_grad():
     assert g.requires_grad
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_batched_gradients_match_reference_model_fp64(train):
+    """autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) send a vmap-batched
+    gradient into the op's backward, which the kernels can't read (they failed with "Cannot
+    access data pointer"): the PyTorch-ops backward takes it, in train and eval mode."""
+    gen = torch.Generator().manual_seed(15)
+    fused, unfused = fused_and_unfused_models(4, gen)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=gen)  # layer4 at 2x2, as in the next test
+    g_out = torch.randn(3, 2, 4, dtype=torch.float64, generator=gen)  # 3 output gradients at once
+    results = []
+    for model in (fused, unfused):
+        model.train(train)
+        xi = x.clone().requires_grad_(True)
+        results.append(torch.autograd.grad(model(xi), [xi, *model.parameters()], g_out, is_grads_batched=True))
+    for name, a, b in zip(["input"] + [n for n, _ in fused.named_parameters()], *results):
+        assert a.shape[0] == 3 and rel(a, b) < 1e-8, name
+    sa = fused.layer1[0].sa
+    xs = torch.randn(2, sa.channels, 3, 3, dtype=torch.float64, generator=gen)
+    reference = copy.deepcopy(sa)
+    reference.impl = "reference"
+    jac = torch.autograd.functional.jacobian(sa, xs, vectorize=True)
+    assert rel(jac, torch.autograd.functional.jacobian(reference, xs)) < 1e-10
+
+
 def test_gradient_penalty_matches_reference_model_fp64():
     """An input-gradient penalty (R1-style) through a whole fused model: every parameter's
     gradient equals the op-by-op reference model's (second-order terms of SA and BN)."""

@@ -130,6 +130,15 @@ def test_cpu_bf16_drops_the_fused_model_row_and_says_why(capsys):
     assert "layers timed" not in err  # --skip-layers: no note about layers
 
 
+@pytest.mark.skipif(fused_sa_supported(torch.zeros(1, 2, 1, dtype=torch.bfloat16)),
+                    reason="a CPU bf16 fused kernel exists")
+def test_only_the_fused_impl_where_none_runs_is_refused(capsys):
+    # it timed x.clone() alone and exited 0
+    code, _, err = run_cli(capsys, "bench", "--dtype", "bf16", "--impls", "fused", "--shapes", "2x8x4x4",
+                           "--rounds", "1", "--skip-models")
+    assert code == 2 and "--impls fused: no fused SA kernel for cpu bfloat16" in err and "--skip-layers" in err
+
+
 @pytest.mark.skipif(not fused_kernel_available(), reason="no CPU fused kernel: no fused row at all")
 def test_fp32_keeps_the_fused_row_and_prints_no_fallback_note(capsys):
     code, out, err = run_cli(capsys, "bench", "--json", "--skip-layers", *TINY_MODELS)
@@ -187,6 +196,13 @@ def test_attention_modules_script_leaves_out_the_fused_row_without_a_kernel(tmp_
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention_modules.py"), "--threads", "0"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and "--threads: must be >= 1, got 0" in done.stderr
+    # refused before the timing (a traceback at the end, results lost, before)
+    (tmp_path / "file.json").write_text("")
+    for argv, said in ((["--batch-size", "1", "--img-size", "32"], "leaves one value per channel"),
+                       (["--output", str(tmp_path / "file.json" / "x.json")], "is not a writable folder")):
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention_modules.py"), *argv],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr
 
 
 # ---------------------------------------------------------------- benchmarks/gpu_check.sh's exit status

@@ -4,6 +4,7 @@ no checkpoint named as such, and atomic saves."""
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -168,3 +169,22 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_torch_save({"v": torch.zeros(3), "bad": Unpicklable()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pth"]  # no temporary file left behind
+
+
+def test_atomic_write_goes_through_symlinks_and_refuses_special_files(tmp_path):
+    """os.replace puts the new file in place of whatever the path names: a symlink (or a FIFO,
+    a device) was replaced instead of written."""
+    from sanet.checkpoint import write_json_atomic
+
+    target = tmp_path / "real" / "out.json"
+    target.parent.mkdir()
+    target.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_json_atomic({"a": 1}, link)
+    assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        write_json_atomic({"a": 1}, fifo)
+    assert fifo.exists() and not fifo.is_file()

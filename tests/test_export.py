@@ -73,19 +73,29 @@ def test_torch_export_records_pytorch_ops():
         torch.testing.assert_close(ep.module()(inp), model(inp), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dynamo,folding", [(True, True), (False, True), (False, False)],
-                         ids=["dynamo-exporter", "torchscript-exporter", "torchscript-exporter-no-folding"])
-def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo, folding):
-    """Both exporters with their defaults, and the legacy one without constant folding (an
+@pytest.mark.parametrize("dynamo,folding,opset,fresh", [
+    (True, True, None, False), (False, True, None, False), (False, False, None, False), (False, True, 11, False),
+    (True, True, None, True), (False, False, None, True)],
+    ids=["dynamo-exporter", "torchscript-exporter", "torchscript-exporter-no-folding", "torchscript-opset-11",
+         "dynamo-exporter-fresh-weights", "torchscript-exporter-no-folding-fresh-weights"])
+def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo, folding, opset, fresh):
+    """Both exporters with their defaults, the legacy one without constant folding (an
     earlier version of the export path lost the (1,)-shaped gate parameters of narrow SA
-    layers, c = 1, to its folding)."""
+    layers, c = 1, to its folding) and at opset 11 (channel_shuffle used aten::unflatten,
+    which has no export before opset 13), and freshly initialised weights (equal gate
+    tensors: with the legacy exporter's folding, ONNX Runtime refuses that graph; README)."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     if dynamo:
         pytest.importorskip("onnxscript")
     model, x = _model_and_inputs(2)
+    if fresh:
+        torch.manual_seed(2)
+        model = timm.create_model(MODEL).eval()
     path = tmp_path / "model.onnx"
     kwargs = {"dynamo": dynamo} if folding else {"dynamo": dynamo, "do_constant_folding": False}
+    if opset is not None:
+        kwargs["opset_version"] = opset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(path), **kwargs)

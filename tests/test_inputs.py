@@ -275,3 +275,24 @@ def test_predict_under_torchrun_is_refused(capsys, trained_run, data, monkeypatc
     code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(trained_run / "last.pt"),
                                     str(next((data / "val").rglob("*.png")))])
     assert code == 2 and "sanet predict runs in one process" in err
+
+
+def test_sigterm_under_torchrun_still_gives_rank_0s_json(capsys, monkeypatch, data):
+    """torchrun stops the other processes with SIGTERM when one fails; Python's default ends
+    the process silently, so rank 0's --json object was missing (eval's stdout was empty)."""
+    import os
+    import signal
+
+    import sanet.cli.evaluate as cli_eval
+
+    def stopped(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # as torchrun does
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli_eval, "run", stopped)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, out, err = run_cli(capsys, ["eval", "--checkpoint", "x.pt", "--data", str(data / "val"), "--json"])
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
+    assert json.loads(out)["error"].startswith("stopped by SIGTERM: torchrun stops every process when one fails")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored after the command

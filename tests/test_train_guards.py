@@ -193,6 +193,9 @@ def test_changing_epochs_of_a_cosine_run_on_resume_warns(capsys, tmp_path, data)
     assert run_cli(capsys, train_argv(data, step, epochs=1))[0] == 0
     code, stdout, _ = run_cli(capsys, train_argv(data, step, "--resume", epochs=2))
     assert code == 0 and "schedule is now drawn" not in stdout
+    # step -> cosine: the schedule change (reported as such) is the cause, not --epochs
+    code, stdout, _ = run_cli(capsys, train_argv(data, step, "--resume", "--sched", "cosine", epochs=3))
+    assert code == 0 and "sched (step -> cosine)" in stdout and "schedule is now drawn" not in stdout
 
 
 def test_curves_are_drawn_every_epoch_and_redrawn_when_missing(capsys, tmp_path, data, monkeypatch):

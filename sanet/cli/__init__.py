@@ -73,14 +73,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _SIGINT["received"] = False
-    previous = None
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        previous = signal.signal(signal.SIGINT, _on_sigint)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
+        if _in_torchrun() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            # torchrun stops the other processes with SIGTERM when one fails: by default that
+            # ends Python silently, and rank 0's --json object would be missing.
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt as exc:
         return _report_interrupt(args, exc)
+    except _Terminated:
+        return _report_terminated(args)
+    except SystemExit as exc:  # `sanet train`'s own SIGTERM handler (run_dir.overwrite_guard) ends so
+        if exc.code == 128 + signal.SIGTERM and _in_torchrun():
+            _json_error(args, _TERMINATED)
+        raise
     except BrokenPipeError:
         # Output piped into e.g. `head`, which closed early: not an error of ours.
         sys.stderr.close()
@@ -102,8 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             _json_error(args, message)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 _SIGINT = {"received": False}  # set by _on_sigint during main()
@@ -114,6 +124,24 @@ def _on_sigint(signum, frame) -> None:
     it, the error that follows is reported as the interruption it is."""
     _SIGINT["received"] = True
     raise KeyboardInterrupt
+
+
+class _Terminated(BaseException):
+    """SIGTERM under torchrun (a BaseException, like KeyboardInterrupt: no `except Exception` stops it)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+_TERMINATED = ("stopped by SIGTERM: torchrun stops every process when one fails (its error is in the log, "
+               "prefixed 'sanet ...: error:'), or the job was stopped")
+
+
+def _report_terminated(args: argparse.Namespace) -> int:
+    print(f"sanet {args.command}: {_TERMINATED}", file=sys.stderr)
+    _json_error(args, _TERMINATED)
+    return 128 + signal.SIGTERM
 
 
 def _report_interrupt(args: argparse.Namespace, exc: BaseException) -> int:
@@ -192,4 +220,8 @@ def _is_peer_failure(exc: BaseException) -> bool:
         from torch.distributed import DistError
     except ImportError:  # pragma: no cover - torch without distributed support
         return False
-    return isinstance(exc, DistError) or "Connection closed by peer" in str(exc)
+    # gloo's wording when the other end of a pair went away (it closed, or reset the connection)
+    return isinstance(exc, DistError) or any(m in str(exc) for m in _PEER_GONE)
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")

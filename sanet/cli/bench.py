@@ -141,11 +141,7 @@ def _check_models(args: argparse.Namespace) -> None:
     if get_arch_name(args.model) == get_arch_name(args.baseline):
         raise ValueError(f"--model {args.model!r} and --baseline {args.baseline!r} are the same architecture; "
                          "compare two different models")
-    last = -(-args.img_size // 32)  # the last stage's feature map side (stride 32)
-    if args.batch_size * last * last < 2:  # the training step's BatchNorm needs two values per channel
-        raise ValueError(f"--batch-size {args.batch_size} at --img-size {args.img_size} leaves one value per "
-                         "channel in the last stage's BatchNorm (1x1 maps), which can't train; use "
-                         "--batch-size 2 or more, or --img-size 33 or more")
+    check_trainable_batch(args.batch_size, args.img_size)
     cfg = get_pretrained_cfg(args.baseline)
     size = getattr(cfg, "input_size", None)
     if getattr(cfg, "fixed_input_size", False) and size and tuple(size[1:]) != (args.img_size, args.img_size):
@@ -153,7 +149,17 @@ def _check_models(args: argparse.Namespace) -> None:
                          f"--img-size {size[1]} or choose another baseline")
 
 
-def _check_output_path(path: Path) -> None:
+def check_trainable_batch(batch_size: int, img_size: int) -> None:
+    """A ResNet training step at this batch and image size has two values per channel in its
+    last stage's BatchNorm (stride 32), which training mode needs."""
+    last = -(-img_size // 32)  # the last stage's feature map side
+    if batch_size * last * last < 2:
+        raise ValueError(f"--batch-size {batch_size} at --img-size {img_size} leaves one value per "
+                         "channel in the last stage's BatchNorm (1x1 maps), which can't train; use "
+                         "--batch-size 2 or more, or --img-size 33 or more")
+
+
+def check_output_path(path: Path) -> None:
     """--output is written at the end: a path that can't take it is refused before the timing."""
     if path.is_dir():
         raise ValueError(f"--output {path} is a folder; give a .json file path")
@@ -184,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         _check_models(args)
     shapes = [] if args.skip_layers else [_shape(s) for s in args.shapes]
     if args.output:
-        _check_output_path(args.output)
+        check_output_path(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -201,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
     impls = list(args.impls)
     if not args.skip_layers and "fused" in impls and not fused_ok:
         impls.remove("fused")
-        notes.append(f"{why}: layers timed with {', '.join(impls) or 'x.clone() only'}")
+        if not impls:  # only x.clone() would be timed: the layer tables would measure nothing asked for
+            raise ValueError(f"--impls fused: {why}; add reference/torch to --impls, or --skip-layers")
+        notes.append(f"{why}: layers timed with {', '.join(impls)}")
     dropped: Dict[str, str] = {}
     if not args.skip_models and not fused_ok:
         # impl="auto" would run the authors' formulation there: a second [reference] row

@@ -213,7 +213,7 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
     if changed:
         _say(ctx, "warning: resuming with different " + ", ".join(
             f"{k} ({saved[k]} -> {now.get(k)})" for k in changed))
-    if args.sched != "step" and saved.get("epochs") not in (None, args.epochs):
+    if args.sched != "step" and saved.get("sched") == args.sched and saved.get("epochs") not in (None, args.epochs):
         # --epochs may change on resume (to train longer), but a cosine curve is drawn over all
         # epochs: rebuilt for the new count, it is at another height at the same epoch.
         _say(ctx, f"warning: --epochs {saved['epochs']} -> {args.epochs}: the {args.sched} schedule is now drawn "

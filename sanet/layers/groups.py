@@ -53,7 +53,8 @@ def check_sa_groups(channels: int, groups: int) -> None:
             hint = _odd_hint(channels)
         else:
             hint = (f"valid groups for {channels} channels: {valid_sa_groups(channels)}. "
-                    f"sanet.fit_sa_groups({channels}, {groups}) picks the largest valid one")
+                    f"sanet.fit_sa_groups({channels}, {groups}) picks the largest valid one, and "
+                    f"ShuffleAttention.fitted(channels, groups) builds with it (e.g. as timm's attn_layer)")
         raise ValueError(
             f"ShuffleAttention: channels ({channels}) must be divisible by 2 * groups "
             f"(2 * {groups} = {2 * groups}); {hint}."

@@ -79,6 +79,11 @@ torch.fx.wrap("_check_sa_args")
 def channel_shuffle(x: Tensor, groups: int = 2) -> Tensor:
     """ShuffleNet channel shuffle: ``out[:, g' * groups + i] = x[:, i * C/groups + g']``."""
     # unflatten, not reshape(..., -1): -1 is ambiguous for an empty batch
+    if torch.jit.is_tracing():
+        # ONNX's legacy exporter traces, and aten::unflatten has no ONNX export before opset 13.
+        # (A list of sizes: fx's symbolic tracing can't iterate a shape, hence not always.)
+        split = [x.shape[0], groups, x.shape[1] // groups] + list(x.shape[2:])
+        return x.reshape(split).transpose(1, 2).reshape(x.shape)
     return x.unflatten(1, (groups, x.shape[1] // groups)).transpose(1, 2).reshape(x.shape)
 
 

@@ -228,10 +228,22 @@ def _setup_context(ctx, inputs, output):
     ctx.has_shortcut, ctx.has_bn = shortcut is not None, has_bn
 
 
+def _is_batched(t: Tensor) -> bool:
+    """A vmap-batched tensor (torch.func's, or autograd's own for is_grads_batched): no storage."""
+    functorch = torch._C._functorch
+    return functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t)
+
+
 def _backward(ctx, g_out: Tensor, backward_fn) -> tuple:
     x, out, pmean, pvar, *params, bn_weight, bn_bias, bn_mean, bn_var = ctx.saved_tensors
     if torch.is_grad_enabled():  # backward(create_graph=True): gradients must be differentiable
         return _backward_differentiable(ctx, g_out, x, out, params, bn_weight, bn_bias, bn_mean, bn_var)
+    if _is_batched(g_out):
+        # A batch of output gradients (autograd.grad(is_grads_batched=True), jacobian(vectorize=True))
+        # arrives under vmap, which the kernels can't take: differentiate the PyTorch ops instead.
+        with torch.enable_grad():  # to record the recomputation; its gradients are plain
+            return _backward_differentiable(ctx, g_out, x, out, params, bn_weight, bn_bias, bn_mean, bn_var,
+                                            create_graph=False)
     gx, gpre, gparams, dbw, dbb = backward_fn(
         g_out, x, out, pmean, pvar, *params, ctx.groups, ctx.eps, bn_weight, bn_bias,
         bn_mean, bn_var, ctx.bn_train, ctx.bn_eps)
@@ -245,7 +257,7 @@ def _backward(ctx, g_out: Tensor, backward_fn) -> tuple:
 
 
 def _backward_differentiable(ctx, g_out: Tensor, x: Tensor, out: Optional[Tensor], params, bn_weight,
-                             bn_bias, bn_mean, bn_var) -> tuple:
+                             bn_bias, bn_mean, bn_var, create_graph: bool = True) -> tuple:
     """Backward for double differentiation (gradient penalties, Hessian-vector products).
 
     The kernels' gradients are plain tensors, so autograd could not differentiate them again:
@@ -266,7 +278,7 @@ def _backward_differentiable(ctx, g_out: Tensor, x: Tensor, out: Optional[Tensor
     inputs = [x, *params, bn_weight, bn_bias]
     needed = [t is not None and t.requires_grad for t in inputs]
     wrt = [t for t, n in zip(inputs, needed) if n]  # empty when only the shortcut needs a gradient
-    found = iter(torch.autograd.grad(s, wrt, g, create_graph=True, allow_unused=True) if wrt else ())
+    found = iter(torch.autograd.grad(s, wrt, g, create_graph=create_graph, allow_unused=True) if wrt else ())
     gx, *g_params, g_bn_w, g_bn_b = [next(found) if n else None for n in needed]
     return (gx, g if ctx.has_shortcut else None, *g_params, None, None, g_bn_w, g_bn_b,
             None, None, None, None, None)
