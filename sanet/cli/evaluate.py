@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         print_json(result)
     else:
         skipped = f" ({result['skipped']} unreadable skipped)" if result["skipped"] else ""
-        print(f"{loaded.name}{' (EMA weights)' if loaded.ema else ''} on {args.data}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        which = " (EMA weights)" if loaded.ema else ""
+        print(f"{loaded.name}{which} on {args.data}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
               f"loss {result['loss']:.4f}  {result['images']} images{skipped}  "
               f"{result['images_per_s']:.0f} img/s")
     return 0

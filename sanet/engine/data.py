@@ -71,7 +71,7 @@ class SafeImageFolder(ImageFolder):
     def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
         """torchvision's, without hidden folders (``.ipynb_checkpoints``, ``.DS_Store``-style
         tool folders): their files are ignored as hidden files are, not taken as a class."""
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        classes = sorted(e.name for e in os.scandir(directory) if _is_class_folder(e))
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {name: i for i, name in enumerate(classes)}
@@ -155,7 +155,7 @@ def open_image_folder(root: Path, what: str, *, skip_bad: bool = False, transfor
     except FileNotFoundError as exc:
         # torchvision's messages: no class folders, or class folders without images
         empty = _classes_without_images(root)
-        if empty and len(empty) < sum(1 for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        if empty and len(empty) < sum(1 for d in root.iterdir() if _is_class_folder(d)):
             raise FileNotFoundError(
                 f"{what} folder {root}: class folder(s) {empty[:10]} hold no images (image files: "
                 f"{', '.join(IMAGE_EXTENSIONS)}); "
@@ -172,13 +172,18 @@ def open_image_folder(root: Path, what: str, *, skip_bad: bool = False, transfor
                                 f"(expected {root}/<class name>/<image file>)") from None
 
 
+def _is_class_folder(entry) -> bool:
+    """A folder (a ``Path`` or ``os.DirEntry``) that names a class: hidden ones
+    (``.ipynb_checkpoints``) are not, as hidden files are not images."""
+    return entry.is_dir() and not entry.name.startswith(".")
+
+
 def _classes_without_images(root: Path) -> List[str]:
     """Class folders of ``root`` (hidden ones aside) with no image file at any depth (ImageFolder's rule)."""
     def has_image(folder: Path) -> bool:
         return any(f.is_file() and is_image_file(f.name) for f in folder.rglob("*"))
 
-    return [d.name for d in sorted(root.iterdir())
-            if d.is_dir() and not d.name.startswith(".") and not has_image(d)]
+    return [d.name for d in sorted(root.iterdir()) if _is_class_folder(d) and not has_image(d)]
 
 
 def check_same_classes(train: Sequence[str], val: Sequence[str]) -> None:
