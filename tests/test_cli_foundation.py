@@ -126,6 +126,18 @@ def test_ext_reports_the_kernels(capsys):
     assert "isa" in status and "triton_cuda" in status
 
 
+def test_ext_reports_a_failed_build_once(tmp_path):
+    """No compiler: `sanet ext` says why in its report, without the library's warning too."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SANET_REQUIRE_EXT", "SANET_DISABLE_EXT")}
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), CXX="/bin/false", SANET_EXT_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "sanet", "ext"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stdout.startswith("CPU kernels: unavailable (")
+    assert "/bin/false" in proc.stdout
+    assert "could not be built" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_extension_is_built_from_a_copy_in_its_cache_dir():
     """Installs at other paths (a checkout, site-packages) share one build instead of
     rebuilding in turn: cpp_extension rebuilds when the source path in build.ninja changes."""

@@ -384,6 +384,34 @@ def test_strided_gate_parameters():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("gates", [torch.float16, torch.float64])
+def test_parameter_gradients_in_each_parameters_own_dtype(gates):
+    """Gates in fp16 (or fp64) beside an fp32 GroupNorm, fp32 input: each parameter's gradient
+    comes in its own dtype, rounded once. All six came back in cweight's dtype (fp16:
+    gn.weight's ~1e5 became inf). (fp32 input is computed in fp32: fp64 gates' gradients
+    have fp32's precision.)"""
+    gen = torch.Generator().manual_seed(23)
+    sa = sa_on_device(16, 2, gen)
+    with torch.no_grad():
+        sa.sweight.fill_(1.0)
+    sa.to(gates)
+    sa.gn.float()
+    x = (torch.randn(8, 16, 32, 32, generator=gen) * 100).to(DEVICE)
+    out, grads = fwd_bwd(sa, x, torch.ones(x.shape, device=DEVICE))
+    _, exact = oracle(sa, x, torch.ones(x.shape, device=DEVICE))
+    params = dict(sa.named_parameters())
+    for name, got, want in zip(SA_PARAM_NAMES, grads[1:], exact[1:]):
+        dtype = params[name].dtype
+        assert got.dtype == dtype, name
+        if dtype == torch.float16:  # inf where the exact value is past fp16's range
+            finite = want.half().isfinite()
+            assert torch.equal(got.isfinite(), finite), name
+            got, want = got[finite], want[finite]
+        tol = 1e-3 if dtype == torch.float16 else 1e-5
+        assert rel_err(got.double(), want) <= tol, (name, rel_err(got.double(), want))
+    assert params["gn.weight"].dtype == torch.float32 and grads[5].abs().max() > 65504
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,groups", [((4, 256, 14, 14), 64), ((2, 64, 56, 56), 8), ((2, 32, 9), 4)])
 def test_half_precision_within_reference_precision(dtype, shape, groups):

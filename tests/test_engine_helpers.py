@@ -115,3 +115,17 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     assert resolve_device("cuda", 1) == torch.device("cuda", 1)
     with pytest.raises(SanetError, match=r"LOCAL_RANK 2 but sees 2 GPU\(s\) \(cuda:0 to cuda:1\)"):
         resolve_device("cuda", 2)
+
+
+def test_optimizer_names_timm_builds_are_accepted_before_training():
+    """lookahead_ + a name is timm's too (it was refused as unknown); a name timm lists but
+    can't build here fails before the data load, without timm's traceback."""
+    from sanet.engine.config import _check_optimizer
+
+    for name in ("sgd", "momentum", "AdamW", "lookahead_momentum"):
+        _check_optimizer(name)
+    with pytest.raises(ValueError, match=r"unknown --opt 'lookahead_adamx'; timm optimizers: .*adamw"):
+        _check_optimizer("lookahead_adamx")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--opt 'fusedadam' can't be used here \("):
+            _check_optimizer("fusedadam")  # apex

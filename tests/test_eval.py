@@ -81,6 +81,11 @@ def test_eval_errors(capsys, trained, tmp_path):
                                                  "--data", str(data / "val")],
         "--img-size must be at least 8 pixels, got 0": ["--checkpoint", str(run / "last.pt"), "--img-size", "0",
                                                         "--data", str(data / "val")],
+        # a crop_pct of 1e-4 resized to 320,000-pixel sides: killed for memory, no message
+        "resizes images to 320000 pixels before the 32-pixel center crop: use a crop_pct of at least 0.25": [
+            "--checkpoint", str(run / "last.pt"), "--crop-pct", "0.0001", "--img-size", "32", "--data", str(data / "val")],
+        "image size 5000 (--img-size, else the training run's or the model's) is above the 4096 pixels": [
+            "--checkpoint", str(run / "last.pt"), "--img-size", "5000", "--data", str(data / "val")],
     }
     for message, argv in cases.items():
         code, _, err = run_cli(capsys, ["eval", "--workers", "0", *argv])
@@ -216,3 +221,17 @@ def test_convert_ema_weights_evaluate_as_eval_ema(capsys, trained, tmp_path):
     code, _, err = run_cli(capsys, ["convert", str(trained[1] / "last.pt"), str(tmp_path / "x.safetensors"),
                                     "--model", "sa_resnet_test", "--ema"])
     assert code == 2 and "holds no EMA weights" in err
+
+
+def test_progress_bars_only_on_a_terminal(capsys, trained, monkeypatch):
+    """`sanet eval ... 2>log` wrote a bar line per redraw into the log (the error line then
+    ran on after the last one)."""
+    import sys
+
+    data, run = trained
+    argv = ["eval", "--checkpoint", str(run / "last.pt"), "--data", str(data / "val"), "--workers", "0"]
+    code, _, err = run_cli(capsys, argv)  # pytest's captured stderr is not a terminal
+    assert code == 0 and "eval:" not in err and "it/s" not in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, _, err = run_cli(capsys, argv)
+    assert code == 0 and "eval:" in err  # the bar, where one would see it redraw

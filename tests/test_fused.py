@@ -20,7 +20,7 @@ from sanet.layers import shuffle_attention_reference
 from sanet.ops import bn_shuffle_attention, fused_bn_sa_supported, fused_sa_supported, shuffle_attention_fused
 from sanet.ops.sa_op import sa_forward
 
-from conftest import case_seed
+from conftest import case_seed, randomize_sa_
 from sa_reference import authors_sa_nd
 from fused_utils import bn_sa_pair, fused_and_unfused_models, grads, randomize, rel, require_cpu_ext, run_bn_sa, \
     sa_params
@@ -446,12 +446,34 @@ def test_functional_fused_op_under_torch_func_and_forward_ad():
     assert rel(batched.squeeze(1), torch.relu(sa(bn(x)))) <= 1e-12
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.int64])
-def test_functional_fused_op_without_a_kernel_for_the_dtype_says_so(dtype):
+def test_functional_fused_op_without_a_kernel_for_the_dtype_says_so():
     sa = sanet.ShuffleAttention(8, 2)
     params = [sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias]
-    with pytest.raises(sanet.SanetError, match=rf"no fused kernel for cpu {dtype} input .*shuffle_attention_torch"):
-        shuffle_attention_fused(torch.ones(2, 8, 3, 3, dtype=dtype), *params, 2)
+    with pytest.raises(sanet.SanetError, match=r"no fused kernel for cpu torch.float16 input .*shuffle_attention_torch"):
+        shuffle_attention_fused(torch.ones(2, 8, 3, 3, dtype=torch.float16), *params, 2)
+    with pytest.raises(TypeError, match="floating-point input"):  # no kernel could take it: the input's fault
+        shuffle_attention_fused(torch.ones(2, 8, 3, 3, dtype=torch.int64), *params, 2)
+
+
+def test_functional_fused_op_in_fx_graphs_keeps_its_checks():
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sa = randomize_sa_(sanet.ShuffleAttention(8, 2))
+
+        def forward(self, x):
+            sa = self.sa
+            return shuffle_attention_fused(x, sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight,
+                                           sa.gn.bias, 2)
+
+    wrap = Wrap()
+    sa = wrap.sa
+    params = [sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias]
+    traced = torch.fx.symbolic_trace(wrap)
+    x = torch.randn(2, 8, 5, 3)
+    assert rel(traced(x), shuffle_attention_reference(x, *params, 2)) <= 1e-5
+    with pytest.raises(ValueError, match=r"got 2-D input of shape \[2, 8\]"):
+        traced(torch.randn(2, 8))
 
 
 def test_bn_shuffle_attention_is_bn_then_sa_where_the_op_does_not_fit():

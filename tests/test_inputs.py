@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,23 @@ def test_gif_images_are_part_of_the_dataset(tmp_path):
     assert len(open_image_folder(root / "val", "evaluation")) == 7
 
 
+def test_links_to_folders_are_followed_but_each_folder_is_read_once(tmp_path):
+    """A link back up the tree (a/loop -> .) counted a's images once per level until the
+    path grew too long (2 images were 42); a link to a folder elsewhere is followed."""
+    from sanet.engine.data import open_image_folder
+
+    root = make_imagefolder(tmp_path / "d", splits={"val": 2})
+    (root / "val" / "a" / "loop").symlink_to(".", target_is_directory=True)
+    (root / "val" / "a" / "sub").mkdir()
+    (root / "val" / "a" / "sub" / "up").symlink_to("..", target_is_directory=True)
+    extra = make_imagefolder(tmp_path / "e", splits={"val": 3}, classes=("z",))
+    (root / "val" / "b" / "more").symlink_to(extra / "val" / "z", target_is_directory=True)
+    dataset = open_image_folder(root / "val", "evaluation")
+    paths = [Path(p).resolve() for p, _ in dataset.samples]
+    assert len(paths) == len(set(paths)) == 2 + 2 + 3 + 2  # a, b + 3 linked, c
+    assert sum(t == dataset.class_to_idx["b"] for _, t in dataset.samples) == 5
+
+
 def test_predict_reads_in_batches_and_refuses_a_folder(capsys, trained_run, data, monkeypatch):
     import sanet.engine.predict as predict
 
@@ -47,8 +65,8 @@ def test_predict_reads_in_batches_and_refuses_a_folder(capsys, trained_run, data
     code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(trained_run / "last.pt"), *map(str, images), "--json"])
     whole = json.loads(out)["predictions"]
     sizes = []
-    real = predict.read_images
-    monkeypatch.setattr(predict, "read_images", lambda paths, t: sizes.append(len(paths)) or real(paths, t))
+    real = predict.read_readable_images
+    monkeypatch.setattr(predict, "read_readable_images", lambda paths, t: sizes.append(len(paths)) or real(paths, t))
     code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(trained_run / "last.pt"), *map(str, images),
                                     "--json", "--batch-size", "5"])
     assert code == 0 and sizes == [5, 5, 2]
@@ -277,6 +295,28 @@ def test_predict_under_torchrun_is_refused(capsys, trained_run, data, monkeypatc
     assert code == 2 and "sanet predict runs in one process" in err
 
 
+def test_sigterm_outside_torchrun_says_how_to_go_on(capsys, monkeypatch, data, tmp_path):
+    """`kill` or a job scheduler's SIGTERM ended the process silently (exit 143, no --json
+    object); it is reported as Ctrl-C is, with train's hint on how to go on."""
+    import signal
+
+    import sanet.cli.train as cli_train
+
+    def stopped(args):
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "last.pt").write_bytes(b"")  # an epoch was checkpointed
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli_train, "run", stopped)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code, out, err = run_cli(capsys, train_argv(data, tmp_path / "run", "--json"))
+    message = "stopped by SIGTERM (the same command with --resume, instead of any --overwrite, continues"
+    assert code == 128 + signal.SIGTERM and message in err
+    assert json.loads(out)["error"].startswith(message)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored after the command
+
+
 def test_sigterm_under_torchrun_still_gives_rank_0s_json(capsys, monkeypatch, data):
     """torchrun stops the other processes with SIGTERM when one fails; Python's default ends
     the process silently, so rank 0's --json object was missing (eval's stdout was empty)."""
@@ -296,3 +336,23 @@ def test_sigterm_under_torchrun_still_gives_rank_0s_json(capsys, monkeypatch, da
     assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
     assert json.loads(out)["error"].startswith("stopped by SIGTERM: torchrun stops every process when one fails")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored after the command
+
+
+def test_large_images_load_without_pillows_bomb_warning(tmp_path, monkeypatch):
+    """Between Pillow's warning size and its limit an image is read quietly (Pillow printed
+    its warning and source line per image); past the limit it is unreadable, named."""
+    import warnings
+
+    from PIL import Image
+
+    from sanet.engine.images import load_rgb
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (16, 16)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 256 pixels: warned (> 200), not refused (< 400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_rgb(path).size == (16, 16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(Image.DecompressionBombError):
+        load_rgb(path)

@@ -352,6 +352,34 @@ def test_low_precision_parameters_with_fp32_input(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_parameter_gradients_in_each_parameters_own_dtype(impl):
+    """fp16 gates beside an fp32 GroupNorm (norm layers kept in fp32), fp32 input: each
+    parameter's gradient is computed in fp32 and rounded once to its own dtype. The kernels
+    returned all six in cweight's dtype: gn.weight's gradient (~2e5 here) became inf."""
+    require_fused(impl)
+    module = randomize_sa_(ShuffleAttention(16, 2, impl=impl))
+    with torch.no_grad():
+        module.sweight.fill_(1.0)
+    module.half()
+    module.gn.float()
+    x = torch.randn(8, 16, 32, 32) * 100
+    module(x).sum().backward()
+    p = {k: v.detach().double().requires_grad_(True) for k, v in module.named_parameters()}
+    exact = torch.autograd.grad(authors_sa_nd(x.double(), p, 2).sum(), list(p.values()))
+    for (name, param), want in zip(module.named_parameters(), exact):
+        got = param.grad
+        assert got.dtype == param.dtype, name
+        if param.dtype == torch.float32:
+            assert rel_err(got.double(), want) <= FP32_TOL, (name, got, want)
+            continue
+        # fp16 gates: the exact gradient rounded once (inf where it is past fp16's range)
+        finite = want.half().isfinite()
+        assert torch.equal(got.isfinite(), finite), (name, got, want)
+        assert rel_err(got[finite].double(), want[finite]) <= 1e-3, (name, got, want)
+    assert module.gn.weight.grad.abs().max() > 65504  # past fp16's range: the case that broke
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_autocast_fp32_input_stays_fp32(impl):
     module, ref = make_pair(64, 8, impl)
     x = torch.randn(2, 64, 5, 7)

@@ -20,6 +20,10 @@ from sa_reference import FP32_TOL, IMPLS
 def test_construction_error_bad_impl():
     with pytest.raises(ValueError, match=r"impl must be one of .*'auto'.*got 'cuda'"):
         ShuffleAttention(16, 2, impl="cuda")
+    m = ShuffleAttention(16, 2)
+    m.impl = "Torch"  # set later: the call says so (it was a bare KeyError)
+    with pytest.raises(ValueError, match=r"impl must be one of .*'torch'.*got 'Torch'"):
+        m(torch.randn(2, 16, 3, 3))
 
 
 @pytest.mark.parametrize("eps", [-1e-5, 0, 0.0, float("nan"), float("inf"), True, "1e-5", None])
@@ -118,6 +122,21 @@ def test_functional_error_wrong_parameter_size(fn, bad, shape):
 
 
 @pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf"), None])
+def test_functional_error_bad_eps(fn, eps):
+    """eps <= 0 gave NaN on constant planes without a word (the module refused it)."""
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: eps must be a positive finite number .*got "):
+        fn(torch.randn(2, 32, 4, 4), *_params(32, 4), 4, eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, "float32"])
+def test_construction_error_dtype_not_floating_point(dtype):
+    """A complex layer crashed in the C++ kernel (or lost the imaginary part silently)."""
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype .* got "):
+        ShuffleAttention(16, 2, dtype=dtype)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
 def test_functional_error_input(fn):
     with pytest.raises(TypeError, match="floating-point input"):
         fn(torch.ones(2, 32, 4, 4, dtype=torch.int32), *_params(32, 4), 4)
@@ -162,6 +181,37 @@ def test_functional_checks_keep_graph_capture_working(fn):
         warnings.filterwarnings("ignore", category=FutureWarning)  # trace's deprecation
         jit_traced = torch.jit.trace(Wrap(), x)
     assert rel_err(jit_traced(x), expect) <= FP32_TOL
+
+
+@pytest.mark.parametrize("groups, shape", [(0, (2, 16, 3)), (-2, (2, 16, 3)), (3, (2, 16, 3)),
+                                           (2, (16,))])
+def test_channel_shuffle_error_bad_groups(groups, shape):
+    """groups=0 raised ZeroDivisionError, 3 for 16 channels a bare unflatten size error."""
+    with pytest.raises(ValueError, match=re.escape(
+            f"a positive divisor of C), got groups={groups} for shape {list(shape)}")):
+        sanet.channel_shuffle(torch.randn(shape), groups)
+
+
+@pytest.mark.parametrize("groups", [None, 2.0, True, "2"])
+def test_channel_shuffle_error_groups_not_an_int(groups):
+    with pytest.raises(TypeError, match=rf"channel_shuffle: groups must be an int, got {re.escape(repr(groups))}"):
+        sanet.channel_shuffle(torch.randn(2, 16, 3), groups)
+
+
+def test_channel_shuffle_is_the_shufflenet_permutation_in_graphs():
+    x = torch.arange(12.0).reshape(1, 12, 1)
+    expect = torch.tensor([0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11.0]).reshape(1, 12, 1)
+    assert torch.equal(sanet.channel_shuffle(x, 3), expect)
+    assert torch.equal(torch.jit.script(sanet.channel_shuffle)(x, 3), expect)
+
+    class Shuffle(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return sanet.channel_shuffle(x, 3)
+
+    traced = torch.fx.symbolic_trace(Shuffle())
+    assert torch.equal(traced(x), expect)
+    with pytest.raises(ValueError, match="got groups=3 for shape"):
+        traced(torch.randn(1, 10, 1))
 
 
 # --------------------------------------------------------------------------- devices
@@ -214,8 +264,13 @@ def test_fused_functional_form_checks_groups_and_parameter_sizes():
     p = [torch.randn(1, 3, 1, 1) for _ in range(4)] + [torch.randn(3), torch.randn(3)]  # 24 / (2 * 4) = 3 each
     with pytest.raises(ValueError, match=r"valid groups for 24 channels: \[1, 2, 3, 4, 6, 12\]"):
         shuffle_attention_fused(x, *p, 5)
-    with pytest.raises(ValueError, match=r"x must be \(N, C, \*\) with channels in dim 1, got shape \[24\]"):
-        shuffle_attention_fused(torch.randn(24), *p, 4)
+    for shape in ((24,), (2, 24), (1, 2, 24, 1, 1, 1)):  # (N, C) and 6-D broke double backward, torch.func
+        with pytest.raises(ValueError, match=rf"got {len(shape)}-D input of shape"):
+            shuffle_attention_fused(torch.randn(shape), *p, 4)
+    with pytest.raises(TypeError, match="floating-point input"):
+        shuffle_attention_fused(torch.ones(2, 24, 3, 3, dtype=torch.int32), *p, 4)
+    with pytest.raises(ValueError, match=r"shuffle_attention_fused: eps must be a positive finite number"):
+        shuffle_attention_fused(x, *p, 4, 0.0)
     with pytest.raises(ValueError, match=r"sbias must hold C / \(2 \* groups\) = 24 / \(2 \* 4\) = 3 values"):
         shuffle_attention_fused(x, *p[:3], torch.zeros(4), *p[4:], 4)
     ref = sanet.layers.shuffle_attention_reference(x, *p, 4)

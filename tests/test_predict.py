@@ -90,6 +90,34 @@ def test_predict_errors(capsys, trained, tmp_path):
     assert code == 2 and "needs --model" in err
 
 
+def test_predict_skip_bad_images_reports_them_in_place(capsys, trained, tmp_path):
+    """Without the flag the first unreadable file stops the run (naming the flag); with it,
+    unreadable files get an "error" entry in their place and the others their top-k."""
+    data, run = trained
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    good = [data / "val" / "a" / "000.png", data / "val" / "c" / "001.png"]
+    argv = ["predict", "--checkpoint", str(run / "last.pt"), "-b", "2", "--json", str(good[0]), str(bad), str(good[1])]
+    code, out, err = run_cli(capsys, argv)
+    assert code == 2 and f"cannot read image {bad}" in err and "--skip-bad-images" in err
+    code, out, err = run_cli(capsys, argv + ["--skip-bad-images"])
+    assert code == 0 and "skipped 1 unreadable image(s) of 3" in err
+    result = last_json(out)
+    assert result["skipped"] == 1
+    assert [p["image"] for p in result["predictions"]] == [str(good[0]), str(bad), str(good[1])]
+    assert "top" not in result["predictions"][1] and str(bad) in result["predictions"][1]["error"]
+    code, out, _ = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), "--json", *map(str, good)])
+    alone = last_json(out)["predictions"]
+    for i, j in ((0, 0), (2, 1)):  # the same predictions as without the bad file between them
+        got, want = result["predictions"][i]["top"], alone[j]["top"]
+        assert [t["label"] for t in got] == [t["label"] for t in want]
+        assert [t["prob"] for t in got] == pytest.approx([t["prob"] for t in want], abs=1e-5)
+    code, out, _ = run_cli(capsys, argv[:-4] + [str(bad), str(good[0]), "--skip-bad-images"])
+    assert code == 0 and f"{bad}\n  skipped: cannot read image {bad}" in out
+    code, _, err = run_cli(capsys, argv[:-4] + [str(bad), str(bad), "--skip-bad-images"])
+    assert code == 2 and "none of the 2 images could be read" in err
+
+
 def test_converted_run_keeps_its_class_names_and_image_size(capsys, trained, tmp_path):
     """sanet convert of a run checkpoint keeps class names, img_size and crop_pct in the
     safetensors metadata: predict on the .safetensors file equals predict on the checkpoint

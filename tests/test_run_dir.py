@@ -64,9 +64,12 @@ def test_sigterm_before_the_first_checkpoint_restores_the_previous_run(capsys, r
     monkeypatch.setattr("sanet.engine.trainer.train_one_epoch", terminated)
     from sanet.cli import main
 
-    with pytest.raises(SystemExit) as info:
-        main(train_argv(data, run, "--overwrite"))
-    assert info.value.code == 128 + signal.SIGTERM
+    code = main(train_argv(data, run, "--overwrite", "--json"))
+    out, err = capsys.readouterr()
+    assert code == 128 + signal.SIGTERM
+    message = ("stopped by SIGTERM before the new run's first checkpoint; the previous run is back in place, "
+               "unchanged")
+    assert message in err and json.loads(out.splitlines()[-1])["error"].startswith(message)
     assert _files(run) == before and not (run / ".replaced-run").exists()
     assert signal.getsignal(signal.SIGTERM) == handler  # the process's own handler is back
 

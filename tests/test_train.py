@@ -380,6 +380,10 @@ def test_unreadable_image_is_named_with_workers(capsys, tmp_path):
     ("mixup_prob", "--mixup-prob must be a probability in [0, 1], got 2.0"),
     ("warmup", "--warmup-epochs must be 0 or more, got -1.0"),
     ("accum", "--accum-steps 100 exceeds the 6 batches of an epoch"),
+    ("tiny_crop", "--crop-pct must be at least 0.25"),  # 1e-4 filled the memory until killed
+    ("huge_img", "--img-size must be in [8, 4096] pixels, got 5000"),
+    ("opt_needs_cuda", "--opt 'bnbadam' can't be used here ("),  # was a traceback from timm
+    ("unknown_opt", "unknown --opt 'adamx'"),
 ])
 def test_clear_errors(capsys, tmp_path, data, case, message):
     root = tmp_path / "d"
@@ -402,6 +406,10 @@ def test_clear_errors(capsys, tmp_path, data, case, message):
         "mixup_prob": lambda: train_argv(data, tmp_path / "r", "--mixup-prob", "2"),
         "warmup": lambda: train_argv(data, tmp_path / "r", "--warmup-epochs", "-1"),
         "accum": lambda: train_argv(data, tmp_path / "r", "--accum-steps", "100"),
+        "tiny_crop": lambda: train_argv(data, tmp_path / "r", "--crop-pct", "0.0001"),
+        "huge_img": lambda: train_argv(data, tmp_path / "r", "--img-size", "5000"),
+        "opt_needs_cuda": lambda: train_argv(data, tmp_path / "r", "--opt", "bnbadam"),
+        "unknown_opt": lambda: train_argv(data, tmp_path / "r", "--opt", "adamx"),
     }[case]()
     code, _, err = run_cli(capsys, argv)
     assert code == 2 and message in err, err

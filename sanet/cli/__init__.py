@@ -77,19 +77,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
-        if _in_torchrun() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            # torchrun stops the other processes with SIGTERM when one fails: by default that
-            # ends Python silently, and rank 0's --json object would be missing.
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            # torchrun stops the other processes with SIGTERM when one fails, and job schedulers
+            # and `kill` stop jobs with it: by default that ends Python silently, without the
+            # --json object (or, for train, the hint on how to go on).
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt as exc:
         return _report_interrupt(args, exc)
-    except _Terminated:
-        return _report_terminated(args)
+    except _Terminated as exc:
+        return _report_terminated(args, exc)
     except SystemExit as exc:  # `sanet train`'s own SIGTERM handler (run_dir.overwrite_guard) ends so
-        if exc.code == 128 + signal.SIGTERM and _in_torchrun():
-            _json_error(args, _TERMINATED)
+        if exc.code == 128 + signal.SIGTERM:
+            return _report_terminated(args, exc)
         raise
     except BrokenPipeError:
         # Output piped into e.g. `head`, which closed early: not an error of ours.
@@ -127,7 +128,7 @@ def _on_sigint(signum, frame) -> None:
 
 
 class _Terminated(BaseException):
-    """SIGTERM under torchrun (a BaseException, like KeyboardInterrupt: no `except Exception` stops it)."""
+    """SIGTERM (a BaseException, like KeyboardInterrupt: no `except Exception` stops it)."""
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -138,9 +139,13 @@ _TERMINATED = ("stopped by SIGTERM: torchrun stops every process when one fails 
                "prefixed 'sanet ...: error:'), or the job was stopped")
 
 
-def _report_terminated(args: argparse.Namespace) -> int:
-    print(f"sanet {args.command}: {_TERMINATED}", file=sys.stderr)
-    _json_error(args, _TERMINATED)
+def _report_terminated(args: argparse.Namespace, exc: BaseException) -> int:
+    if _in_torchrun():
+        message = _TERMINATED
+    else:  # what Ctrl-C would say, for the signal it was (train: how to go on)
+        message = "stopped by SIGTERM" + _interrupted(args, exc)[len("interrupted"):]
+    print(f"sanet {args.command}: {message}", file=sys.stderr)
+    _json_error(args, message)
     return 128 + signal.SIGTERM
 
 

@@ -55,7 +55,8 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision (none)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (drawn only when stderr is a terminal anyway)")
     add_json_flag(p)
     return p
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
+from typing import Any, Dict, List
 
 from .common import add_json_flag, check_model_name, print_json
 
@@ -22,6 +24,10 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--topk", "--top-k", "-k", dest="topk", type=int, default=5, help="classes to show per image (5)")
     p.add_argument("--batch-size", "-b", type=int, default=32,
                    help="images read and classified at a time (32): memory stays that of one batch")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="report image files that can't be decoded (an \"error\" entry in --json) and go on "
+                        "with the others, instead of stopping at the first (a missing path or a folder is "
+                        "still an error, before the model loads)")
     add_json_flag(p)
     return p
 
@@ -29,9 +35,10 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from sanet.engine.data import UnreadableImageError
     from sanet.engine.distributed import resolve_device
     from sanet.engine.modeling import load_for_inference
-    from sanet.engine.predict import check_image_paths, eval_transform, read_images, topk_predictions
+    from sanet.engine.predict import check_image_paths, eval_transform, read_readable_images, topk_predictions
 
     from .evaluate import note_unused_ema
 
@@ -50,17 +57,34 @@ def run(args: argparse.Namespace) -> int:
     note_unused_ema(loaded, "sanet predict", args.checkpoint or args.pretrained_file)
     transform = eval_transform(loaded.model, loaded.data_args, args.img_size, args.crop_pct)
     device = resolve_device(args.device)
-    model, results = loaded.model.to(device), []
+    model = loaded.model.to(device)
+    entries: List[Dict[str, Any]] = []  # per image, in the order given: its top-k or why not
     for start in range(0, len(args.images), args.batch_size):
-        batch = read_images(args.images[start:start + args.batch_size], transform)
-        with torch.inference_mode():
-            results += topk_predictions(model, batch.to(device), args.topk, loaded.class_names)
+        paths = args.images[start:start + args.batch_size]
+        batch, errors = read_readable_images(paths, transform)
+        first_bad = next((e for e in errors if e is not None), None)
+        if first_bad is not None and not args.skip_bad_images:
+            raise UnreadableImageError(f"{first_bad} (pass --skip-bad-images to skip unreadable files)")
+        tops = iter([])
+        if batch is not None:
+            with torch.inference_mode():
+                tops = iter(topk_predictions(model, batch.to(device), args.topk, loaded.class_names))
+        entries += [{"image": str(path), "error": error} if error else {"image": str(path), "top": next(tops)}
+                    for path, error in zip(paths, errors)]
+    skipped = sum("error" in e for e in entries)
+    if skipped == len(entries):
+        raise UnreadableImageError(f"none of the {skipped} images could be read, e.g. {entries[0]['error']}")
+    if skipped:
+        print(f"sanet predict: skipped {skipped} unreadable image(s) of {len(entries)}", file=sys.stderr)
     if args.json:
         print_json({"model": loaded.name, "weights": str(args.checkpoint or args.pretrained_file), "ema": loaded.ema,
-                    "predictions": [{"image": str(path), "top": top} for path, top in zip(args.images, results)]})
+                    "skipped": skipped, "predictions": entries})
         return 0
-    for path, top in zip(args.images, results):
-        print(path)
-        for entry in top:
-            print(f"  {100 * entry['prob']:6.2f}%  {entry['label']}")
+    for entry in entries:
+        print(entry["image"])
+        if "error" in entry:
+            print(f"  skipped: {entry['error']}")
+            continue
+        for top in entry["top"]:
+            print(f"  {100 * top['prob']:6.2f}%  {top['label']}")
     return 0

@@ -146,7 +146,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                      help="torch.compile mode (implies --compile; default: torch's default)")
     run.add_argument("--sync-bn", action="store_true",
                      help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bars (drawn only when stderr is a terminal anyway)")
 
 
 def to_plain(value: Any) -> Any:
@@ -168,6 +169,12 @@ def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: to_plain(v) for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}
 
 
+#: Bounds on image size and crop_pct: timm's eval transform resizes every image to
+#: size / crop_pct pixels before the crop, and a crop_pct of 1e-4 asked for 320,000-pixel
+#: sides (the machine's memory filled until the process was killed, without a message).
+MAX_IMG_SIZE = 4096
+MIN_CROP_PCT = 0.25
+
 #: (argument, test, what is valid): checked in order by :func:`validate_train_args`.
 _CHECKS = (
     ("epochs", lambda v: v >= 1, "at least 1"),
@@ -176,7 +183,7 @@ _CHECKS = (
      "images; --accum-steps makes a larger batch from small steps)"),
     ("accum_steps", lambda v: v >= 1, "at least 1"),
     ("workers", lambda v: v >= 0, "0 or more"),
-    ("img_size", lambda v: v is None or v >= 8, "at least 8 pixels"),
+    ("img_size", lambda v: v is None or 8 <= v <= MAX_IMG_SIZE, f"in [8, {MAX_IMG_SIZE}] pixels"),
     ("lr", lambda v: v is None or v > 0, "positive"),
     ("lr_base", lambda v: v > 0, "positive"),
     ("weight_decay", lambda v: v >= 0, "0 or more"),
@@ -186,7 +193,8 @@ _CHECKS = (
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("scale", lambda v: 0 < v[0] <= v[1] <= 1, "0 < MIN <= MAX <= 1"),
     ("ratio", lambda v: 0 < v[0] <= v[1], "0 < MIN <= MAX"),
-    ("crop_pct", lambda v: v is None or v > 0, "positive (above 1 pads)"),
+    ("crop_pct", lambda v: v is None or v >= MIN_CROP_PCT,
+     f"at least {MIN_CROP_PCT} (eval resizes to img_size / crop_pct before the crop; above 1 pads)"),
     ("lr_base_size", lambda v: v >= 1, "at least 1"),
     ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("decay_epochs", lambda v: v > 0, "positive"),
@@ -244,10 +252,25 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise ValueError("--resume and --overwrite contradict each other; pass one")
     if args.aa:
         _check_aa_policy(args.aa)
-    from timm.optim import list_optimizers
+    _check_optimizer(args.opt)
 
-    if args.opt.lower() not in list_optimizers():
-        raise ValueError(f"unknown --opt {args.opt!r}; timm optimizers: {', '.join(list_optimizers())}")
+
+def _check_optimizer(opt: str) -> None:
+    """A name timm knows ("lookahead_" + one of them too), and one that builds here: some need
+    CUDA or a package (bitsandbytes, apex), which timm says with an AssertionError or
+    ImportError from inside training."""
+    import torch
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    name = opt.lower()
+    base = name[len("lookahead_"):] if name.startswith("lookahead_") else name
+    if base not in list_optimizers():
+        raise ValueError(f"unknown --opt {opt!r}; timm optimizers: {', '.join(list_optimizers())} (each may "
+                         "be prefixed with lookahead_)")
+    try:
+        create_optimizer_v2([torch.nn.Parameter(torch.zeros(1))], opt=opt, lr=0.1)
+    except Exception as exc:
+        raise ValueError(f"--opt {opt!r} can't be used here ({type(exc).__name__}: {exc})") from None
 
 
 def _check_aa_policy(policy: str) -> None:

@@ -21,6 +21,7 @@ from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
 from ..errors import SanetError
+from .config import MAX_IMG_SIZE, MIN_CROP_PCT
 from .distributed import DistContext
 from .images import IMAGE_EXTENSIONS, is_image_file, load_rgb
 
@@ -36,6 +37,7 @@ __all__ = [
     "clean_worker_error",
     "collate_skip",
     "reseed_loader",
+    "check_eval_resize",
 ]
 
 
@@ -75,6 +77,37 @@ class SafeImageFolder(ImageFolder):
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: Dict[str, int], extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> List[Tuple[str, int]]:
+        """torchvision's, walking each folder once: it follows links to folders (as torchvision
+        does), but a link back to a folder already walked (``cat/loop -> .``) is not walked
+        again. torchvision's walk took the folder's images once per level until the path grew
+        too long: 2 images were counted 42 times."""
+        if extensions is not None or is_valid_file is None:
+            raise ValueError("SafeImageFolder selects files with is_valid_file only")
+        instances, found = [], set()
+        for name in sorted(class_to_idx):
+            target_dir = os.path.join(directory, name)
+            if not os.path.isdir(target_dir):
+                continue
+            seen, walked = set(), []
+            for root, dirs, files in os.walk(target_dir, followlinks=True):
+                seen.add(os.path.realpath(root))
+                dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen]
+                walked.append((root, files))
+            for root, files in sorted(walked):
+                for fname in sorted(files):
+                    path = os.path.join(root, fname)
+                    if is_valid_file(path):
+                        instances.append((path, class_to_idx[name]))
+                        found.add(name)
+        empty = set(class_to_idx) - found
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}. "
+                                    f"Supported extensions are: {', '.join(IMAGE_EXTENSIONS)}")
+        return instances
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -228,11 +261,20 @@ def build_transform(data_config: Dict[str, Any], *, is_training: bool,
 
 def check_eval_resize(data_config: Dict[str, Any]) -> None:
     """timm's eval transform resizes to floor(size / crop_pct) before the center crop: refuse
-    a crop_pct that makes that 0 pixels now, not as "height and width must be > 0" from
-    inside the first image's transform (which reads as if the image were bad)."""
+    a size or crop_pct that makes that 0 pixels, or more than 4x the crop, now, not as "height
+    and width must be > 0" from inside the first image's transform (which reads as if the
+    image were bad) or as the memory of the machine filling up."""
     import math
 
-    size, crop = min(data_config["input_size"][-2:]), data_config.get("crop_pct") or 0.875  # timm's default
+    size, crop = max(data_config["input_size"][-2:]), data_config.get("crop_pct") or 0.875  # timm's default
+    if size > MAX_IMG_SIZE:
+        raise ValueError(f"image size {size} (--img-size, else the training run's or the model's) is above "
+                         f"the {MAX_IMG_SIZE} pixels sanet reads images at")
+    if crop < MIN_CROP_PCT:
+        raise ValueError(f"crop_pct {crop:g} (--crop-pct, else the training run's or the model's) resizes images "
+                         f"to {size / crop:.0f} pixels before the {size}-pixel center crop: use a crop_pct of at "
+                         f"least {MIN_CROP_PCT} (usual values: 0.875-1.0; above 1 pads)")
+    size = min(data_config["input_size"][-2:])
     if math.floor(size / crop) < 1:
         raise ValueError(f"crop_pct {crop:g} (--crop-pct, else the training run's or the model's) with image "
                          f"size {size} resizes images to "

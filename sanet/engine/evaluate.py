@@ -41,7 +41,9 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, *, amp: Optional[str] =
     sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
     start = time.perf_counter()
     warm = None  # (time, images) after the first batch: throughput excludes one-time setup
-    bar = tqdm(loader, desc=desc, disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
+    # disable=None: tqdm's "only on a terminal" (a bar in a log file is a line per redraw)
+    bar = tqdm(loader, desc=desc, disable=None if progress and ctx.is_main else True, leave=False,
+               dynamic_ncols=True)
     try:
         for images, targets, skipped in bar:
             sums[4] += skipped

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -39,7 +40,10 @@ def is_image_file(path: str) -> bool:
 def load_rgb(path: Union[str, Path]) -> Image.Image:
     """The image at ``path`` as 8-bit RGB. 16-bit greyscale is scaled to 8 bits (x / 257):
     Pillow's ``convert("RGB")`` clips it instead, which made every value above 255 white."""
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, warnings.catch_warnings():
+        # Pillow warns from 89M pixels (per image, with its source line) and refuses 179M
+        # (DecompressionBombError: an unreadable image, named); between them it is an image.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(f)
         except UnidentifiedImageError:  # its message names the file object, not the path

@@ -77,7 +77,8 @@ def train_one_epoch(state: TrainState, loader, ctx: DistContext, epoch: int, epo
     steps = len(loader)
     loss_sum, images_seen, skipped_total, counted, used = 0.0, 0, 0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and ctx.is_main),
+    # disable=None: tqdm's "only on a terminal" (a bar in a log file is a line per redraw)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress and ctx.is_main else True,
                dynamic_ncols=True, unit="step")
     state.optimizer.zero_grad(set_to_none=True)
     lr_start = float(state.optimizer.param_groups[0]["lr"])  # what this epoch started with

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -10,7 +10,8 @@ from torch import nn
 from .data import UnreadableImageError, check_eval_resize
 from .images import load_rgb
 
-__all__ = ["eval_transform", "target_map_for", "check_image_paths", "read_images", "topk_predictions"]
+__all__ = ["eval_transform", "target_map_for", "check_image_paths", "read_images",
+           "read_readable_images", "topk_predictions"]
 
 
 def eval_transform(model: nn.Module, data_args: Dict[str, Any], img_size: Optional[int] = None,
@@ -82,19 +83,31 @@ def check_image_paths(paths: Sequence[Path]) -> None:
 
 def read_images(paths: Sequence[Path], transform) -> torch.Tensor:
     """Load and transform images; an unreadable file is an error naming it."""
+    batch, errors = read_readable_images(paths, transform)
+    for error in errors:
+        if error is not None:
+            raise UnreadableImageError(f"{error} (pass --skip-bad-images to skip unreadable files)")
+    return batch
+
+
+def read_readable_images(paths: Sequence[Path], transform) -> Tuple[Optional[torch.Tensor], List[Optional[str]]]:
+    """Load and transform the images that can be read: the batch of those (None if none
+    could be), and per path ``None`` or the reason it could not be read."""
     check_image_paths(paths)
-    tensors = []
+    tensors, errors = [], []
     for path in map(Path, paths):
         try:
             image = load_rgb(path)
         except MemoryError:  # the machine's limit, not the file's fault: reported as out of memory
             raise
         except Exception as exc:  # PIL raises several types for bad files
-            raise UnreadableImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+            errors.append(f"cannot read image {path}: {type(exc).__name__}: {exc}")
+            continue
         # Outside the try: the transform follows the options (--img-size, --crop-pct, checked
         # when it was built), and its failure is not the file's.
         tensors.append(transform(image))
-    return torch.stack(tensors)
+        errors.append(None)
+    return (torch.stack(tensors) if tensors else None), errors
 
 
 @torch.no_grad()

@@ -179,7 +179,9 @@ def overwrite_guard(out: Path, *, active: bool) -> Iterator[Callable[[], None]]:
                 print(f"sanet train: the new run stopped before its first checkpoint; the previous run in {out} "
                       "is restored, unchanged", file=sys.stderr, flush=True)
         if isinstance(exc, _Terminated):
-            raise SystemExit(128 + signal.SIGTERM) from None
+            stop = SystemExit(128 + signal.SIGTERM)
+            stop.previous_run_restored = getattr(exc, "previous_run_restored", False)  # for the CLI's message
+            raise stop from None
         raise
     finally:
         uninstall()

@@ -20,12 +20,13 @@ is computed in fp32 (statistics and gates) and returned in the input dtype.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from ..ops.arg_checks import check_op_args
+from ..ops.arg_checks import check_eps, check_op_args
 
 __all__ = [
     "shuffle_attention_reference",
@@ -62,13 +63,13 @@ def check_sa_input(x: Tensor, channels: int) -> None:
         )
 
 
-
-def _check_sa_args(fn: str, x: Tensor, params: Tuple[Tensor, ...], groups: int) -> None:
-    """The functional forms' version of the module's checks (input, G, parameter sizes)."""
+def _check_sa_args(fn: str, x: Tensor, params: Tuple[Tensor, ...], groups: int, eps: float) -> None:
+    """The functional forms' version of the module's checks (input, G, parameter sizes, eps)."""
     if torch.jit.is_tracing():  # shape comparisons would warn; the graph can't keep them
         return
     _check_sa_tensor(x)
     check_op_args(fn, x, None, params, groups)
+    check_eps(fn, eps)
 
 
 # torch.fx records the check as one graph node (run with real tensors) instead of tracing
@@ -76,8 +77,25 @@ def _check_sa_args(fn: str, x: Tensor, params: Tuple[Tensor, ...], groups: int) 
 torch.fx.wrap("_check_sa_args")
 
 
+def _check_shuffle_args(x: Tensor, groups: int) -> None:
+    if torch.jit.is_tracing():  # comparing a traced size warns; the graph can't keep checks
+        return
+    if not torch.jit.is_scripting():  # (TorchScript typed groups as int already)
+        if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+            raise TypeError(f"channel_shuffle: groups must be an int, got {repr(groups)}")
+        groups = int(groups)
+    if x.dim() < 2 or groups < 1 or x.shape[1] % groups != 0:
+        raise ValueError(
+            f"channel_shuffle needs input with channels in dim 1 and a group count that divides "
+            f"them (a positive divisor of C), got groups={groups} for shape {list(x.shape)}")
+
+
+torch.fx.wrap("_check_shuffle_args")
+
+
 def channel_shuffle(x: Tensor, groups: int = 2) -> Tensor:
     """ShuffleNet channel shuffle: ``out[:, g' * groups + i] = x[:, i * C/groups + g']``."""
+    _check_shuffle_args(x, groups)
     # unflatten, not reshape(..., -1): -1 is ambiguous for an empty batch
     if torch.jit.is_tracing():
         # ONNX's legacy exporter traces, and aten::unflatten has no ONNX export before opset 13.
@@ -150,7 +168,7 @@ def shuffle_attention_reference(
     arguments as :class:`ShuffleAttention` does."""
     if not torch.jit.is_scripting():  # not scriptable; a scripted module checked G when built
         _check_sa_args("shuffle_attention_reference", x,
-                       (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups)
+                       (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups, eps)
     return _shuffle_attention_reference(
         x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
 
@@ -233,7 +251,7 @@ def shuffle_attention_torch(
     arguments as :class:`ShuffleAttention` does."""
     if not torch.jit.is_scripting():  # not scriptable; a scripted module checked G when built
         _check_sa_args("shuffle_attention_torch", x,
-                       (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups)
+                       (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups, eps)
     return _shuffle_attention_torch(
         x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
 

@@ -1,7 +1,6 @@
 """The Shuffle Attention layer (Zhang & Yang, SA-Net, ICASSP 2021, arXiv:2102.00240)."""
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import SanetError
 from ..ops import fused_sa_supported, has_hooks, needs_pytorch_ops
+from ..ops.arg_checks import check_eps
 from ..ops.fused import _shuffle_attention_fused  # unchecked: forward checks x, __init__ checked G
 from .groups import check_sa_groups, fit_sa_groups
 from .sa_functional import (  # the unchecked forms: forward checks x once, __init__ checked G
@@ -71,11 +71,10 @@ class ShuffleAttention(nn.Module):
         check_sa_groups(channels, groups)
         if impl not in SA_IMPLS:
             raise ValueError(f"ShuffleAttention: impl must be one of {SA_IMPLS}, got {impl!r}")
-        # A constant plane has variance 0: rsqrt(0 + eps) is NaN for eps < 0 and inf for 0
-        # (then 0 * inf = NaN). `not 0 < eps` also catches NaN.
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < float("inf"):
-            raise ValueError(f"ShuffleAttention: eps must be a positive finite number (GroupNorm's epsilon, "
-                             f"default 1e-5), got {eps!r}")
+        check_eps("ShuffleAttention", eps)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"ShuffleAttention: dtype must be a floating-point torch.dtype (float32, float64, "
+                            f"float16 or bfloat16) or None, got {dtype!r}")
         dd = {"device": device, "dtype": dtype}
         channels, groups = int(channels), int(groups)  # plain ints for TorchScript and the kernels
         self.channels = channels
@@ -139,7 +138,9 @@ class ShuffleAttention(nn.Module):
                 f"{x.dtype} input (CPU needs the C++ extension and fp32/fp64, CUDA needs "
                 "Triton); use impl='auto' to fall back to PyTorch ops"
             )
-        fn = _IMPL_FNS[impl] if impl != "fused" else _shuffle_attention_fused
+        fn = _IMPL_FNS.get(impl) if impl != "fused" else _shuffle_attention_fused
+        if fn is None:  # an impl set after construction (the constructor checks its own)
+            raise ValueError(f"ShuffleAttention: impl must be one of {SA_IMPLS}, got {self.impl!r}")
         return fn(x, *params, self.groups, gn.eps)
 
     @torch.jit.unused

@@ -7,11 +7,12 @@ same in C++ (``csrc/shuffle_attention.cpp``); the Triton launchers and
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 from torch import Tensor
 
-__all__ = ["check_op_args"]
+__all__ = ["check_op_args", "check_eps"]
 
 _PARAM_NAMES = ("cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias")
 _BN_NAMES = ("bn_weight", "bn_bias", "bn_mean", "bn_var")
@@ -42,3 +43,14 @@ def check_op_args(fn: str, x: Tensor, shortcut: Optional[Tensor], params: Sequen
         if t is not None and t.numel() != channels:
             raise ValueError(f"{fn}: {name} must hold one value per channel ({channels}), got shape "
                              f"{list(t.shape)}")
+
+
+def check_eps(fn: str, eps: float) -> None:
+    """Raise ``ValueError`` unless ``eps`` is a positive finite number. A constant plane has
+    variance 0: rsqrt(0 + eps) is NaN for eps < 0 and inf for 0 (then 0 * inf = NaN)."""
+    if type(eps) is float and 0.0 < eps < float("inf"):  # the common case, cheaply
+        return
+    # `not 0 < eps` also catches NaN
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < float("inf"):
+        raise ValueError(f"{fn}: eps must be a positive finite number (GroupNorm's epsilon, default 1e-5), "
+                         f"got {eps!r}")

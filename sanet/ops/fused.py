@@ -8,7 +8,6 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
 from ..errors import SanetError
-from .arg_checks import check_op_args
 from .cpu_ext import load_cpu_ext
 from .sa_op import KERNELS, sa_op, torch_update_running_stats
 
@@ -105,15 +104,18 @@ def shuffle_attention_fused(
     groups: int,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Shuffle Attention with the fused kernels (same function as the reference) on (N, C, *)
-    input; checks its arguments (G, parameter sizes) with the module's errors. Where a graph
-    must hold PyTorch ops (tracing, export, fx) or ``torch.func`` runs, it computes the
-    per-channel form in PyTorch ops, as ``ShuffleAttention(impl="fused")`` does."""
-    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
-    check_op_args("shuffle_attention_fused", x, None, params, groups)
-    if needs_pytorch_ops():
-        from ..layers.sa_functional import _shuffle_attention_torch  # layers import ops: import late
+    """Shuffle Attention with the fused kernels (same function as the reference) on (N, C, L),
+    (N, C, H, W) or (N, C, D, H, W) input; checks its arguments (input, G, parameter sizes,
+    eps) with the module's errors. Where a graph must hold PyTorch ops (tracing, export, fx)
+    or ``torch.func`` runs, it computes the per-channel form in PyTorch ops, as
+    ``ShuffleAttention(impl="fused")`` does."""
+    from ..layers.sa_functional import _check_sa_args, _shuffle_attention_torch  # layers import ops: late
 
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+    # The ranks of the other forms: the kernels would take (N, C) too, but double backward
+    # and torch.func take the PyTorch form, which would not.
+    _check_sa_args("shuffle_attention_fused", x, params, groups, eps)
+    if needs_pytorch_ops():
         return _shuffle_attention_torch(x, *params, groups, eps)
     if not fused_sa_supported(x):
         raise SanetError(f"shuffle_attention_fused: no fused kernel for {x.device.type} {x.dtype} input (CPU "

@@ -38,6 +38,17 @@ __all__ = ["sa_op", "sa_forward", "sa_backward", "KERNELS", "torch_update_runnin
 _Out = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
+def param_grads_dtype(params) -> torch.dtype:
+    """The dtype of the kernels' (6, c) block of gate-parameter gradients: float32, or a wider
+    parameter dtype. Each row is cast to its own parameter's dtype afterwards: with fp16 gates
+    and an fp32 GroupNorm (norm layers kept in fp32), gn.weight's gradient must not pass
+    through fp16 (it overflowed to inf)."""
+    dtype = torch.float32
+    for p in params:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
 def _cpu_ext():
     ext = load_cpu_ext()
     if ext is None:
@@ -193,7 +204,7 @@ def sa_backward(
     bn_eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad x, grad before the ReLU (empty without ``out``), the six gate parameters'
-    gradients as one (6, C/(2G)) tensor in cweight's dtype (rows in the order of the
+    gradients as one (6, C/(2G)) tensor in ``param_grads_dtype`` (rows in the order of the
     arguments), d bn_weight, d bn_bias (in bn_weight's dtype)); BatchNorm is part of the op
     when ``bn_mean``/``bn_var`` (the statistics forward used) are given."""
     return _backward_impl(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
@@ -207,7 +218,8 @@ def _sa_backward_fake(grad, x, out, pmean, pvar, cweight, cbias, sweight, sbias,
     bn = x.new_empty((c if bn_mean is not None else 0,),
                      dtype=torch.float32 if bn_weight is None else bn_weight.dtype)
     gpre = x.new_empty(x.shape) if out is not None else x.new_empty((0,))  # contiguous, as the kernels'
-    return x.new_empty(x.shape), gpre, cweight.new_empty((6, cweight.numel())), bn, bn.clone()
+    gp_dtype = param_grads_dtype((cweight, cbias, sweight, sbias, gn_weight, gn_bias))
+    return x.new_empty(x.shape), gpre, cweight.new_empty((6, cweight.numel()), dtype=gp_dtype), bn, bn.clone()
 
 
 # ---------------------------------------------------------------- autograd (shared)
@@ -252,7 +264,7 @@ def _backward(ctx, g_out: Tensor, backward_fn) -> tuple:
         g_shortcut = gpre if out is not None else g_out
     g_bn_w = dbw if ctx.has_bn and bn_weight is not None else None
     g_bn_b = dbb if ctx.has_bn and bn_bias is not None else None
-    g_params = [g.view(p.shape) for g, p in zip(gparams.unbind(0), params)]  # any shape of c values
+    g_params = [g.to(p.dtype).view(p.shape) for g, p in zip(gparams.unbind(0), params)]  # any shape of c values
     return (gx, g_shortcut, *g_params, None, None, g_bn_w, g_bn_b, None, None, None, None, None)
 
 

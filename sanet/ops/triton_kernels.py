@@ -357,12 +357,13 @@ if _HAS_TRITON:
         psw = tl.load(sw + js, mask=jmask, other=0.0).to(tl.float64)
         pgw = tl.load(gw + js, mask=jmask, other=0.0).to(tl.float64)
         pgb = tl.load(gb + js, mask=jmask, other=0.0).to(tl.float64)
-        # Through fp32 to the parameters' dtype: a direct float64 -> bf16 conversion is not
-        # supported everywhere (the interpreter returns 0).
+        # gp is float32 or float64 (param_grads_dtype); the caller casts each row to its
+        # parameter's dtype (a direct float64 -> bf16 conversion is not supported everywhere:
+        # the interpreter returns 0).
         ty = gp.dtype.element_ty
-        tl.store(gp + js, t2c.to(tl.float32).to(ty), mask=jmask)
-        tl.store(gp + CC + js, t1c.to(tl.float32).to(ty), mask=jmask)
-        tl.store(gp + 2 * CC + js, (pgw * t2s + pgb * t1s).to(tl.float32).to(ty), mask=jmask)
-        tl.store(gp + 3 * CC + js, t1s.to(tl.float32).to(ty), mask=jmask)
-        tl.store(gp + 4 * CC + js, (psw * t2s).to(tl.float32).to(ty), mask=jmask)
-        tl.store(gp + 5 * CC + js, (psw * t1s).to(tl.float32).to(ty), mask=jmask)
+        tl.store(gp + js, t2c.to(ty), mask=jmask)
+        tl.store(gp + CC + js, t1c.to(ty), mask=jmask)
+        tl.store(gp + 2 * CC + js, (pgw * t2s + pgb * t1s).to(ty), mask=jmask)
+        tl.store(gp + 3 * CC + js, t1s.to(ty), mask=jmask)
+        tl.store(gp + 4 * CC + js, (psw * t2s).to(ty), mask=jmask)
+        tl.store(gp + 5 * CC + js, (psw * t1s).to(ty), mask=jmask)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .arg_checks import check_op_args
+from .sa_op import param_grads_dtype
 from .triton_kernels import _HAS_TRITON
 
 if _HAS_TRITON:
@@ -112,7 +113,7 @@ def triton_sa_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], pm: Tenso
                        bn_var: Optional[Tensor] = None, bn_train: bool = False, bn_eps: float = 1e-5
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The ``sanet::sa_backward`` op (same arguments): (grad x, grad before the ReLU, the six
-    gate parameters' gradients as one (6, c) tensor in their dtype, BatchNorm's d weight and
+    gate parameters' gradients as one (6, c) tensor in ``param_grads_dtype``, BatchNorm's d weight and
     d bias)."""
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
     check_op_args("sanet::sa_backward", x, None, params, groups, (bn_weight, bn_bias, bn_mean, bn_var))
@@ -137,7 +138,8 @@ def triton_sa_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], pm: Tenso
     dbw = x.new_empty((c if has_bn else 0,), dtype=sums_dtype)
     dbb = torch.empty_like(dbw)
     if geo["M"] == 0:  # planes without pixels: nothing to sum, and their statistics are 0/0
-        return (gx, gpre, params[0].new_zeros((6, geo["CC"])), dbw.zero_().to(bn_dtype),
+        gp = params[0].new_zeros((6, geo["CC"]), dtype=param_grads_dtype(params))
+        return (gx, gpre, gp, dbw.zero_().to(bn_dtype),
                 dbb.zero_().to(bn_dtype))
     p = _params(params)
     args = dict(grad=grad, x=x, out=out if relu else x, gpre=gpre if relu else x, gx=gx, pm=pm, pv=pv,
@@ -150,7 +152,7 @@ def triton_sa_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], pm: Tenso
         _merge(sg, sgx, dbb, dbw, bn_var, bn_eps)
         if bn_train:
             _sa_bwd[grid](**args, PHASE=2, RELU_MASK=False, FROM_GPRE=relu)
-    gp = params[0].new_empty((6, geo["CC"]))
+    gp = params[0].new_empty((6, geo["CC"]), dtype=param_grads_dtype(params))
     block_j = min(64, 1 << (geo["CC"] - 1).bit_length())  # next power of 2
     _param_grads[(_cdiv(geo["CC"], block_j),)](s1, s2, p["sw"], p["gw"], p["gb"], gp, n * groups, c, geo["CG"],
                                                 geo["CC"], BLOCK_R=max(1, 1024 // block_j), BLOCK_J=block_j,

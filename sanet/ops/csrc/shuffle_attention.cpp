@@ -107,7 +107,7 @@ Tensor param_grads(const Tensor& s1, const Tensor& s2, const Params& P, int64_t 
 }
 
 // Returns grad x, the gradient before the ReLU (the shortcut's; undefined without ReLU),
-// the six gate parameters' gradients as one (6, c) tensor in cweight's dtype, and
+// the six gate parameters' gradients as one (6, c) tensor in float32 or a wider parameter dtype, and
 // BatchNorm's dweight, dbias in its weight's dtype (float32 without weight).
 // BatchNorm is part of the op when bn_mean/bn_var (the statistics forward used) are given.
 std::vector<Tensor> sa_backward(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& out,
@@ -161,8 +161,11 @@ std::vector<Tensor> sa_backward(const Tensor& grad, const Tensor& x, const std::
     }
   });
   const auto bn_dtype = defined(bn_w) ? bn_w->scalar_type() : at::kFloat;
-  return {gx, gpre, param_grads(s1, s2, P, groups).to(cw.scalar_type()), dbn_w.to(bn_dtype),
-          dbn_b.to(bn_dtype)};
+  // float32 or a wider parameter dtype (sa_op.param_grads_dtype); Python casts each row to its
+  // own parameter's dtype, so an fp32 gn.weight beside fp16 gates is not rounded through fp16.
+  auto gp_dtype = at::kFloat;
+  for (const Tensor* p : {&cw, &cb, &sw, &sb, &gw, &gb}) gp_dtype = at::promote_types(gp_dtype, p->scalar_type());
+  return {gx, gpre, param_grads(s1, s2, P, groups).to(gp_dtype), dbn_w.to(bn_dtype), dbn_b.to(bn_dtype)};
 }
 
 }  // namespace
