@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sanet bench: {note}", file=sys.stderr)
     result: Dict = {"args": _json_args(args), "run": run_info(), "machine": machine_info(device),
                     "fused_kernel_available": fused_ok, "notes": notes, "layers": [], "models": None}
-    quiet = args.json
+    quiet = True if args.json else None  # None: tqdm draws only on a terminal (not into logs)
     if not args.skip_layers:
         for shape in shapes:
             bar = tqdm(total=args.rounds, desc=f"layer {'x'.join(map(str, shape))}", disable=quiet, leave=False)
