@@ -38,6 +38,7 @@ __all__ = [
     "model_card",
     "remove_stale_temps",
     "safetensors_metadata",
+    "SANET_MARK",
     "save_safetensors",
     "sha256_file",
     "state_dict_from",
@@ -166,10 +167,18 @@ def converted_run_metadata(path: PathLike) -> Dict[str, Any]:
     return found
 
 
+#: The metadata key that marks a safetensors file as written by ``sanet convert`` (its value:
+#: sanet's version). Other tools' files may use the same key names for other things.
+SANET_MARK = "sanet_version"
+#: What ``sanet convert`` wrote before it wrote the mark: those files count as sanet's too.
+_UNMARKED_SANET_KEYS = frozenset({"model", "num_classes", "in_chans", "source"})
+
+
 def safetensors_metadata(path: PathLike) -> Dict[str, str]:
-    """The string metadata of a safetensors file (``sanet convert`` records ``model``,
-    ``num_classes``, ``in_chans``, ``source``, and a run's ``RUN_METADATA``); empty for any
-    other file."""
+    """The string metadata ``sanet convert`` wrote into a safetensors file (``model``,
+    ``num_classes``, ``in_chans``, ``source``, a run's ``RUN_METADATA``, ...); empty for any
+    other file, including another tool's safetensors file: its metadata ("interpolation":
+    "bicubic", "model": "resnet50") means what that tool meant, and is not read."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -177,9 +186,10 @@ def safetensors_metadata(path: PathLike) -> Dict[str, str]:
         return {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            meta = dict(f.metadata() or {})
     except Exception:  # safetensors raises its own error types; the loader reports them
         return {}
+    return meta if SANET_MARK in meta or _UNMARKED_SANET_KEYS <= meta.keys() else {}
 
 
 def _unsafe_globals(path: Path) -> str:

@@ -420,7 +420,15 @@ def test_convert_keeps_the_files_input_channels_and_classes(tmp_path, capsys):
 
 def test_convert_rejects_a_mismatching_model(authors_r50, tmp_path, capsys):
     out = tmp_path / "x.safetensors"
+    # the authors' file names its architecture ('arch'): the error names it
     assert cli_main(["convert", str(authors_r50[1]), str(out), "--model", "sa_resnet101"]) == 2
+    err = capsys.readouterr().err
+    assert "says it holds sa_resnet50 weights; pass --model sa_resnet50" in err
+    # without 'arch' (their main.py variant), the keys say it
+    ckpt = torch.load(authors_r50[1], weights_only=True)
+    del ckpt["arch"]
+    torch.save(ckpt, tmp_path / "no_arch.pth.tar")
+    assert cli_main(["convert", str(tmp_path / "no_arch.pth.tar"), str(out), "--model", "sa_resnet101"]) == 2
     err = capsys.readouterr().err
     assert "sanet convert: error:" in err and "does not match sa_resnet101" in err and "missing keys" in err
     assert not out.exists() and not out.with_suffix(".json").exists()

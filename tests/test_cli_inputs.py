@@ -238,7 +238,7 @@ def nan_weights(trained_run, tmp_path):
     state = torch.load(trained_run / "last.pt", weights_only=True)["model"]
     state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
     path = tmp_path / "nan.safetensors"
-    save_file(state, str(path), metadata={"model": "sa_resnet_test"})
+    save_file(state, str(path), metadata={"model": "sa_resnet_test", "sanet_version": "0"})  # as sanet convert marks it
     return path
 
 

@@ -129,3 +129,16 @@ def test_optimizer_names_timm_builds_are_accepted_before_training():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"--opt 'fusedadam' can't be used here \("):
             _check_optimizer("fusedadam")  # apex
+
+
+def test_class_names_that_differ_only_in_unicode_normalisation_are_named():
+    import unicodedata
+
+    from sanet.engine.data import check_same_classes
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    check_same_classes(["a", nfc], ["a", nfc])
+    with pytest.raises(ValueError, match=r"differ only in how accents are encoded .*: 'caf\\xe9' vs 'cafe\\u0301'\)"):
+        check_same_classes(["a", nfc], ["a", nfd])
+    with pytest.raises(ValueError, match=r"only in train: \['b'\]; only in val: \['c'\] \(2 vs 2 classes\)$"):
+        check_same_classes(["a", "b"], ["a", "c"])

@@ -215,6 +215,11 @@ def test_fitted_models_say_when_sa_groups_fits_no_layer(name, recwarn):
     assert not [w for w in recwarn if "fits none" in str(w.message)]
 
 
+def test_bad_sa_impl_names_the_model_and_the_keyword():
+    with pytest.raises(ValueError, match=r"^sa_resnet50: sa_impl must be one of \('auto', .*got 'cuda'"):
+        create("sa_resnet50", device="meta", sa_impl="cuda")
+
+
 @pytest.mark.parametrize("attn", [None, "se", "eca"])
 def test_another_attention_layer_is_refused_not_replaced(attn):
     """block_args attn_layer used to be overwritten: a model asked for without (or with SE)

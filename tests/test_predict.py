@@ -118,6 +118,32 @@ def test_predict_skip_bad_images_reports_them_in_place(capsys, trained, tmp_path
     assert code == 2 and "none of the 2 images could be read" in err
 
 
+def test_other_tools_safetensors_metadata_is_not_read(capsys, trained, tmp_path):
+    """Metadata that another tool wrote means what it meant there: an "interpolation" that is
+    not JSON made predict and convert refuse the file (asking to convert it, which failed
+    the same way), a "model" entry made them ask for --model resnet50."""
+    import timm
+
+    from sanet.checkpoint import SANET_MARK, safetensors_metadata, save_safetensors
+
+    data, _ = trained
+    foreign = tmp_path / "foreign.safetensors"
+    save_safetensors(timm.create_model("sa_resnet_test").state_dict(), foreign,
+                     metadata={"format": "pt", "interpolation": "bicubic", "model": "resnet50"})
+    assert safetensors_metadata(foreign) == {}
+    image = str(data / "val" / "a" / "000.png")
+    code, out, err = run_cli(capsys, ["predict", "--model", "sa_resnet_test", "--pretrained-file", str(foreign),
+                                      "--img-size", "32", "--json", image])
+    assert code == 0, err
+    converted = tmp_path / "ours.safetensors"
+    code, _, err = run_cli(capsys, ["convert", str(foreign), str(converted), "--model", "sa_resnet_test"])
+    assert code == 0, err
+    meta = safetensors_metadata(converted)
+    assert meta["model"] == "sa_resnet_test" and SANET_MARK in meta and "interpolation" not in meta
+    code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(converted), "--img-size", "32", image])
+    assert code == 0, err  # ours names its model: --model may be left out
+
+
 def test_converted_run_keeps_its_class_names_and_image_size(capsys, trained, tmp_path):
     """sanet convert of a run checkpoint keeps class names, img_size and crop_pct in the
     safetensors metadata: predict on the .safetensors file equals predict on the checkpoint
@@ -145,10 +171,11 @@ def test_converted_run_keeps_its_class_names_and_image_size(capsys, trained, tmp
         assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
         assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], abs=1e-6)
     # metadata that contradicts the weights is an error, not wrong labels
-    from sanet.checkpoint import save_safetensors
+    from sanet.checkpoint import SANET_MARK, save_safetensors
 
     bad = tmp_path / "bad.safetensors"
-    save_safetensors(saved["model"], bad, metadata={"model": "sa_resnet_test", "class_names": json.dumps(["x"])})
+    save_safetensors(saved["model"], bad, metadata={"model": "sa_resnet_test", "class_names": json.dumps(["x"]),
+                                                    SANET_MARK: "0.1.0"})
     code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(bad), *images])
     assert code == 2 and "names 1 classes, its classifier has 3" in err
 
@@ -179,12 +206,12 @@ def test_headless_weights_are_refused_with_what_to_do(capsys, trained, tmp_path)
 def test_hostile_or_damaged_run_metadata_is_refused(capsys, trained, tmp_path, entry, value, words):
     """A .safetensors file's run metadata (from sanet convert) is checked before use: nothing in
     it may load other weights (a download) or reach timm/torchvision as a bad value."""
-    from sanet.checkpoint import save_safetensors
+    from sanet.checkpoint import SANET_MARK, save_safetensors
 
     data, run = trained
     weights = torch.load(run / "last.pt", weights_only=True)["model"]
-    path = tmp_path / "w.safetensors"
-    save_safetensors(weights, path, metadata={"model": "sa_resnet_test", entry: json.dumps(value)})
+    path = tmp_path / "w.safetensors"  # marked as sanet's: its metadata is read, and checked
+    save_safetensors(weights, path, metadata={"model": "sa_resnet_test", entry: json.dumps(value), SANET_MARK: "0"})
     image = next((data / "val").rglob("*.png"))
     code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(path), str(image)])
     assert code == 2 and words in err, err

@@ -49,11 +49,15 @@ def test_train_writes_checkpoints_logs_and_curves(capsys, tmp_path, data):
     assert (out / "last.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes files
 
 
-def test_resume_continues_and_equals_uninterrupted(capsys, tmp_path, data, monkeypatch):
+@pytest.mark.parametrize("opt, batch", [("momentum", 4), ("lookahead_momentum", 5)])
+def test_resume_continues_and_equals_uninterrupted(capsys, tmp_path, data, monkeypatch, opt, batch):
+    """lookahead_momentum at 4 updates per epoch: timm's Lookahead counts its steps in the
+    param group (a sync every 6), and a resume that reset the count synced at other steps."""
     import sanet.engine.trainer as trainer
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ("--deterministic", "--sched", "cosine", "--warmup-epochs", "1", "--lr", "0.05")
+    common = ("--deterministic", "--sched", "cosine", "--warmup-epochs", "1", "--lr", "0.05", "--opt", opt,
+              "--batch-size", str(batch))
     assert run_cli(capsys, train_argv(data, straight, *common, epochs=3))[0] == 0
 
     real_save = trainer.save_training_checkpoint
@@ -87,6 +91,14 @@ def test_resume_can_extend_the_run(capsys, tmp_path, data):
     assert ckpt["epoch"] == 2 and ckpt["updates"] == 12
 
 
+def test_resume_with_fewer_epochs_trains_nothing_without_a_schedule_warning(capsys, tmp_path, data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out, "--sched", "cosine", epochs=2))[0] == 0
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--resume", epochs=1))
+    assert code == 0 and "nothing to train" in stdout
+    assert "schedule is now drawn" not in stdout  # (it warned of a jump at an epoch never trained)
+
+
 def test_resume_with_another_batch_size_keeps_the_schedule(capsys, tmp_path, data):
     """The step schedule is a function of epochs: after 2 epochs of 6 updates, a resume at 3
     updates per epoch must still be past exactly one decay (lr / 10), not two."""
@@ -105,6 +117,9 @@ def test_resume_keeps_or_refuses_ema(capsys, tmp_path, data):
     code, _, err = run_cli(capsys, train_argv(data, out, "--resume", epochs=2))
     assert code == 2 and "trained with --model-ema; resume it with --model-ema" in err
     assert load_ckpt(out / "last.pt")["model_ema"] is not None  # nothing thrown away
+    # fine-tuning from it says whose weights it starts from (eval and predict do)
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "ft", "--pretrained-file", str(out / "last.pt")))
+    assert code == 0 and "also holds EMA weights ('model_ema'); fine-tuning starts from the model's" in err
 
 
 def test_resume_reports_every_changed_option(capsys, tmp_path, data):
@@ -276,6 +291,14 @@ def test_pretrained_file_fine_tunes_with_new_classifier(capsys, tmp_path, data):
     ft, base = _weights(out / "last.pt"), _weights(src / "last.pt")
     assert ft["fc.weight"].shape == (2, 256)
     assert torch.allclose(ft["conv1.weight"], base["conv1.weight"], atol=1e-6)
+    assert "EMA" not in err
+    # the original command + --resume, with the file it started from gone: last.pt is what loads
+    moved = tmp_path / "src-moved.pt"
+    (src / "last.pt").rename(moved)
+    code, _, err = run_cli(capsys, train_argv(two, out, "--pretrained-file", str(src / "last.pt"),
+                                              "--lr", "1e-9", "--weight-decay", "0", "--resume", epochs=2))
+    assert code == 0, err  # (it was "checkpoint not found", the file read for nothing)
+    moved.rename(src / "last.pt")
     # a file of another architecture is refused with the mismatching keys
     bad = dict(base)
     bad.pop("layer4.0.sa.cweight")

@@ -66,7 +66,8 @@ def _converted_metadata(path: Path) -> Dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import timm
 
-    from sanet.checkpoint import RUN_METADATA, load_checkpoint_file, model_card, save_safetensors, \
+    import sanet
+    from sanet.checkpoint import RUN_METADATA, SANET_MARK, load_checkpoint_file, model_card, save_safetensors, \
         state_dict_from, write_json_atomic
     from sanet.engine.modeling import check_checkpoint_model
     from sanet.models import check_state_dict, strip_prefix
@@ -93,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     is_run = bool(run_info)
     earlier = _converted_metadata(args.input)  # a file sanet convert wrote: its records carry over
     recorded = earlier.pop("model", None)
+    arch = checkpoint.get("arch") if isinstance(checkpoint, dict) and not run_info else None  # the authors' layout
+    if not recorded and isinstance(arch, str) and timm.is_model(arch):
+        recorded = arch
     if recorded and timm.models.get_arch_name(recorded) != timm.models.get_arch_name(args.model):
         raise ValueError(f"--model {args.model}: {args.input} says it holds {recorded} weights; "
                          f"pass --model {recorded}")
@@ -127,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     state_dict = check_state_dict(state_dict, model, source=str(args.input))
     in_chans = found["input_size"][0] if "input_size" in found else 3
     metadata = {"model": args.model, "num_classes": str(model.num_classes), "in_chans": str(in_chans),
-                "source": args.input.name}
+                "source": args.input.name, SANET_MARK: sanet.__version__}
     if "sa_groups" in kwargs:  # a non-default G: the file needs it to be rebuilt
         metadata["sa_groups"] = str(kwargs["sa_groups"])
     metadata.update({k: json.dumps(run_info[k]) for k in RUN_METADATA if k in run_info})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -225,10 +226,18 @@ def check_same_classes(train: Sequence[str], val: Sequence[str]) -> None:
         return
     only_train = sorted(set(train) - set(val))
     only_val = sorted(set(val) - set(train))
+    hint = ""
+    if only_train and {unicodedata.normalize("NFC", c) for c in only_train} == \
+            {unicodedata.normalize("NFC", c) for c in only_val}:
+        # 'café' as one character in one split and as 'e' + an accent in the other (as some
+        # copies from macOS write names): the same on screen, so say what differs
+        hint = (f"; they differ only in how accents are encoded (Unicode normalisation: "
+                f"{', '.join(map(ascii, only_train[:3]))} vs {', '.join(map(ascii, only_val[:3]))}): rename "
+                "the folders of one split")
     raise ValueError(
         "train/ and val/ have different classes (labels are class-folder indices, so they must "
         f"match): only in train: {only_train[:10] or 'none'}; only in val: {only_val[:10] or 'none'} "
-        f"({len(train)} vs {len(val)} classes)")
+        f"({len(train)} vs {len(val)} classes){hint}")
 
 
 def open_train_val(data: Path, skip_bad: bool = False) -> Tuple[SafeImageFolder, SafeImageFolder]:

@@ -63,6 +63,7 @@ def plot_curves(history: List[Dict[str, Any]], path: Path, title: Optional[str] 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -74,6 +75,7 @@ def plot_curves(history: List[Dict[str, Any]], path: Path, title: Optional[str] 
             if any(v is not None for v in values):
                 ax.plot(epochs, values, marker="o", markersize=3, label=key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2, 1.4, ...
         ax.grid(alpha=0.3)
         ax.legend()
     ax_loss.set_ylabel("loss")

@@ -6,6 +6,8 @@ error, never a silent partial load.
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -99,10 +101,16 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
         kwargs["drop_path_rate"] = drop_path
     if pretrained_file is None:
         return _create(name, model_kwargs, **kwargs)
-    from sanet.checkpoint import load_state_dict_file
+    from sanet.checkpoint import load_checkpoint_file, state_dict_from
     from sanet.models import CheckpointMismatchError, with_sa_groups_of
+    from sanet.models.checkpoint_filter import ema_key_of
 
-    state_dict = load_state_dict_file(pretrained_file)
+    raw = load_checkpoint_file(pretrained_file)
+    state_dict = state_dict_from(raw, pretrained_file)
+    ema_key = ema_key_of(raw)
+    if ema_key is not None and os.environ.get("RANK", "0") == "0":  # (a --model-ema run's best.pt is the EMA's best)
+        print(f"sanet train: note: {pretrained_file} also holds EMA weights ('{ema_key}'); fine-tuning starts from "
+              f"the model's weights (sanet convert --ema makes a file of the EMA's)", file=sys.stderr)
     try:
         kwargs = with_sa_groups_of(state_dict, name, kwargs)  # fine-tune the G it was trained with
     except TypeError as exc:

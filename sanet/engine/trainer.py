@@ -96,9 +96,12 @@ def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext,
         saved = resume_ckpt.get("args")
         if isinstance(saved, dict) and args.model_kwargs != before and dict(saved.get("model_kwargs") or {}) == before:
             saved["model_kwargs"] = dict(args.model_kwargs)  # read off the weights: not an option that changed
-    model = create_train_model(args.model, num_classes, pretrained_file=args.pretrained_file,
+    # A resume loads last.pt's weights over it: the --pretrained-file of the original command
+    # is not read again (it may be gone; G was read off last.pt above).
+    pretrained_file = args.pretrained_file if resume_ckpt is None else None
+    model = create_train_model(args.model, num_classes, pretrained_file=pretrained_file,
                                drop_path=args.drop_path, model_kwargs=args.model_kwargs)
-    if args.pretrained_file is not None:
+    if pretrained_file is not None:
         # create_train_model built the G of the file's SA weights (e.g. a run trained with
         # --model-kwargs sa_groups=2): record it with the run's arguments
         _sa_groups_from(args, model.state_dict())
@@ -171,6 +174,11 @@ def _check_input_size(model, input_size, built: Optional[int], *, explicit: bool
         model.train(was_training)
 
 
+#: The param-group entries that this run's options set (--lr and the schedule's start,
+#: --momentum, --weight-decay, as --no-wd-norm splits it).
+_RUN_GROUP_OPTIONS = ("lr", "initial_lr", "momentum", "weight_decay")
+
+
 def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, updates_per_epoch: int) -> None:
     from sanet.models import check_state_dict
 
@@ -189,9 +197,12 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
                              f"with the same {flag}, or start a new run (--pretrained-file {path} to "
                              "fine-tune from its weights)")
     state.raw.load_state_dict(ckpt["model"])
-    # The loaded param groups would bring back the old run's momentum and weight decay; this
-    # run's options win (a changed value is reported below), the buffers are kept.
-    options = [{k: v for k, v in group.items() if k != "params"} for group in state.optimizer.param_groups]
+    # The loaded param groups would bring back the old run's lr, momentum and weight decay;
+    # this run's options win (a changed value is reported below). Only those: the rest of a
+    # group is the optimizer's own state (timm's Lookahead counts its steps in the group,
+    # and a resume that reset it put the slow-weight syncs at other steps).
+    options = [{k: v for k, v in group.items() if k in _RUN_GROUP_OPTIONS}
+               for group in state.optimizer.param_groups]
     try:
         state.optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as exc:
@@ -213,7 +224,8 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
     if changed:
         _say(ctx, "warning: resuming with different " + ", ".join(
             f"{k} ({saved[k]} -> {now.get(k)})" for k in changed))
-    if args.sched != "step" and saved.get("sched") == args.sched and saved.get("epochs") not in (None, args.epochs):
+    if (args.sched != "step" and saved.get("sched") == args.sched and saved.get("epochs") not in (None, args.epochs)
+            and args.epochs > int(ckpt["epoch"])):  # (else nothing is trained: said elsewhere)
         # --epochs may change on resume (to train longer), but a cosine curve is drawn over all
         # epochs: rebuilt for the new count, it is at another height at the same epoch.
         _say(ctx, f"warning: --epochs {saved['epochs']} -> {args.epochs}: the {args.sched} schedule is now drawn "

@@ -28,6 +28,7 @@ from ..checkpoint import load_checkpoint_file
 from ..errors import SanetError
 from ..layers import ShuffleAttention
 from ..layers.groups import fit_sa_groups, is_positive_int, valid_sa_groups
+from ..layers.shuffle_attention import SA_IMPLS
 from .blocks import SABasicBlock, SABottleneck
 from .checkpoint_filter import CheckpointMismatchError, cfg_from_weights, checkpoint_filter_fn
 
@@ -134,6 +135,8 @@ def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: boo
         raise ValueError(f"{variant}: sa_groups must be a positive int (the SA group count G, "
                          f"default 64), got {groups!r} of type {type(groups).__name__}")
     impl = kwargs.pop("sa_impl", "auto")
+    if impl not in SA_IMPLS:  # (ShuffleAttention's own error names neither the model nor sa_impl)
+        raise ValueError(f"{variant}: sa_impl must be one of {SA_IMPLS}, got {impl!r}")
     block_args = dict(kwargs.pop("block_args", None) or {})
     if "attn_layer" in block_args:  # overwriting it would build SA silently
         raise ValueError(
