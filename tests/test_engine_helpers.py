@@ -142,3 +142,70 @@ def test_class_names_that_differ_only_in_unicode_normalisation_are_named():
         check_same_classes(["a", nfc], ["a", nfd])
     with pytest.raises(ValueError, match=r"only in train: \['b'\]; only in val: \['c'\] \(2 vs 2 classes\)$"):
         check_same_classes(["a", "b"], ["a", "c"])
+
+
+def test_processes_that_list_different_images_are_stopped(tmp_path, monkeypatch):
+    """A rank that lists other images (a copy that differs, a folder it can't read) made
+    training hang in a collective and eval count images twice or not at all. Two "ranks"
+    here: all_gather hands rank 0 the row that rank 1 computes from its own listing."""
+    import sanet.engine.distributed as distributed
+    from sanet.engine.data import open_image_folder
+    from sanet.errors import SanetError
+    from engine_utils import make_imagefolder
+
+    ctx = distributed.DistContext(rank=0, world_size=2)
+    rank1 = {}
+
+    def all_gather(out, mine):
+        out[0].copy_(mine)
+        out[1].copy_(rank1["row"])
+
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+
+    def two_ranks(rank0_root, rank1_root):
+        rank1["row"] = distributed._listing_rows({"evaluation": open_image_folder(rank1_root, "evaluation")})
+        distributed.check_same_images(ctx, {"evaluation": open_image_folder(rank0_root, "evaluation")})
+
+    ours = make_imagefolder(tmp_path / "d", splits={"val": 2}) / "val"
+    copy = make_imagefolder(tmp_path / "copy", splits={"val": 2}) / "val"  # the same files elsewhere
+    two_ranks(ours, copy)
+    (copy / "b" / "000.png").rename(copy / "b" / "zzz.png")  # same count, another file
+    with pytest.raises(SanetError, match=r"list different evaluation images \(rank 0: 6, rank 1: 6 images"):
+        two_ranks(ours, copy)
+    (copy / "b" / "zzz.png").unlink()
+    with pytest.raises(SanetError, match=r"rank 0: 6, rank 1: 5 images"):
+        two_ranks(ours, copy)
+    distributed.check_same_images(distributed.DistContext(), {"evaluation": None})  # one process: nothing to do
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_skipped(tmp_path, monkeypatch):
+    """os.walk skipped it silently (its images left out of the count)."""
+    import os
+
+    from sanet.engine.data import open_image_folder
+    from sanet.errors import SanetError
+    from engine_utils import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "d", splits={"val": 2}) / "val"
+    (root / "c" / "sub").mkdir()
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("sub"):  # as for a folder without read permission
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(SanetError, match=rf"cannot list the folder {root / 'c' / 'sub'}: Permission denied"):
+        open_image_folder(root, "evaluation")
+
+
+def test_only_the_writing_process_needs_a_writable_output(tmp_path, monkeypatch):
+    """Under torchrun rank 1 refused an --output only rank 0 writes to (while rank 0 went on
+    and created the folder)."""
+    import sanet.engine.run_dir as run_dir
+
+    monkeypatch.setattr(run_dir.os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    with pytest.raises(ValueError, match="is not writable"):
+        run_dir.check_output(tmp_path / "run", resume=False, overwrite=False)
+    run_dir.check_output(tmp_path / "run", resume=False, overwrite=False, writable=False)  # ranks > 0

@@ -94,7 +94,7 @@ class SafeImageFolder(ImageFolder):
             if not os.path.isdir(target_dir):
                 continue
             seen, walked = set(), []
-            for root, dirs, files in os.walk(target_dir, followlinks=True):
+            for root, dirs, files in os.walk(target_dir, followlinks=True, onerror=_unlistable):
                 seen.add(os.path.realpath(root))
                 dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen]
                 walked.append((root, files))
@@ -129,6 +129,12 @@ class SafeImageFolder(ImageFolder):
                 with _seeded(_sample_seed(*self.aug_seed, index)):
                     sample = self.transform(sample)
         return sample, target
+
+
+def _unlistable(exc: OSError) -> None:
+    """os.walk's default skips a folder it can't list, and its images silently with it."""
+    raise SanetError(f"cannot list the folder {exc.filename}: {exc.strerror or exc}; its images would be "
+                     "left out (every class folder, and the folders in it, must be readable)") from exc
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -10,9 +10,10 @@ shards of unequal size); what is left is a few calls of ``torch.distributed`` it
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from ..errors import SanetError
 
 __all__ = ["DistContext", "init_distributed", "cleanup_distributed", "all_reduce_sum", "broadcast_buffers",
-           "resolve_device"]
+           "check_same_images", "resolve_device"]
 
 #: ``--device`` choice -> how to decide whether to use CUDA.
 _DEVICE_CHOICES = {
@@ -104,3 +105,34 @@ def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
         return
     for buf in module.buffers():
         dist.broadcast(buf, src=0)
+
+
+def check_same_images(ctx: DistContext, datasets: Dict[str, Any]) -> None:
+    """Every process of a job must list the same images (``dataset.samples``, paths relative to
+    ``dataset.root``), or training hangs (the processes have different numbers of batches and
+    wait for each other in a collective) and evaluation counts some images twice and others
+    not at all. Copies that differ between machines, or a folder one process cannot read, do
+    that; this compares a digest of each listing over all processes and says so."""
+    if not ctx.distributed:
+        return
+    mine = _listing_rows(datasets).to(ctx.device)
+    gathered = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, mine)
+    for i, what in enumerate(datasets):
+        if len({int(g[i, 1]) for g in gathered}) > 1:
+            counts = ", ".join(f"rank {r}: {int(g[i, 0])}" for r, g in enumerate(gathered))
+            raise SanetError(f"the processes of this job list different {what} images ({counts} images, or the "
+                             "same number of other files): every process must see the same files (a shared "
+                             "file system, or identical copies on every machine; a folder that one process "
+                             "cannot read is one way they differ)")
+
+
+def _listing_rows(datasets: Dict[str, Any]) -> torch.Tensor:
+    """Per dataset: (image count, a 56-bit digest of its (relative path, class) listing)."""
+    rows = []
+    for dataset in datasets.values():
+        h = hashlib.sha256()
+        for path, target in dataset.samples:
+            h.update(f"{os.path.relpath(path, dataset.root)}\t{target}\n".encode("utf-8", "surrogateescape"))
+        rows.append([len(dataset.samples), int.from_bytes(h.digest()[:7], "big")])  # 56 bits: an int64
+    return torch.tensor(rows, dtype=torch.int64)

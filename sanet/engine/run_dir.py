@@ -34,8 +34,9 @@ LOCK_FILE = ".sanet-train.lock"
 _RUN_RECORDS = ("last.pt", "best.pt", "log.csv")
 
 
-def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to silently overwrite a previous run, or to write into a file."""
+def check_output(out: Path, *, resume: bool, overwrite: bool, writable: bool = True) -> None:
+    """Refuse to silently overwrite a previous run, or to write into a file; with ``writable``
+    (rank 0, the process that writes), also a folder that can't take new files."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file; give a folder (it receives last.pt, best.pt, "
                          "log.csv, tb/ and curves.png)")
@@ -54,7 +55,7 @@ def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"--output {out}: {existing} is a file, so no folder can be made there")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--output {out}: {existing} is not writable (read-only or not yours); "
                          "choose another --output")
 

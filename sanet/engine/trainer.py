@@ -21,7 +21,7 @@ import torch
 
 from .config import RUN_CONTROL_KEYS, plain_args, to_plain, validate_train_args
 from .data import build_eval_loader, build_train_loader, build_transform, open_train_val, reseed_loader
-from .distributed import DistContext, broadcast_buffers, cleanup_distributed, init_distributed
+from .distributed import DistContext, broadcast_buffers, check_same_images, cleanup_distributed, init_distributed
 from .evaluate import evaluate
 from .logs import RunLogger, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
@@ -322,10 +322,11 @@ def _check_val_loss_finite(row: Dict[str, Any], out: Path, epoch: int) -> None:
 
 def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.output)
-    check_output(out, resume=args.resume, overwrite=args.overwrite)
+    check_output(out, resume=args.resume, overwrite=args.overwrite, writable=ctx.is_main)  # rank 0 writes
     if ctx.is_main:
         check_not_busy(out)
     train_ds, val_ds = open_train_val(args.data, args.skip_bad_images)
+    check_same_images(ctx, {"training": train_ds, "validation": val_ds})
     class_names: List[str] = list(train_ds.classes)
     ckpt = load_resume_checkpoint(out, args.model, class_names) if args.resume else None
 
