@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks and measurements of the CUDA paths, as one run on a GPU machine (the repository root
 # as working directory, the machine's own PyTorch/timm/Triton, nothing installed):
-#   1. tests/test_cuda.py: the Triton kernels against the fp64 reference (SA alone and the
+#   1. tests/test_cuda.py (+ test_cuda_precision.py): the Triton kernels against the fp64 reference (SA alone and the
 #      BN -> SA -> + -> ReLU block tail), fp16/bf16, torch.compile, determinism, saved memory,
 #      a model in training mode and under autocast;
 #   2. sanet bench on the GPU, fp32 and bf16 (layers: reference / torch / fused / x.clone();
@@ -35,8 +35,8 @@ echo "== environment (${SECONDS}s)"
 $PY -c "import torch, timm, triton; print('torch', torch.__version__, '| timm', timm.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())" || rc=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv,noheader || rc=1
 
-echo "== tests/test_cuda.py (${SECONDS}s)"
-timeout 270 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py || rc=1
+echo "== tests/test_cuda.py tests/test_cuda_precision.py (${SECONDS}s)"
+timeout 270 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_precision.py || rc=1
 
 echo "== sanet bench, fp32 (${SECONDS}s)"
 SHAPES="8x256x56x56 8x1024x14x14 64x256x56x56 64x1024x14x14 64x2048x7x7"
