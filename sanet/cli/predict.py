@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from sanet.engine.data import UnreadableImageError
     from sanet.engine.distributed import resolve_device
     from sanet.engine.modeling import load_for_inference
-    from sanet.engine.predict import check_image_paths, eval_transform, read_readable_images, topk_predictions
+    from sanet.engine.predict import (check_image_paths, eval_transform, read_images, read_readable_images,
+                                      topk_predictions)
 
     from .evaluate import note_unused_ema
 
@@ -61,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
     entries: List[Dict[str, Any]] = []  # per image, in the order given: its top-k or why not
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]
-        batch, errors = read_readable_images(paths, transform)
-        first_bad = next((e for e in errors if e is not None), None)
-        if first_bad is not None and not args.skip_bad_images:
-            raise UnreadableImageError(f"{first_bad} (pass --skip-bad-images to skip unreadable files)")
+        if args.skip_bad_images:
+            batch, errors = read_readable_images(paths, transform)
+        else:  # the first unreadable file is an error naming it
+            batch, errors = read_images(paths, transform), [None] * len(paths)
         tops = iter([])
         if batch is not None:
             with torch.inference_mode():

@@ -42,7 +42,8 @@ def param_grads_dtype(params) -> torch.dtype:
     """The dtype of the kernels' (6, c) block of gate-parameter gradients: float32, or a wider
     parameter dtype. Each row is cast to its own parameter's dtype afterwards: with fp16 gates
     and an fp32 GroupNorm (norm layers kept in fp32), gn.weight's gradient must not pass
-    through fp16 (it overflowed to inf)."""
+    through fp16 (it overflowed to inf). (Not float64 always: for fp32 layers the op's output
+    dtype stays what it was, which graphs that torch.compile cached on disk still expect.)"""
     dtype = torch.float32
     for p in params:
         dtype = torch.promote_types(dtype, p.dtype)
