@@ -159,6 +159,37 @@ def test_channels_last_input(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape, layout", [((2, 64, 5, 7), torch.channels_last),
+                                           ((2, 64, 3, 4, 5), torch.channels_last_3d)])
+def test_channels_last_output(impl, shape, layout):
+    """Every impl hands a channels_last network its layout back, its gradient too (the
+    authors' reshapes give NCHW), with the same values as on NCHW input."""
+    module = randomize_sa_(ShuffleAttention(64, 8, impl=impl))
+    x = torch.randn(shape)
+    x_cl = x.to(memory_format=layout).requires_grad_()
+    y_cl = module(x_cl)
+    assert y_cl.is_contiguous(memory_format=layout) and not y_cl.is_contiguous()
+    grad_out = torch.randn(shape)
+    y_cl.backward(grad_out)
+    assert x_cl.grad.is_contiguous(memory_format=layout)
+    x_nchw = x.clone().requires_grad_()
+    y = module(x_nchw)
+    y.backward(grad_out)
+    assert y.is_contiguous()
+    assert rel_err(y_cl, y) <= FP32_TOL and rel_err(x_cl.grad, x_nchw.grad) <= FP32_TOL
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "reference"])
+def test_channels_last_output_under_cpu_autocast(impl):
+    """CPU bf16 has no fused kernel: the PyTorch-op path keeps the layout too."""
+    module = ShuffleAttention(64, 8, impl=impl)
+    x = torch.randn(2, 64, 5, 7).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = module(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_non_contiguous_input(impl):
     module, ref = make_pair(32, 4, impl)
     base = torch.randn(2, 9, 32, 10, requires_grad=True)

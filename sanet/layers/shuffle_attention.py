@@ -120,15 +120,20 @@ class ShuffleAttention(nn.Module):
     @torch.jit.unused
     def _forward_dispatch(self, x: Tensor) -> Tensor:
         gn = self.gn  # one nn.Module.__getattr__ lookup (it costs more than has_hooks)
+        impl = self.impl
+        if impl not in SA_IMPLS:  # an impl set after construction (the constructor checks its own)
+            raise ValueError(f"ShuffleAttention: impl must be one of {SA_IMPLS}, got {impl!r}")
+        recording = needs_pytorch_ops()  # a graph is recorded: PyTorch ops, no layout copies
         # Every impl below reads gn's parameters without calling it. (Planes without pixels
         # have nothing to normalise, and nn.GroupNorm refuses them: no call, no hooks. Under
         # torch.fx, x is a Proxy whose sizes are not known yet: gn is recorded.)
         if has_hooks(gn) and (isinstance(x, torch.fx.Proxy) or x.shape[2:].numel() > 0):
-            return self._forward_calling_gn(x)
-        impl = self.impl
+            y = self._forward_calling_gn(x)
+            return y if recording else _keep_layout(x, y)
         params = (self.cweight, self.cbias, self.sweight, self.sbias, gn.weight, gn.bias)
-        if impl in ("auto", "fused") and needs_pytorch_ops():
-            impl = "torch"
+        if recording:
+            fn = _IMPL_FNS["reference" if impl == "reference" else "torch"]
+            return fn(x, *params, self.groups, gn.eps)
         if impl == "auto":
             # Parameters on another device than x: the reference, for PyTorch's device error.
             impl = "fused" if fused_sa_supported(x, *params) else "reference"
@@ -138,10 +143,9 @@ class ShuffleAttention(nn.Module):
                 f"{x.dtype} input (CPU needs the C++ extension and fp32/fp64, CUDA needs "
                 "Triton); use impl='auto' to fall back to PyTorch ops"
             )
-        fn = _IMPL_FNS.get(impl) if impl != "fused" else _shuffle_attention_fused
-        if fn is None:  # an impl set after construction (the constructor checks its own)
-            raise ValueError(f"ShuffleAttention: impl must be one of {SA_IMPLS}, got {self.impl!r}")
-        return fn(x, *params, self.groups, gn.eps)
+        if impl == "fused":  # returns x's layout itself
+            return _shuffle_attention_fused(x, *params, self.groups, gn.eps)
+        return _keep_layout(x, _IMPL_FNS[impl](x, *params, self.groups, gn.eps))
 
     @torch.jit.unused
     def _forward_calling_gn(self, x: Tensor) -> Tensor:
@@ -173,3 +177,15 @@ class ShuffleAttention(nn.Module):
 
 
 _IMPL_FNS = {"reference": _shuffle_attention_reference, "torch": _shuffle_attention_torch}
+
+
+def _keep_layout(x: Tensor, y: Tensor) -> Tensor:
+    """``y`` in ``x``'s channels_last layout, as the fused kernels return it. The authors'
+    reshapes give NCHW whatever the input: in a channels_last network every SA layer would
+    hand the next one a layout it converts back (values are unchanged either way)."""
+    if x.is_contiguous():
+        return y
+    for dim, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == dim and x.is_contiguous(memory_format=layout):
+            return y.contiguous(memory_format=layout)
+    return y
