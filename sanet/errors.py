@@ -1,4 +1,5 @@
-"""``SanetError``: the base of the errors whose message is meant for the user.
+"""``SanetError``: the base of the errors whose message is meant for the user, and
+``warn_user``: a warning that points at the user's line.
 
 The ``sanet`` command prints such an error's message alone (exit status 2); any other
 exception is a bug or an environment failure and keeps its traceback. It derives from
@@ -6,7 +7,12 @@ exception is a bug or an environment failure and keeps its traceback. It derives
 """
 from __future__ import annotations
 
-__all__ = ["SanetError", "is_out_of_memory"]
+import os
+import sys
+import warnings
+from typing import Type
+
+__all__ = ["SanetError", "is_out_of_memory", "warn_user"]
 
 
 class SanetError(RuntimeError):
@@ -22,3 +28,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
     # CUDA raises torch.cuda.OutOfMemoryError (aliased torch.OutOfMemoryError from torch 2.5);
     # the CPU allocator a plain RuntimeError; Python and NumPy (image decoding) MemoryError
     return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
+
+
+def _library_dirs() -> tuple:
+    import timm
+    import torch
+
+    return tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules[__package__], timm, torch))
+
+
+def warn_user(message: str, category: Type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside sanet, timm and torch (what
+    Python 3.12's ``skip_file_prefixes`` does): a warning raised deep in
+    ``timm.create_model`` then names the user's line, not ours."""
+    libraries = _library_dirs()
+    frame, level = sys._getframe(1), 2  # stacklevel 2: whoever called warn_user
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(libraries):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -38,8 +38,9 @@ def test_a_timm_train_checkpoint_loads_and_says_which_weights(tmp_path, capsys):
     with a warning that the EMA's are there too (timm's load_checkpoint would take those)."""
     path = tmp_path / "model_best.pth.tar"
     model, ema = _timm_train_checkpoint(path)
-    with pytest.warns(UserWarning, match=r"also holds EMA weights \('state_dict_ema'\).*--ema"):
+    with pytest.warns(UserWarning, match=r"also holds EMA weights \('state_dict_ema'\).*--ema") as warned:
         loaded = load_pretrained("sa_resnet_test", path)
+    assert [w.filename for w in warned if "EMA" in str(w.message)] == [__file__]  # not timm's builder
     assert loaded.num_classes == 7
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     out = tmp_path / "ema.safetensors"

@@ -145,7 +145,9 @@ def test_abbreviated_options_are_refused(capsys):
     full flag, and a prefix can become ambiguous when a flag is added."""
     with pytest.raises(SystemExit) as info:
         run_cli(capsys, ["models", "--jso"])
-    assert info.value.code == 2 and "unrecognized arguments: --jso" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "sanet models: error: unrecognized arguments: --jso" in err
+    assert err.startswith("usage: sanet models [-h]")  # the subcommand's usage, which lists its options
 
 
 def test_memory_error_is_out_of_memory_not_a_bad_image(tmp_path, monkeypatch):

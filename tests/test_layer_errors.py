@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -75,6 +76,16 @@ def test_call_error_integer_input(impl, dtype):
         m(x)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [[torch.randn(2, 16, 4, 4)], None, np.zeros((2, 16, 4, 4), np.float32)],
+                         ids=["list", "None", "ndarray"])
+def test_call_error_not_a_tensor(impl, bad):
+    """A list, None or NumPy array used to fail with "'list' object has no attribute 'dim'"."""
+    require_fused(impl)
+    with pytest.raises(TypeError, match=rf"ShuffleAttention expects a torch.Tensor, got {type(bad).__name__}"):
+        ShuffleAttention(16, 2, impl=impl)(bad)
+
+
 def test_call_error_integer_input_torchscript():
     scripted = torch.jit.script(ShuffleAttention(16, 2))
     with pytest.raises(Exception, match=r"expects floating-point input \(float32"):
@@ -96,15 +107,16 @@ def test_functional_error_groups_do_not_divide_channels(fn):
     """C = 96, G = 32: the reference used to regroup silently, the torch form to fail in reshape."""
     params = [torch.ones(1, 1, 1, 1)] * 6  # 96 // 64 = 1 value each
     with pytest.raises(ValueError, match=re.escape(
-            "channels (96) must be divisible by 2 * groups (2 * 32 = 64); valid groups for 96 "
-            "channels: [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]")):
+            f"{fn.__name__}: channels (96) must be divisible by 2 * groups (2 * 32 = 64); valid groups "
+            "for 96 channels: [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]. sanet.fit_sa_groups(96, 32) picks the "
+            "largest valid one.")):
         fn(torch.randn(2, 96, 4, 4), *params, 32)
 
 
 @pytest.mark.parametrize("fn", FUNCTIONALS, ids=FN_IDS)
 @pytest.mark.parametrize("groups", [0, -4, 2.5, "4", True])
 def test_functional_error_bad_groups(fn, groups):
-    with pytest.raises(ValueError, match="groups must be a positive int"):
+    with pytest.raises(ValueError, match=f"{fn.__name__}: groups must be a positive int"):
         fn(torch.randn(2, 32, 4, 4), *_params(32, 4), groups)
 
 
@@ -262,7 +274,8 @@ def test_fused_functional_form_checks_groups_and_parameter_sizes():
 
     x = torch.randn(2, 24, 3, 3)
     p = [torch.randn(1, 3, 1, 1) for _ in range(4)] + [torch.randn(3), torch.randn(3)]  # 24 / (2 * 4) = 3 each
-    with pytest.raises(ValueError, match=r"valid groups for 24 channels: \[1, 2, 3, 4, 6, 12\]"):
+    with pytest.raises(ValueError,
+                       match=r"shuffle_attention_fused: .*valid groups for 24 channels: \[1, 2, 3, 4, 6, 12\]"):
         shuffle_attention_fused(x, *p, 5)
     for shape in ((24,), (2, 24), (1, 2, 24, 1, 1, 1)):  # (N, C) and 6-D broke double backward, torch.func
         with pytest.raises(ValueError, match=rf"got {len(shape)}-D input of shape"):

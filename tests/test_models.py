@@ -206,8 +206,10 @@ def test_fitted_models_say_when_sa_groups_fits_no_layer(name, recwarn):
     a warning says, with the G that fit all layers; a G that some layer uses stays quiet."""
     model = create(name, device="meta", sa_groups=3)
     widths = [m.channels for m in sa_layers(model)]
-    messages = [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+    found = [w for w in recwarn if issubclass(w.category, UserWarning)]
+    messages = [str(w.message) for w in found]
     assert len(messages) == 1 and messages[0].startswith(f"{name}: sa_groups=3 fits none of its SA layers")
+    assert found[0].filename == __file__  # the caller's line, not one inside timm or sanet
     assert f"not above it: {', '.join(str(sanet.fit_sa_groups(c, 3)) for c in sorted(set(widths)))}" in messages[0]
     recwarn.clear()
     create(name, device="meta", sa_groups=32)

@@ -44,8 +44,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if "--json" in _Parser.argv and os.environ.get("RANK", "0") == "0":  # one object per job
-            # "sanet train" for a subcommand's errors; the top parser's (unrecognized
-            # arguments) name the subcommand among the arguments
+            # "sanet train" for a subcommand's errors; the top parser's (a missing or
+            # unknown subcommand) may name the subcommand among the arguments
             command = self.prog.split(" ", 1)[1] if " " in self.prog else next(
                 (a for a in _Parser.argv if a in COMMANDS), None)
             print(json.dumps({"error": message, "command": command}), flush=True)
@@ -61,17 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sanet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.subcommands = {}  # name -> its parser, for errors with the subcommand's usage
     for name, module in COMMANDS.items():
         mod = importlib.import_module(f".{module}", __name__)
         p = mod.add_parser(sub, name)
         p.set_defaults(_run=mod.run)
+        parser.subcommands[name] = p
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     _Parser.argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would print the top-level usage, without the subcommand's options
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _SIGINT["received"] = False
     previous = {}
     if threading.current_thread() is threading.main_thread():

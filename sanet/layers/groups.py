@@ -40,23 +40,25 @@ def valid_sa_groups(channels: int) -> List[int]:
     return [g for g in range(1, half + 1) if half % g == 0]
 
 
-def check_sa_groups(channels: int, groups: int) -> None:
-    """Raise ``ValueError`` naming the valid choices when ``channels`` can't be split into ``groups``."""
+def check_sa_groups(channels: int, groups: int, *, name: str = "ShuffleAttention") -> None:
+    """Raise ``ValueError`` naming the valid choices when ``channels`` can't be split into
+    ``groups``; ``name`` is who asked (the layer, or a functional form)."""
     if not is_positive_int(channels):
-        raise _int_error("ShuffleAttention", "channels", channels, "the layer's channel count C")
+        raise _int_error(name, "channels", channels, "the layer's channel count C")
     if not is_positive_int(groups):
         valid = valid_sa_groups(channels)
-        raise _int_error("ShuffleAttention", "groups", groups,
+        raise _int_error(name, "groups", groups,
                          f"valid groups for {channels} channels: {valid}" if valid else _odd_hint(channels))
     if channels % (2 * groups) != 0:
         if channels % 2:
             hint = _odd_hint(channels)
         else:
             hint = (f"valid groups for {channels} channels: {valid_sa_groups(channels)}. "
-                    f"sanet.fit_sa_groups({channels}, {groups}) picks the largest valid one, and "
-                    f"ShuffleAttention.fitted(channels, groups) builds with it (e.g. as timm's attn_layer)")
+                    f"sanet.fit_sa_groups({channels}, {groups}) picks the largest valid one")
+            if name == "ShuffleAttention":
+                hint += ", and ShuffleAttention.fitted(channels, groups) builds with it (e.g. as timm's attn_layer)"
         raise ValueError(
-            f"ShuffleAttention: channels ({channels}) must be divisible by 2 * groups "
+            f"{name}: channels ({channels}) must be divisible by 2 * groups "
             f"(2 * {groups} = {2 * groups}); {hint}."
         )
 

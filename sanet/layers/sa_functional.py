@@ -38,6 +38,9 @@ __all__ = [
 
 
 def _check_sa_tensor(x: Tensor) -> None:
+    if not torch.jit.is_scripting() and not isinstance(x, Tensor):  # (TorchScript typed it)
+        raise TypeError(f"ShuffleAttention expects a torch.Tensor, got {type(x).__name__}: convert it "
+                        "first, e.g. torch.as_tensor(array)")
     if x.dim() < 3 or x.dim() > 5:
         raise ValueError(
             "ShuffleAttention expects a 3-D (N, C, L), 4-D (N, C, H, W) or 5-D (N, C, D, H, W) "

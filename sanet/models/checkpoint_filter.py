@@ -8,13 +8,12 @@ mis-shaped key instead.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import SanetError
+from ..errors import SanetError, warn_user
 
 __all__ = ["CheckpointMismatchError", "checkpoint_filter_fn", "check_state_dict", "strip_prefix", "weights_of",
            "cfg_from_weights", "sa_groups_of", "with_sa_groups_of"]
@@ -272,10 +271,9 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, Tensor
     ema = ema_key_of(state_dict)
     if ema is not None:
         # timm's own load_checkpoint(use_ema=True) would take the EMA's: say which we took.
-        warnings.warn(f"the checkpoint also holds EMA weights ('{ema}'); loaded the model's weights. "
+        warn_user(f"the checkpoint also holds EMA weights ('{ema}'); loaded the model's weights. "
                       f"To use the EMA's, extract them: sanet convert FILE OUT.safetensors --model "
-                      f"{(getattr(model, 'pretrained_cfg', None) or {}).get('architecture', 'M')} --ema",
-                      stacklevel=2)
+                      f"{(getattr(model, 'pretrained_cfg', None) or {}).get('architecture', 'M')} --ema")
     state_dict = weights_of(state_dict)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     exempt: List[str] = []

@@ -15,7 +15,6 @@ Choices where the authors are silent:
 from __future__ import annotations
 
 import inspect
-import warnings
 from functools import partial
 from typing import Any, Dict, List
 
@@ -25,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import ResNet
 
 from ..checkpoint import load_checkpoint_file
-from ..errors import SanetError
+from ..errors import SanetError, warn_user
 from ..layers import ShuffleAttention
 from ..layers.groups import fit_sa_groups, is_positive_int, valid_sa_groups
 from ..layers.shuffle_attention import SA_IMPLS
@@ -120,9 +119,9 @@ def _warn_groups_unused(variant: str, groups: int, kwargs: Dict[str, Any]) -> No
     widths = _sa_widths(kwargs)
     if all(c % (2 * groups) for c in widths):
         used = ", ".join(str(fit_sa_groups(c, groups)) for c in widths)
-        warnings.warn(f"{variant}: sa_groups={groups} fits none of its SA layers ({', '.join(map(str, widths))} "
+        warn_user(f"{variant}: sa_groups={groups} fits none of its SA layers ({', '.join(map(str, widths))} "
                       f"channels); each uses the largest valid G not above it: {used}. Valid G for all of them: "
-                      f"{sorted(set.intersection(*(set(valid_sa_groups(c)) for c in widths)))}", stacklevel=3)
+                      f"{sorted(set.intersection(*(set(valid_sa_groups(c)) for c in widths)))}")
 
 
 def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: bool = False,

@@ -29,7 +29,7 @@ def check_op_args(fn: str, x: Tensor, shortcut: Optional[Tensor], params: Sequen
     if type(groups) is not int or groups <= 0 or channels % (2 * groups):
         from ..layers.groups import check_sa_groups  # sanet.layers imports sanet.ops
 
-        check_sa_groups(channels, groups)
+        check_sa_groups(channels, groups, name=fn)
     c = channels // (2 * groups)
     for name, p in zip(_PARAM_NAMES, params):
         if p.numel() != c:
