@@ -103,10 +103,32 @@ def test_output_below_a_file_or_read_only_is_refused_first(capsys, tmp_path, dat
     assert code == 2 and f"{tmp_path / 'existing'} is not writable" in err
 
 
+def test_output_through_a_broken_link_or_unusable_name_is_refused_first(capsys, tmp_path, data, monkeypatch):
+    """A dangling link (a file system not mounted) passed the early check and failed after the
+    data and model loaded, as "[Errno 17] File exists"; a name too long gave a traceback; an
+    empty --output (an unset shell variable) trained into the current folder."""
+    import sanet.engine.trainer as trainer
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the data was opened before --output was checked")
+
+    monkeypatch.setattr(trainer, "open_train_val", must_not_load)
+    (tmp_path / "mnt").symlink_to(tmp_path / "not-mounted")
+    code, out, err = run_cli(capsys, train_argv(data, tmp_path / "mnt" / "run", "--json"))
+    assert code == 2 and f"{tmp_path / 'mnt'} is a symbolic link to {tmp_path / 'not-mounted'}, which does not " \
+        "exist" in err and "Traceback" not in err
+    assert json.loads(out)["command"] == "train" and not (tmp_path / "not-mounted").exists()
+    code, out, err = run_cli(capsys, train_argv(data, tmp_path / ("a" * 300), "--json"))
+    assert code == 2 and "File name too long" in err and "Traceback" not in err and json.loads(out)["error"]
+    with pytest.raises(SystemExit):
+        run_cli(capsys, train_argv(data, ""))
+    assert "argument --output: empty path (an unset shell variable?)" in capsys.readouterr().err
+
+
 def test_file_system_errors_are_user_errors_and_bugs_are_not(capsys, trained_run, tmp_path):
     from sanet.cli import _for_the_user
 
-    for code in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+    for code in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP):
         assert _for_the_user(OSError(code, "file system full or read-only", "x"))
     assert _for_the_user(PermissionError(errno.EACCES, "Permission denied", "x"))
     assert _for_the_user(IsADirectoryError(errno.EISDIR, "Is a directory", "x"))

@@ -94,9 +94,9 @@ def test_resume_can_extend_the_run(capsys, tmp_path, data):
 def test_resume_with_fewer_epochs_trains_nothing_without_a_schedule_warning(capsys, tmp_path, data):
     out = tmp_path / "run"
     assert run_cli(capsys, train_argv(data, out, "--sched", "cosine", epochs=2))[0] == 0
-    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--resume", epochs=1))
-    assert code == 0 and "nothing to train" in stdout
-    assert "schedule is now drawn" not in stdout  # (it warned of a jump at an epoch never trained)
+    code, stdout, err = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--resume", epochs=1))
+    assert code == 0 and "warning: " in err and "nothing to train" in err and "warning" not in stdout
+    assert "schedule is now drawn" not in err  # (it warned of a jump at an epoch never trained)
 
 
 def test_resume_with_another_batch_size_keeps_the_schedule(capsys, tmp_path, data):
@@ -105,8 +105,8 @@ def test_resume_with_another_batch_size_keeps_the_schedule(capsys, tmp_path, dat
     out = tmp_path / "run"
     step = ("--decay-epochs", "2", "--lr", "0.01")
     assert run_cli(capsys, train_argv(data, out, *step, epochs=2, batch=4))[0] == 0
-    code, stdout, _ = run_cli(capsys, train_argv(data, out, *step, "--resume", epochs=3, batch=8))
-    assert code == 0 and "batch_size (4 -> 8)" in stdout and "global_batch (4 -> 8)" in stdout
+    code, _, err = run_cli(capsys, train_argv(data, out, *step, "--resume", epochs=3, batch=8))
+    assert code == 0 and "batch_size (4 -> 8)" in err and "global_batch (4 -> 8)" in err
     lrs = [row["lr"] for row in load_ckpt(out / "last.pt")["history"]]
     assert lrs == pytest.approx([0.01, 0.01, 0.001])
 
@@ -126,14 +126,14 @@ def test_resume_reports_every_changed_option(capsys, tmp_path, data):
     out = tmp_path / "run"
     assert run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--min-lr", "0.001",
                                       "--interpolation", "box", epochs=1))[0] == 0
-    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--resume", "--workers", "1",
-                                                 epochs=2))
-    assert code == 0 and "min_lr (0.001 -> 0.0)" in stdout and "interpolation (box -> bilinear)" in stdout
-    assert "workers" not in stdout.split("warning: resuming with different")[1].splitlines()[0]
+    code, _, err = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--resume", "--workers", "1",
+                                              epochs=2))
+    assert code == 0 and "min_lr (0.001 -> 0.0)" in err and "interpolation (box -> bilinear)" in err
+    assert "workers" not in err.split("warning: resuming with different")[1].splitlines()[0]
     kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--min-lr", "0.001",
-                                                 "--interpolation", "box", "--resume", epochs=2))
-    assert code == 0 and "nothing to train" in stdout and "nothing trained (2 epoch(s) were done)" in stdout
+    code, stdout, err = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--min-lr", "0.001",
+                                                   "--interpolation", "box", "--resume", epochs=2))
+    assert code == 0 and "nothing to train" in err and "nothing trained (2 epoch(s) were done)" in stdout
     # nothing trained, nothing written: no new TensorBoard events, the same log and curves
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
     code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--min-lr", "0.001",
@@ -235,6 +235,9 @@ def test_recipe_options_run(capsys, tmp_path, data):
     assert len(ckpt["optimizer"]["param_groups"]) == 2  # decay / no decay
     assert "val_top1_ema" in ckpt["history"][0]
     assert ckpt["scheduler"]["warmup_t"] == 3  # 1 epoch of updates
+    # a 1-epoch run that is all warmup never trains at --lr: said, on stderr
+    assert "warning: --warmup-epochs 1 >= --epochs 1: the learning rate rises for the whole run and never " \
+        "reaches 0.001" in err and "warning" not in stdout
 
 
 @pytest.mark.parametrize("flags, mode", [(["--compile"], None),

@@ -37,9 +37,9 @@ def test_output_that_is_a_file_is_refused(capsys, tmp_path, data):
 def test_resume_applies_this_runs_momentum_and_weight_decay(capsys, tmp_path, data):
     out = tmp_path / "run"
     assert run_cli(capsys, train_argv(data, out))[0] == 0
-    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--resume", "--weight-decay", "0.05",
-                                                 "--momentum", "0.5", epochs=2))
-    assert code == 0 and "weight_decay (0.0001 -> 0.05)" in stdout
+    code, _, err = run_cli(capsys, train_argv(data, out, "--resume", "--weight-decay", "0.05",
+                                              "--momentum", "0.5", epochs=2))
+    assert code == 0 and "weight_decay (0.0001 -> 0.05)" in err
     groups = load_ckpt(out / "last.pt")["optimizer"]["param_groups"]
     assert all(g["weight_decay"] == 0.05 and g["momentum"] == 0.5 for g in groups)
     assert load_ckpt(out / "last.pt")["optimizer"]["state"]  # the momentum buffers were kept
@@ -202,15 +202,15 @@ def test_resume_with_no_wd_norm_at_another_weight_decay(capsys, tmp_path, data):
 def test_changing_epochs_of_a_cosine_run_on_resume_warns(capsys, tmp_path, data):
     out = tmp_path / "run"
     assert run_cli(capsys, train_argv(data, out, "--sched", "cosine", epochs=1))[0] == 0
-    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--resume", epochs=3))
-    assert code == 0 and "--epochs 1 -> 3: the cosine schedule is now drawn over 3 epochs" in stdout
+    code, _, err = run_cli(capsys, train_argv(data, out, "--sched", "cosine", "--resume", epochs=3))
+    assert code == 0 and "--epochs 1 -> 3: the cosine schedule is now drawn over 3 epochs" in err
     step = tmp_path / "step"  # the step schedule does not depend on --epochs: no warning
     assert run_cli(capsys, train_argv(data, step, epochs=1))[0] == 0
-    code, stdout, _ = run_cli(capsys, train_argv(data, step, "--resume", epochs=2))
-    assert code == 0 and "schedule is now drawn" not in stdout
+    code, _, err = run_cli(capsys, train_argv(data, step, "--resume", epochs=2))
+    assert code == 0 and "schedule is now drawn" not in err
     # step -> cosine: the schedule change (reported as such) is the cause, not --epochs
-    code, stdout, _ = run_cli(capsys, train_argv(data, step, "--resume", "--sched", "cosine", epochs=3))
-    assert code == 0 and "sched (step -> cosine)" in stdout and "schedule is now drawn" not in stdout
+    code, _, err = run_cli(capsys, train_argv(data, step, "--resume", "--sched", "cosine", epochs=3))
+    assert code == 0 and "sched (step -> cosine)" in err and "schedule is now drawn" not in err
 
 
 def test_curves_are_drawn_every_epoch_and_redrawn_when_missing(capsys, tmp_path, data, monkeypatch):

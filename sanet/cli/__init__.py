@@ -200,8 +200,9 @@ def _for_the_user(exc: BaseException) -> bool:
         or _is_peer_failure(exc)
 
 
-# OSErrors about where the user asked us to write: a read-only file system, a full disk or quota.
-_USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# OSErrors about the paths the user gave: a read-only file system, a full disk or quota, a
+# name too long, a loop of symbolic links.
+_USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 # What to make smaller when a command runs out of memory.

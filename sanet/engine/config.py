@@ -52,15 +52,23 @@ class ModelKwargs(argparse.Action):
         setattr(namespace, self.dest, kwargs)
 
 
+def path_arg(text: str) -> Path:
+    """A path option's value; an empty one (an unset shell variable, ``--output "$RUN"``)
+    would be Path("."), the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path (an unset shell variable?); give a folder")
+    return Path(text)
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """All ``sanet train`` options, grouped for ``--help``."""
     req = p.add_argument_group("what to train")
     req.add_argument("--model", required=True, help="model name, e.g. sa_resnet50 (see `sanet models`)")
-    req.add_argument("--data", required=True, type=Path,
+    req.add_argument("--data", required=True, type=path_arg,
                      help="folder with train/ and val/ in ImageFolder layout (DATA/train/<class>/<img>)")
-    req.add_argument("--output", required=True, type=Path,
+    req.add_argument("--output", required=True, type=path_arg,
                      help="run folder: last.pt, best.pt, log.csv, tb/ (TensorBoard), curves.png")
-    req.add_argument("--pretrained-file", type=Path, default=None,
+    req.add_argument("--pretrained-file", type=path_arg, default=None,
                      help="start from these weights (authors' .pth.tar, safetensors, or a sanet "
                           "checkpoint); the classifier is re-initialised if the class count differs")
     req.add_argument("--model-kwargs", nargs="*", default={}, action=ModelKwargs, metavar="K=V",

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ["RunLogger", "write_csv", "plot_curves"]
+__all__ = ["RunLogger", "write_csv", "load_plotting", "plot_curves"]
 
 
 def write_csv(history: List[Dict[str, Any]], path: Path) -> None:
@@ -57,12 +57,20 @@ class RunLogger:
         self.tb.close()
 
 
-def plot_curves(history: List[Dict[str, Any]], path: Path, title: Optional[str] = None) -> Path:
-    """Loss and accuracy per epoch as a PNG (matplotlib, Agg backend: no display needed)."""
+def load_plotting():
+    """matplotlib's pyplot on the Agg backend (no display needed); its first import takes
+    seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: List[Dict[str, Any]], path: Path, title: Optional[str] = None) -> Path:
+    """Loss and accuracy per epoch as a PNG (matplotlib, Agg backend: no display needed)."""
+    plt = load_plotting()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]

@@ -52,7 +52,10 @@ def check_output(out: Path, *, resume: bool, overwrite: bool, writable: bool = T
                          "--overwrite to start afresh, or choose another --output")
     # The folder, or the nearest one above it that exists, must take new files: checked now,
     # not after the data and model are loaded (and TensorBoard's writer thread has started).
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists() or p.is_symlink())
+    if not existing.exists():  # a link to nothing, e.g. to a file system that is not mounted
+        raise ValueError(f"--output {out}: {existing} is a symbolic link to {os.readlink(existing)}, which does "
+                         "not exist (not mounted?); create its target or choose another --output")
     if not existing.is_dir():
         raise ValueError(f"--output {out}: {existing} is a file, so no folder can be made there")
     if writable and not os.access(existing, os.W_OK | os.X_OK):
@@ -92,7 +95,11 @@ def _output_lock(out: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # check_output ran before the data loaded; this is what it can't foresee
+        raise ValueError(f"--output {out}: cannot create the folder ({exc.strerror or exc}); choose another "
+                         "--output") from None
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:

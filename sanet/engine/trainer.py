@@ -12,6 +12,7 @@ import argparse
 import datetime
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from .config import RUN_CONTROL_KEYS, plain_args, to_plain, validate_train_args
 from .data import build_eval_loader, build_train_loader, build_transform, open_train_val, reseed_loader
 from .distributed import DistContext, broadcast_buffers, check_same_images, cleanup_distributed, init_distributed
 from .evaluate import evaluate
-from .logs import RunLogger, plot_curves
+from .logs import RunLogger, load_plotting, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model, to_channels_last
 from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
@@ -67,6 +68,12 @@ def fit(args: argparse.Namespace) -> Dict[str, Any]:
 def _say(ctx: DistContext, *parts: Any) -> None:
     if ctx.is_main:
         print(*parts, flush=True)
+
+
+def _warn(ctx: DistContext, message: str) -> None:
+    """A warning line, on stderr (as the notes are): stdout keeps the run's own lines."""
+    if ctx.is_main:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _sa_groups_from(args: argparse.Namespace, state_dict: Dict[str, torch.Tensor]) -> None:
@@ -222,13 +229,13 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
     saved, now = saved_args, plain_args(args)
     changed = [k for k in saved if k not in RUN_CONTROL_KEYS and saved[k] != now.get(k)]
     if changed:
-        _say(ctx, "warning: resuming with different " + ", ".join(
+        _warn(ctx, "resuming with different " + ", ".join(
             f"{k} ({saved[k]} -> {now.get(k)})" for k in changed))
     if (args.sched != "step" and saved.get("sched") == args.sched and saved.get("epochs") not in (None, args.epochs)
             and args.epochs > int(ckpt["epoch"])):  # (else nothing is trained: said elsewhere)
         # --epochs may change on resume (to train longer), but a cosine curve is drawn over all
         # epochs: rebuilt for the new count, it is at another height at the same epoch.
-        _say(ctx, f"warning: --epochs {saved['epochs']} -> {args.epochs}: the {args.sched} schedule is now drawn "
+        _warn(ctx, f"--epochs {saved['epochs']} -> {args.epochs}: the {args.sched} schedule is now drawn "
                   f"over {args.epochs} epochs, so the learning rate jumps at epoch {int(ckpt['epoch']) + 1} to where "
                   f"that schedule has it (the step schedule is the same for any --epochs)")
 
@@ -359,7 +366,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                 _say(ctx, f"restored {out / 'best.pt'} from last.pt (its best epoch; the run was "
                           "interrupted before writing best.pt)")
             if start_epoch >= args.epochs:
-                _say(ctx, f"warning: {out / 'last.pt'} has {start_epoch} epoch(s) done and --epochs is "
+                _warn(ctx, f"{out / 'last.pt'} has {start_epoch} epoch(s) done and --epochs is "
                           f"{args.epochs}: nothing to train (raise --epochs to continue)")
         _wrap(state, args, ctx)
         _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
@@ -370,6 +377,11 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         # (nothing to train: the run's log, TensorBoard events and curves stay as they are)
         title = f"{args.model} on {Path(args.data).name}"
         logger = RunLogger(out, start_epoch) if ctx.is_main and start_epoch < args.epochs else None
+        if logger is not None:
+            load_plotting()  # now, not after the first checkpoint: a Ctrl-C there would find no curves
+            if args.warmup_epochs >= args.epochs:
+                _warn(ctx, f"--warmup-epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
+                           f"rises for the whole run and never reaches {args.lr_resolved:.4g}")
         run_start, progress = time.perf_counter(), not args.no_progress
         try:
             for epoch in range(start_epoch, args.epochs):
@@ -398,9 +410,9 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                     save_training_checkpoint(out, _checkpoint(args, state, epoch + 1, best, best_epoch,
                                                               class_names, history), is_best)
                     checkpointed()  # a previous run that --overwrite moved aside goes now
-                    plot_curves(history, out / "curves.png", title=title)  # every epoch: a stopped run keeps them
                     per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
                     _say(ctx, _epoch_line(row, args.epochs, is_best, per_epoch * (args.epochs - epoch - 1)))
+                    plot_curves(history, out / "curves.png", title=title)  # every epoch: a stopped run keeps them
         finally:
             if logger is not None:
                 logger.close()
