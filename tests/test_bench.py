@@ -64,6 +64,13 @@ def test_layer_bench_implementations_compute_the_same_outputs():
         assert diff < 1e-5, (impl, diff)
 
 
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    """time(a) / time(b) round by round, then the median: a slow round slows both variants."""
+    times = {"a": {"samples_ms": [2.0, 4.0, 6.0]}, "b": {"samples_ms": [1.0, 1.0, 2.0]}}
+    assert paired_ratio(times, "a", "b") == 3.0  # median of 2, 4, 3 (the ratio of medians is 4)
+    assert paired_ratio(times, "b", "a") == pytest.approx(1 / 3)
+
+
 def test_zero_rounds_is_a_value_error():
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         time_interleaved({"a": lambda: None}, rounds=0)

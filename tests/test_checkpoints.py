@@ -255,7 +255,10 @@ def _mutated(authors_r50, tmp_path, mutate) -> Path:
      ["shape mismatches (1): layer1.0.sa.cweight (1, 4, 1, 1) vs model (1, 2, 1, 1)"]),
     (lambda sd: (sd.pop("module.layer4.0.sa.gn.weight"), sd.update({"module.layer4.0.se.fc.weight": torch.zeros(2)})),
      ["missing keys (1): layer4.0.sa.gn.weight", "unexpected keys (1): layer4.0.se.fc.weight"]),
-], ids=["missing", "unexpected", "shape", "missing+unexpected"])
+    # as many values in another shape: a mis-shaped key too, not PyTorch's copy error
+    (lambda sd: sd.update({"module.layer1.0.sa.cweight": sd["module.layer1.0.sa.cweight"].reshape(-1)}),
+     ["shape mismatches (1): layer1.0.sa.cweight (2,) vs model (1, 2, 1, 1)"]),
+], ids=["missing", "unexpected", "shape", "missing+unexpected", "same-numel-shape"])
 def test_strict_loading_lists_what_is_wrong(authors_r50, tmp_path, mutate, expected):
     path = _mutated(authors_r50, tmp_path, mutate)
     with pytest.raises(CheckpointMismatchError) as info:

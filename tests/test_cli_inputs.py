@@ -37,11 +37,18 @@ def test_bad_training_options_are_refused_before_the_run(capsys, tmp_path, data,
     assert not out.exists()  # refused before the run folder was made
 
 
-def test_good_aa_policies_pass():
-    from sanet.engine.config import _check_aa_policy
+def test_good_aa_policies_pass_and_reach_the_transform():
+    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 
-    for policy in ("rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original", "v0"):
-        _check_aa_policy(policy)
+    from sanet.engine.config import _check_aa_policy
+    from sanet.engine.data import build_transform
+
+    cfg = dict(input_size=(3, 32, 32), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)
+    for policy, kind in (("rand-m9-mstd0.5-inc1", RandAugment), ("augmix-m5-w4-d2", AugMixAugment),
+                         ("original", AutoAugment), ("v0", AutoAugment)):
+        _check_aa_policy(policy)  # accepted
+        steps = build_transform(cfg, is_training=True, aug=dict(auto_augment=policy)).transforms
+        assert any(isinstance(t, kind) for t in steps), (policy, steps)
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])

@@ -72,6 +72,8 @@ def test_ddp_with_batchnorm_and_uneven_val_shards(tmp_path, capsys):
     ckpt = load_ckpt(tmp_path / "ddp" / "last.pt")
     row = ckpt["history"][0]
     assert row["val_images"] == 9 and ckpt["updates"] == 3
+    # the default lr follows the global batch (2 processes x 2 images), not one process's
+    assert ckpt["args"]["global_batch"] == 4 and ckpt["args"]["lr_resolved"] == pytest.approx(0.1 * 4 / 256)
     assert int(ckpt["model"]["bn1.num_batches_tracked"]) == 3  # BatchNorm, as in a user's run
     # both ranks validated the model rank 0 saved (same BatchNorm running statistics)
     code, out, _ = run_cli(capsys, ["eval", "--checkpoint", str(tmp_path / "ddp" / "last.pt"),

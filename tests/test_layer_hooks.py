@@ -60,6 +60,8 @@ def test_gn_hook_and_planes_without_pixels():
     y = module(x)
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape and seen == []
+    for name, p in module.named_parameters():  # zero, as without the hook: not NaN, not None
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
 
 
 @pytest.mark.parametrize("impl", IMPLS)
