@@ -303,6 +303,9 @@ def test_mismatch_hints_say_what_to_pass(tmp_path):
         load_weights(timm.create_model("sa_resnet_test"), tmp_path / "g4.pt")
     model = load_weights(timm.create_model("sa_resnet_test", sa_groups=4), tmp_path / "g4.pt")
     assert sanet.models.sa_groups_of(model.state_dict(), timm.create_model("sa_resnet_test")) == 4
+    # the other way: default weights (G fitted per layer up to 64) read by a G = 4 model ask
+    # for the largest G of their layers, the sa_groups they were built with
+    assert sanet.models.sa_groups_of(sd, timm.create_model("sa_resnet_test", sa_groups=4, device="meta")) == 64
     torch.save({"net": sd}, tmp_path / "nested.pt")
     with pytest.raises(RuntimeError, match=r"no weights found.*'net'"):
         load_state_dict_file(tmp_path / "nested.pt")

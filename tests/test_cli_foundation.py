@@ -100,6 +100,8 @@ def test_info_text_and_options(capsys):
     assert f"{sum(p.numel() for p in model.parameters()):,}" in out
     assert "counter: torch.utils.flop_counter.FlopCounterMode" in out
     assert "no pretrained weights exist" in out
+    info = json.loads(run_cli(capsys, "info", "sa_resnet_test", "--num-classes", "10", "--json")[1])
+    assert f"MACs / FLOPs:    {info['macs'] / 1e9:.3f} G / {info['flops'] / 1e9:.3f} G" in out  # the text's numbers
     code, _, err = run_cli(capsys, "info", "sa_resnet_test", "--num-classes", "-3")
     assert code == 2 and "--num-classes must be 0 (no classifier) or more, got -3" in err
 

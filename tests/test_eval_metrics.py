@@ -42,6 +42,9 @@ def test_accuracy_is_exact_and_independent_of_the_batch_split():
             assert r["top1"] == _expected(logits, targets, 1)
             assert r["top5"] == _expected(logits, targets, 5)
             assert r["images"] == n
+            # the mean over images, not over batches (of 1 and 13 images, say)
+            want = torch.nn.functional.cross_entropy(logits, targets).item()
+            assert abs(r["loss"] - want) <= 1e-6 * max(1.0, want)
         assert len({r["top1"] for r in results}) == 1
 
 

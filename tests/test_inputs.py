@@ -41,6 +41,28 @@ def test_gif_images_are_part_of_the_dataset(tmp_path):
     assert len(open_image_folder(root / "val", "evaluation")) == 7
 
 
+def test_samples_are_in_sorted_order_whatever_the_file_system_lists(tmp_path, monkeypatch):
+    """A seeded run draws the same images on every machine (and under torchrun every rank
+    lists the same samples) only if the order does not follow the file system's."""
+    import sanet.engine.data as data_mod
+    from sanet.engine.data import open_image_folder
+
+    root = make_imagefolder(tmp_path / "d", splits={"val": 3})
+    (root / "val" / "a" / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "a" / "sub" / "000.png")
+    real_walk = os.walk
+
+    def reversed_walk(top, *args, **kwargs):  # a file system that lists backwards
+        found = list(real_walk(top, *args, **kwargs))
+        for _, dirs, files in found:
+            dirs.reverse(), files.reverse()
+        return reversed(found)
+
+    monkeypatch.setattr(data_mod.os, "walk", reversed_walk)
+    samples = open_image_folder(root / "val", "evaluation").samples
+    assert len(samples) == 10 and samples == sorted(samples, key=lambda s: (s[1], os.path.split(s[0])))
+
+
 def test_links_to_folders_are_followed_but_each_folder_is_read_once(tmp_path):
     """A link back up the tree (a/loop -> .) counted a's images once per level until the
     path grew too long (2 images were 42); a link to a folder elsewhere is followed."""

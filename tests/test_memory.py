@@ -26,6 +26,14 @@ def test_saved_bytes_count_each_storage_once():
     assert out["bytes"] == x.numel() * x.element_size()
 
 
+def test_saved_views_of_one_storage_count_once():
+    """SA's halves are chunk views at an offset into one storage: one storage, its bytes."""
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    out = saved_tensor_bytes(lambda: (lambda a, b: (a * b).sum())(*x.chunk(2, dim=1)))
+    assert out["tensors"] == 2 and out["storages"] == 1
+    assert out["bytes"] == x.numel() * x.element_size()
+
+
 def test_saved_bytes_without_the_excluded_storages():
     lin = torch.nn.Linear(64, 32)
     x = torch.randn(8, 64, requires_grad=True)

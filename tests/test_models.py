@@ -68,6 +68,17 @@ def test_default_cfg_is_complete(name):
     assert timm.data.resolve_data_config({}, model=model)["input_size"] == cfg["input_size"]
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "sa_resnet_test"])
+def test_default_cfg_is_the_authors_evaluation(name):
+    """SA-NET.md section 3: the authors evaluated at Resize(256) + CenterCrop(224), bilinear,
+    ImageNet mean/std (torchvision's defaults): their weights score as published only so."""
+    cfg = create(name, device="meta").pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875  # 224 / 256
+    assert cfg["interpolation"] == "bilinear"
+    assert tuple(cfg["mean"]) == timm.data.IMAGENET_DEFAULT_MEAN
+    assert tuple(cfg["std"]) == timm.data.IMAGENET_DEFAULT_STD
+
+
 # --------------------------------------------------------------------------- structure
 @pytest.mark.parametrize("name", NAMES)
 def test_structure_sa_in_every_block_with_the_authors_name(name):
@@ -291,6 +302,19 @@ def test_fused_block_tail_equals_unfused(name, train):
 
 
 # --------------------------------------------------------------------------- parameter counts
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "sa_resnet_test"])
+def test_every_model_is_its_timm_namesake_plus_sa(name):
+    """sa_X has the parameters of timm's X (depths, widths, cardinality, base width) plus its
+    SA layers' 3C/G each: a resnext101_32x8d built as 32x4d would not."""
+    model = create(name, device="meta")
+    sa = sum(3 * m.channels // m.groups for m in sa_layers(model))
+    assert sum(p.numel() for m in sa_layers(model) for p in m.parameters()) == sa
+    plain = timm.create_model(name.replace("sa_", ""), device="meta")
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters()) + sa
+    assert [m.channels for m in sa_layers(model)] == [b.bn2.num_features if isinstance(b, SABasicBlock) else
+                                                      b.bn3.num_features for b in blocks(model)]
+
+
 @pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
 def test_parameter_counts_equal_the_authors(name):
     model = create(name, device="meta")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 
 from engine_utils import last_json, make_imagefolder, run_cli, train_argv
@@ -156,6 +157,9 @@ def test_converted_run_keeps_its_class_names_and_image_size(capsys, trained, tmp
                                       "--json"])
     assert code == 0, err
     saved = torch.load(run / "last.pt", weights_only=True)
+    card = json.loads((tmp_path / "run.json").read_text())  # the model card says so too
+    assert json.loads(out) == dict(card, card_file=str(tmp_path / "run.json"))
+    assert card["class_names"] == ["a", "b", "c"] and card["img_size"] == 16
     with safe_open(str(st), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["class_names"]) == saved["class_names"] == ["a", "b", "c"]
@@ -178,6 +182,22 @@ def test_converted_run_keeps_its_class_names_and_image_size(capsys, trained, tmp
                                                     SANET_MARK: "0.1.0"})
     code, _, err = run_cli(capsys, ["predict", "--pretrained-file", str(bad), *images])
     assert code == 2 and "names 1 classes, its classifier has 3" in err
+
+
+def test_a_converted_1000_class_run_keeps_its_own_names(capsys, trained, tmp_path):
+    """ImageNet's names are for files that name none: a 1000-class run's own names win."""
+    from sanet.checkpoint import SANET_MARK, save_safetensors
+
+    data, _ = trained
+    names = [f"part-{i:04d}" for i in range(1000)]
+    st = tmp_path / "parts.safetensors"
+    save_safetensors(timm.create_model("sa_resnet_test").state_dict(), st,
+                     metadata={"model": "sa_resnet_test", "class_names": json.dumps(names), SANET_MARK: "0.1.0"})
+    code, out, err = run_cli(capsys, ["predict", "--pretrained-file", str(st), "--json",
+                                      str(data / "val" / "a" / "000.png")])
+    assert code == 0, err
+    top = last_json(out)["predictions"][0]["top"]
+    assert top and all(t["label"] in names for t in top)
 
 
 def test_headless_weights_are_refused_with_what_to_do(capsys, trained, tmp_path):

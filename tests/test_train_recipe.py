@@ -185,3 +185,49 @@ def test_atomic_write_syncs_file_and_folder_then_replaces(tmp_path, monkeypatch)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in path.parent.iterdir()] == ["out.bin"]  # no temporary left
+
+
+# --------------------------------------------------------------------------- the defaults
+def _parsed(*argv: str):
+    from sanet.cli import build_parser
+
+    return build_parser().parse_args(["train", "--model", "sa_resnet50", "--data", "d", "--output", "o", *argv])
+
+
+def test_defaults_are_the_authors_recipe():
+    """SA-NET.md section 3 (the PyTorch ImageNet script): SGD momentum 0.9, lr 0.1 per 256
+    images, weight decay 1e-4 on every parameter, / 10 every 30 epochs, 90 epochs."""
+    from sanet.engine.optim import build_optimizer, build_scheduler, resolve_lr
+
+    args = _parsed()
+    assert (args.opt, args.momentum, args.weight_decay, args.epochs, args.sched) == ("momentum", 0.9, 1e-4, 90, "step")
+    assert not args.no_wd_norm and args.lr is None
+    lr = resolve_lr(args.lr, args.lr_base, args.lr_base_size, 256)
+    assert lr == pytest.approx(0.1)
+    opt = build_optimizer(nn.Linear(2, 2), args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                          no_wd_norm=args.no_wd_norm)
+    assert isinstance(opt, torch.optim.SGD) and not opt.defaults["nesterov"]
+    sched = build_scheduler(opt, args.sched, epochs=args.epochs, updates_per_epoch=10,
+                            decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
+                            warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr)
+    at = {}
+    for epoch in (0, 29, 30, 59, 60, 89):
+        sched.step_update(num_updates=epoch * 10)
+        at[epoch] = opt.param_groups[0]["lr"]
+    assert at == pytest.approx({0: 0.1, 29: 0.1, 30: 0.01, 59: 0.01, 60: 0.001, 89: 0.001})
+
+
+def test_model_ema_decay_reaches_the_ema(capsys, tmp_path, data):
+    """--model-ema-decay D: timm's first update copies the model (its decay is 0 at step 1),
+    every later one is D * ema + (1 - D) * model (no warmup by default)."""
+    out = tmp_path / "run"
+    argv = ("--model-ema", "--model-ema-decay", "0.5", "--lr", "0.05", "--accum-steps", "6")  # 1 update/epoch
+    assert run_cli(capsys, train_argv(data, out, *argv))[0] == 0
+    first = load_ckpt(out / "last.pt")
+    assert first["updates"] == 1
+    w = "fc.weight"
+    assert torch.equal(first["model_ema"][w], first["model"][w])
+    assert run_cli(capsys, train_argv(data, out, *argv, "--resume", epochs=2))[0] == 0
+    second = load_ckpt(out / "last.pt")
+    assert second["updates"] == 2 and not torch.equal(second["model"][w], first["model"][w])
+    torch.testing.assert_close(second["model_ema"][w], 0.5 * first["model"][w] + 0.5 * second["model"][w])
