@@ -1,6 +1,8 @@
 """``sanet eval``: metrics agree with training's validation, JSON keys, class matching, errors."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from engine_utils import last_json, load_ckpt, make_imagefolder, run_cli, train_argv
@@ -63,6 +65,9 @@ def test_eval_errors(capsys, trained, tmp_path):
     data, run = trained
     bare = tmp_path / "weights.pt"  # a plain state_dict: no record of its architecture
     torch.save(load_ckpt(run / "last.pt")["model"], bare)
+    splits = tmp_path / "splits"  # train/ and val/ beside a third split: still not one split
+    shutil.copytree(data, splits)
+    shutil.copytree(data / "val", splits / "test")
     cases = {
         "checkpoint of sa_resnet_test, not sa_resnet18": ["--model", "sa_resnet18", "--checkpoint", str(run / "last.pt"),
                                                           "--data", str(data / "val")],
@@ -77,6 +82,8 @@ def test_eval_errors(capsys, trained, tmp_path):
         "no EMA weights": ["--checkpoint", str(run / "last.pt"), "--ema", "--data", str(data / "val")],
         f"evaluate one split of it, e.g. --data {data / 'val'}": ["--checkpoint", str(run / "last.pt"),
                                                                    "--data", str(data)],
+        f"evaluate one split of it, e.g. --data {splits / 'val'}": ["--checkpoint", str(run / "last.pt"),
+                                                                     "--data", str(splits)],
         "--crop-pct must be positive (above 1 pads), got 0.0": ["--checkpoint", str(run / "last.pt"), "--crop-pct", "0",
                                                  "--data", str(data / "val")],
         "--img-size must be at least 8 pixels, got 0": ["--checkpoint", str(run / "last.pt"), "--img-size", "0",

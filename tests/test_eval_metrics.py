@@ -1,5 +1,8 @@
-"""``sanet.engine.evaluate``'s sums: whole image counts, whatever the batch split."""
+"""``sanet.engine.evaluate``'s sums: whole image counts, whatever the batch split; non-finite
+outputs, skipped images and throughput counted as documented."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -54,3 +57,41 @@ def test_top5_with_fewer_than_five_classes_counts_every_image():
     r = evaluate(_Fixed(), _loader(logits, targets, (4, 5)), DistContext())
     assert r["top5"] == 100.0
     assert r["top1"] == _expected(logits, targets, 1)
+
+
+def test_an_image_with_any_non_finite_logit_counts_as_non_finite():
+    """One NaN class makes the image's ranking meaningless, not only an all-NaN row."""
+    logits = torch.randn(6, 4)
+    logits[1, 2] = float("nan")
+    logits[4, 0] = float("inf")
+    logits[5] = float("nan")
+    r = evaluate(_Fixed(), _loader(logits, torch.zeros(6, dtype=torch.long), (4, 2)), DistContext())
+    assert r["nonfinite"] == 3 and r["images"] == 6
+
+
+def test_skipped_images_count_in_batches_with_no_readable_image():
+    """A batch whose images were all unreadable arrives empty; its skips still count."""
+    logits, targets = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    loader = [(logits[:2], targets[:2], 1), (torch.empty(0, 4), torch.empty(0, dtype=torch.long), 2),
+              (logits[2:], targets[2:], 0)]
+    r = evaluate(_Fixed(), loader, DistContext())
+    assert r["skipped"] == 3 and r["images"] == 3
+
+
+def test_throughput_leaves_out_the_first_batch(monkeypatch):
+    """Images per second after the first batch (which pays for one-time setup), on a clock
+    that only the model's calls move: 10 s for the first batch, then 1 s per batch of 4."""
+    import sanet.engine.evaluate as evaluate_mod
+
+    clock = {"t": 0.0, "calls": 0}
+
+    class _Timed(nn.Module):
+        def forward(self, x):
+            clock["calls"] += 1
+            clock["t"] += 10.0 if clock["calls"] == 1 else 1.0
+            return x
+
+    monkeypatch.setattr(evaluate_mod, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))
+    logits, targets = torch.randn(12, 5), torch.randint(0, 5, (12,))
+    r = evaluate(_Timed(), _loader(logits, targets, (4, 4, 4)), DistContext())
+    assert r["images_per_s"] == 8 / 2.0 and r["seconds"] == 12.0

@@ -51,6 +51,19 @@ def test_predict_agrees_with_eval(capsys, trained):
     assert 100.0 * hits / len(images) == pytest.approx(last_json(out)["top1"], abs=1e-3)
 
 
+def test_weights_without_class_names_label_classes_by_index(capsys, trained, tmp_path):
+    """A bare state_dict records no names: each class is ``class <its output index>``."""
+    data, run = trained
+    bare = tmp_path / "weights.pt"
+    torch.save(torch.load(run / "last.pt", weights_only=True)["model"], bare)
+    code, out, _ = run_cli(capsys, ["predict", "--model", "sa_resnet_test", "--pretrained-file", str(bare),
+                                    "--topk", "3", "--json", str(data / "val" / "b" / "000.png")])
+    assert code == 0
+    top = last_json(out)["predictions"][0]["top"]
+    assert sorted(t["index"] for t in top) == [0, 1, 2]
+    assert all(t["label"] == f"class {t['index']}" for t in top)
+
+
 def test_predict_imagenet_names_for_1000_classes(capsys, tmp_path, trained):
     import timm
 

@@ -330,7 +330,8 @@ class _NanGrad(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("poison, call, message", [
-    ("loss", 6 + 2, "loss is nan at epoch 2, step 2/6"),  # stopped before that step is applied
+    # stopped before that step is applied: 6 + 1 updates done, so it would have been the 8th
+    ("loss", 6 + 2, "loss is nan at epoch 2, step 2/6 (optimizer update 8)"),
     ("grad", 6 + 6, "weights became NaN/inf during epoch 2"),  # last step of epoch 2: caught before saving
 ])
 def test_non_finite_stops_naming_where_and_keeps_last_checkpoint(capsys, tmp_path, data, monkeypatch,

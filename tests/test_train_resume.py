@@ -61,11 +61,12 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path):
 def test_leftovers_of_a_killed_write_are_removed(capsys, tmp_path, data):
     out = tmp_path / "run"
     assert run_cli(capsys, train_argv(data, out, epochs=1))[0] == 0
-    stale = [out / ".last.pt.k9x2ab.tmp", out / ".log.csv.3kd9s1.tmp"]  # what kill -9 during atomic_write leaves
+    stale = [out / ".last.pt.k9x2ab.tmp", out / ".best.pt.q1w2e3.tmp", out / ".log.csv.3kd9s1.tmp",
+             out / ".curves.png.z8y7x6.tmp"]  # what kill -9 during atomic_write leaves
     for path in stale:
         path.write_bytes(b"half a file")
     code, stdout, _ = run_cli(capsys, train_argv(data, out, "--resume", epochs=2))
-    assert code == 0 and "removed .last.pt.k9x2ab.tmp" in stdout and "removed .log.csv.3kd9s1.tmp" in stdout
+    assert code == 0 and all(f"removed {p.name}" in stdout for p in stale), stdout
     assert not any(p.exists() for p in stale) and load_ckpt(out / "last.pt")["epoch"] == 2
 
 

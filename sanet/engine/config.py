@@ -111,7 +111,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     sched.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
     sched.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay (0.9998)")
     sched.add_argument("--model-ema-warmup", action="store_true",
-                       help="timm's use_warmup: decay min(D, 1 - (1 + update)^(-2/3)), so 0.99 after 1,000 "
+                       help="timm's use_warmup: decay min(D, 1 - update^(-2/3)) at update 1, 2, ... (0 at the "
+                            "first: the EMA starts as a copy of the weights), so 0.99 after 1,000 "
                             "updates and 0.999 after ~32,000; for short runs and fine-tuning, where 0.9998 "
                             "keeps the EMA near the start")
 

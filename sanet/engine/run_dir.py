@@ -139,7 +139,7 @@ def prepare_output(out: Path, *, overwrite: bool) -> List[str]:
         shutil.rmtree(trash, ignore_errors=True)
         if not trash.exists():
             notes.append(f"removed {trash.name}, files of a replaced run that an earlier run could not delete")
-    for name in ("last.pt", "best.pt", "log.csv"):  # left by a kill during a write; the files are intact
+    for name in ("last.pt", "best.pt", "log.csv", "curves.png"):  # left by a kill during a write; the files are intact
         for tmp in remove_stale_temps(out / name):
             notes.append(f"removed {tmp.name}, an unfinished write of {name} from an interrupted run")
     return notes
