@@ -23,6 +23,13 @@ def test_sa_gate_params_get_no_weight_decay_with_flag():
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert all(id(params[n]) in no_decay for n in gates)
+    # found without sa_gate_param_names: the 4 gates of every SA layer, sbias too
+    from sanet.layers import ShuffleAttention
+
+    layers = [m for m in model.modules() if isinstance(m, ShuffleAttention)]
+    found = [n for n in params if n.rsplit(".", 1)[-1] in ("cweight", "cbias", "sweight", "sbias")]
+    assert layers and len(found) == 4 * len(layers) and sum(n.endswith(".sbias") for n in found) == len(layers)
+    assert all(id(params[n]) in no_decay for n in found)
     assert id(params["conv1.weight"]) in decay and id(params["bn1.weight"]) in no_decay
     # the authors' default: one group, everything decayed, classical momentum
     opt = build_optimizer(model, "momentum", lr=0.1, weight_decay=1e-4, momentum=0.9, no_wd_norm=False)

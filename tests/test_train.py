@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import sanet
 from engine_utils import load_ckpt, make_imagefolder, run_cli, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,6 +30,11 @@ def test_train_writes_checkpoints_logs_and_curves(capsys, tmp_path, data):
         assert key in ckpt, key
     assert ckpt["epoch"] == 2 and ckpt["class_names"] == ["a", "b", "c"]
     assert ckpt["updates"] == 2 * (24 // 4)
+    assert ckpt.get("sanet_version") == sanet.__version__ and ckpt.get("torch_version") == str(torch.__version__)
+    assert ckpt["arch"] == "sa_resnet_test"
+    last = ckpt["history"][-1]  # the summary's last_* are the last epoch's, each its own
+    assert [summary[k] for k in ("last_top1", "last_top5", "last_loss")] == \
+        [last["val_top1"], last["val_top5"], last["val_loss"]]
     args = ckpt["args"]
     assert args["model"] == "sa_resnet_test" and args["img_size"] == 16 and args["data"] == str(data)
     assert args["lr_resolved"] == pytest.approx(0.1 * 4 / 256)  # 0.1 per 256 images, scaled
@@ -140,6 +146,15 @@ def test_resume_reports_every_changed_option(capsys, tmp_path, data):
                                                  "--interpolation", "box", "--resume", "--json", epochs=3))
     summary = json.loads(stdout)
     assert code == 0 and summary["epochs"] == 3 and summary["epochs_trained"] == 1
+    # eval and predict resize as the run did: its --interpolation, not the model's default
+    from torchvision.transforms import InterpolationMode
+
+    from sanet.engine.modeling import load_for_inference
+    from sanet.engine.predict import eval_transform
+
+    loaded = load_for_inference(None, checkpoint=out / "last.pt")
+    assert loaded.data_args.get("interpolation") == "box"
+    assert eval_transform(loaded.model, loaded.data_args).transforms[0].interpolation == InterpolationMode.BOX
 
 
 def test_json_error_is_one_json_object(capsys, tmp_path, data):
@@ -231,6 +246,7 @@ def test_recipe_options_run(capsys, tmp_path, data):
     ckpt = load_ckpt(out / "last.pt")
     assert ckpt["updates"] == 3  # 6 micro-batches / 2
     assert ckpt["model_ema"] is not None
+    assert ckpt["scaler"] is None  # bf16 needs no loss scaling (only fp16 has a GradScaler)
     assert not torch.equal(ckpt["model_ema"]["fc.weight"], ckpt["model"]["fc.weight"])
     assert len(ckpt["optimizer"]["param_groups"]) == 2  # decay / no decay
     assert "val_top1_ema" in ckpt["history"][0]
@@ -450,6 +466,10 @@ def test_resume_with_another_architecture_is_refused(capsys, tmp_path, data):
     argv[argv.index("sa_resnet_test")] = "sa_resnet18"
     code, _, err = run_cli(capsys, argv)
     assert code == 2 and "checkpoint of sa_resnet_test, not sa_resnet18" in err
+    # as many classes under other names: the classifier's rows would mean other classes
+    other = make_imagefolder(tmp_path / "other", classes=("x", "y", "z"), per_class=2)
+    code, _, err = run_cli(capsys, train_argv(other, out, "--resume", epochs=2))
+    assert code == 2 and "was trained on 3 classes ['a', 'b', 'c']" in err and load_ckpt(out / "last.pt")["epoch"] == 1
 
 
 def test_unknown_interpolation_is_a_usage_error(capsys, tmp_path, data):

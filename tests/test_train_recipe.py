@@ -116,6 +116,28 @@ def test_best_checkpoint_follows_the_right_top1(capsys, tmp_path, data, monkeypa
     assert load_ckpt(out / "best.pt")["epoch"] == best_epoch
 
 
+def test_resume_keeps_the_best_of_the_epochs_before_it(capsys, tmp_path, data, monkeypatch):
+    """Epoch 1 scores 50, epoch 2 (after --resume) 10: best.pt stays epoch 1's. The summary's
+    last_* are the last epoch's metrics, each from its own key."""
+    import json
+
+    import sanet.engine.trainer as trainer
+
+    monkeypatch.setattr(trainer, "_validate", _fake_validate([(50.0, None), (10.0, None)]))
+    out = tmp_path / "run"
+    assert run_cli(capsys, train_argv(data, out, epochs=1))[0] == 0
+    code, stdout, _ = run_cli(capsys, train_argv(data, out, "--resume", "--json", epochs=2))
+    assert code == 0
+    last = load_ckpt(out / "last.pt")
+    assert (last["epoch"], last["best_epoch"], last["best_top1"]) == (2, 1, 50.0)
+    assert load_ckpt(out / "best.pt")["epoch"] == 1
+    summary = json.loads(stdout)
+    assert (summary["best_epoch"], summary["best_top1"]) == (1, 50.0)
+    row = last["history"][-1]
+    assert (summary["last_top1"], summary["last_top5"], summary["last_loss"]) == \
+        (row["val_top1"], row["val_top5"], row["val_loss"]) == (10.0, 100.0, 1.0)
+
+
 # --------------------------------------------------------------------------- reseeding
 def _epoch_batches(loader, epoch: int, seed: int):
     from sanet.engine.data import reseed_loader
