@@ -71,6 +71,52 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert paired_ratio(times, "b", "a") == pytest.approx(1 / 3)
 
 
+def test_layer_ratios_are_speed_ups_over_the_reference():
+    """fwd_x_ref and fwd_bwd_x_ref alike: reference time / impl time (above 1: faster)."""
+    from sanet.cli.bench import layer_ratios
+
+    ms = {"clone": 1.0, "reference/fwd": 2.0, "fused/fwd": 1.0, "reference/fwd+bwd": 8.0, "fused/fwd+bwd": 2.0}
+    res = {"times": {k: {"samples_ms": [v]} for k, v in ms.items()}, "memory": {"reference": {}, "fused": {}}}
+    r = layer_ratios(res)
+    assert r["fused"] == {"fwd_x_ref": 2.0, "fwd_bwd_x_ref": 4.0, "fwd_over_clone": 1.0}
+    assert r["reference"] == {"fwd_x_ref": 1.0, "fwd_bwd_x_ref": 1.0, "fwd_over_clone": 2.0}
+
+
+def test_model_ratios_are_model_over_baseline_each_of_its_own_field():
+    """Every field a different ratio (and none the inverse of another): a field read from the
+    wrong number, or divided the wrong way, shows."""
+    from sanet.analysis.bench import model_ratios
+
+    ms = {"base/inference": 1.0, "base/train_step": 2.0, "sa/inference": 4.0, "sa/train_step": 10.0}
+    mem = {"base": {"saved_bytes": 100, "saved_activation_bytes": 50, "peak_train_step_bytes": 200},
+           "sa": {"saved_bytes": 150, "saved_activation_bytes": 100, "peak_train_step_bytes": 600}}
+    r = model_ratios({"times": {k: {"samples_ms": [v]} for k, v in ms.items()}, "memory": mem}, "base")
+    assert r["sa"] == {"inference": 4.0, "train_step": 5.0, "saved": 1.5, "saved_activations": 2.0, "peak": 3.0}
+    assert r["base"] == dict.fromkeys(r["sa"], 1.0)
+
+
+def test_model_bench_activation_bytes_leave_out_parameters_and_buffers():
+    """BatchNorm in training saves its running statistics: buffers of the model, not
+    activations the forward pass made."""
+    import timm
+    from torch import nn
+
+    from sanet.analysis.bench import model_bench
+    from sanet.analysis.memory import saved_tensor_bytes
+
+    res = model_bench({"m": {"model": "sa_resnet_test"}}, batch_size=2, img_size=32, rounds=1)
+    model = timm.create_model("sa_resnet_test", num_classes=1000).train()
+    x, target = torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+
+    def loss():
+        return nn.CrossEntropyLoss()(model(x), target)
+
+    params = list(model.parameters())
+    both = saved_tensor_bytes(loss, exclude=[*params, *model.buffers()])["activation_bytes"]
+    assert saved_tensor_bytes(loss, exclude=params)["activation_bytes"] > both  # BN buffers are saved
+    assert res["memory"]["m"]["saved_activation_bytes"] == both
+
+
 def test_zero_rounds_is_a_value_error():
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         time_interleaved({"a": lambda: None}, rounds=0)

@@ -320,6 +320,9 @@ def test_deeper_checkpoint_into_shallower_model_is_a_clear_error():
     msg = str(info.value)
     extra = 17 * 24  # 17 more blocks in layer3, 24 tensors each (3 conv, 3 BN x 5, 6 SA)
     assert f"unexpected keys ({extra}): layer3.6.conv1.weight" in msg
+    line = next(row for row in msg.splitlines() if "unexpected keys" in row)
+    shown, more = line.split(": ", 1)[1].split(", ... ")
+    assert more == f"({extra - len(shown.split(', '))} more)"  # the keys not listed
     assert "another architecture or depth" in msg
     assert "missing keys" not in msg
 

@@ -11,7 +11,7 @@ import timm
 import torch
 
 import sanet
-from sanet.checkpoint import load_state_dict_file
+from sanet.checkpoint import load_state_dict_file, safetensors_metadata
 from sanet.cli import main as cli_main
 
 
@@ -47,6 +47,12 @@ def test_a_timm_train_checkpoint_loads_and_says_which_weights(tmp_path, capsys):
     assert cli_main(["convert", str(path), str(out), "--model", "sa_resnet_test", "--ema", "--json"]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["weights"] == "ema" and card["num_classes"] == 7
+    # converted again (no EMA left in it to choose): still the EMA's weights, in both records
+    again = tmp_path / "again.safetensors"
+    assert cli_main(["convert", str(out), str(again), "--model", "sa_resnet_test", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == "ema"
+    assert safetensors_metadata(again)["weights"] == "ema"
+    assert json.loads(again.with_suffix(".json").read_text())["weights"] == "ema"
     converted = load_state_dict_file(out)
     assert all(torch.equal(converted[k], v) for k, v in ema.state_dict().items())
     assert cli_main(["convert", str(path), str(tmp_path / "m.safetensors"), "--model", "sa_resnet_test"]) == 0
@@ -64,6 +70,44 @@ def test_eval_and_predict_use_a_timm_checkpoints_ema_with_ema(tmp_path):
     assert torch.equal(plain.model.fc.weight, model.fc.weight)
     with_ema = load_for_inference("sa_resnet_test", pretrained_file=path, use_ema=True)
     assert with_ema.ema and with_ema.unused_ema is None and torch.equal(with_ema.model.fc.weight, ema.fc.weight)
+
+
+def test_fine_tuning_notes_the_ema_weights_on_rank_0_only(tmp_path, capsys, monkeypatch):
+    """Under torchrun every process loads the file; the note is printed once per job."""
+    from sanet.engine.modeling import create_train_model
+
+    path = tmp_path / "model_best.pth.tar"
+    _timm_train_checkpoint(path)
+    monkeypatch.setenv("RANK", "1")
+    create_train_model("sa_resnet_test", 7, pretrained_file=path)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    create_train_model("sa_resnet_test", 7, pretrained_file=path)
+    assert "also holds EMA weights ('state_dict_ema'); fine-tuning starts from" in capsys.readouterr().err
+
+
+@pytest.mark.skipif("test_resnet.r160_in1k" not in timm.list_pretrained("test_resnet*"),
+                    reason="timm's tiny test models are not in this timm")
+def test_a_pretrained_tag_names_the_architecture_the_file_records(tmp_path, capsys):
+    """--model test_resnet.r160_in1k for a file that says test_resnet (a tag is weights of the
+    architecture, not another one): accepted by eval/predict's loader and by convert."""
+    from sanet.checkpoint import SANET_MARK, save_safetensors
+    from sanet.engine.modeling import load_for_inference
+
+    tagged = "test_resnet.r160_in1k"  # timm's smallest model with a pretrained tag
+    model = timm.create_model("test_resnet", num_classes=5)
+    path = tmp_path / "w.safetensors"
+    save_safetensors(model.state_dict(), path, metadata={"model": "test_resnet", SANET_MARK: "0"})
+    loaded = load_for_inference(tagged, pretrained_file=path)
+    assert loaded.name == tagged and torch.equal(loaded.model.fc.weight, model.fc.weight)
+    authors = tmp_path / "a.pth.tar"  # the authors' layout: 'arch' names the architecture
+    torch.save({"arch": "test_resnet", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               authors)
+    out = tmp_path / "o.safetensors"
+    assert cli_main(["convert", str(authors), str(out), "--model", tagged]) == 0, capsys.readouterr().err
+    assert torch.equal(load_state_dict_file(out)["fc.weight"], model.fc.weight)
+    with pytest.raises(ValueError, match="says it holds test_resnet weights"):  # another architecture: refused
+        load_for_inference("resnet18", pretrained_file=path)
 
 
 def test_a_one_channel_file_gets_one_mean_and_std(tmp_path):

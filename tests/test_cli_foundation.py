@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 
 import sanet
 from sanet.analysis import count_flops
@@ -104,6 +105,54 @@ def test_info_text_and_options(capsys):
     assert f"MACs / FLOPs:    {info['macs'] / 1e9:.3f} G / {info['flops'] / 1e9:.3f} G" in out  # the text's numbers
     code, _, err = run_cli(capsys, "info", "sa_resnet_test", "--num-classes", "-3")
     assert code == 2 and "--num-classes must be 0 (no classifier) or more, got -3" in err
+    code, out, err = run_cli(capsys, "info", "sa_resnet_test", "--num-classes", "0", "--json")  # headless
+    headless = timm.create_model("sa_resnet_test", num_classes=0, device="meta")
+    assert code == 0, err
+    assert json.loads(out)["num_classes"] == 0
+    assert json.loads(out)["params"] == sum(p.numel() for p in headless.parameters())
+
+
+def test_count_flops_leaves_the_model_in_its_mode():
+    for training in (True, False):
+        model = timm.create_model("sa_resnet_test", device="meta").train(training)
+        count_flops(model, (3, 32, 32))
+        assert model.training is training
+        assert all(m.training is training for m in model.modules())
+
+
+def test_sa_elementwise_estimate_is_10_flops_per_gated_element():
+    """The estimate info prints: ~10 FLOPs per element each SA layer gates, for one image."""
+    from sanet.analysis import model_summary
+    from sanet.layers import ShuffleAttention
+
+    model = timm.create_model("sa_resnet_test", device="meta").eval()
+    sizes = []
+    handles = [m.register_forward_hook(lambda _m, inputs, _o: sizes.append(inputs[0].numel()))
+               for m in model.modules() if isinstance(m, ShuffleAttention)]
+    model(torch.zeros(1, *model.pretrained_cfg["input_size"], device="meta"))
+    for h in handles:
+        h.remove()
+    assert len(sizes) > 1
+    assert model_summary("sa_resnet_test")["sa_elementwise_flops_estimate"] == 10 * sum(sizes)
+
+
+def test_json_errors_come_from_rank_0_only(capsys, monkeypatch):
+    """Under torchrun every process fails alike; stdout gets one JSON object per job."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, out, err = run_cli(capsys, "info", "nope", "--json")
+    assert code == 2 and out == "" and "unknown model 'nope'" in err
+    monkeypatch.setenv("RANK", "0")
+    code, out, _ = run_cli(capsys, "info", "nope", "--json")
+    assert code == 2 and json.loads(out)["command"] == "info"
+    assert json.loads(out)["error"].startswith("unknown model 'nope'")
+
+
+def test_top_level_usage_error_names_the_subcommand_after_an_option(capsys):
+    """`sanet --model X info --json`: the top parser refuses --model before the subcommand;
+    the JSON still names the command that was asked for."""
+    code, out, _ = run_cli(capsys, "--model", "sa_resnet_test", "info", "--json")
+    assert code == 2 and json.loads(out)["command"] == "info"
 
 
 @pytest.mark.parametrize("argv", [("info", "sa_resnet5O"), ("info", "nope", "--json"),
