@@ -55,10 +55,11 @@ def bn_sa_pair(C, G, gen, dtype, momentum=0.1, affine=True):
     return bn, sa, copy.deepcopy(bn), ref_sa
 
 
-def fused_and_unfused_models(num_classes: int, gen: torch.Generator):
-    """sa_resnet_test in fp64 with random SA parameters, and a copy that runs op by op."""
+def fused_and_unfused_models(num_classes: int, gen: torch.Generator, **kwargs):
+    """sa_resnet_test (``kwargs`` to ``create_model``) in fp64 with random SA parameters, and a
+    copy that runs op by op."""
     torch.manual_seed(0)
-    fused = timm.create_model("sa_resnet_test", num_classes=num_classes).double()
+    fused = timm.create_model("sa_resnet_test", num_classes=num_classes, **kwargs).double()
     for m in fused.modules():
         if isinstance(m, sanet.ShuffleAttention):
             randomize(m, gen)

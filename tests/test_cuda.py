@@ -192,7 +192,7 @@ def run_tail(bn, sa, x, sc, relu, g, fused):
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("momentum,affine,hw", [(0.1, True, (6, 7)), (None, True, (6, 7)),
+@pytest.mark.parametrize("momentum,affine,hw", [(0.1, True, (6, 7)), (None, True, (6, 7)), (0.0, True, (6, 7)),
                                                 (0.1, False, (6, 7)), (0.1, True, (33, 35))])
 def test_bn_sa_tail_matches_oracle(train, relu, momentum, affine, hw, tiling):
     """The fused block tail in fp32 against fp64 (every gradient, running statistics); both
@@ -224,6 +224,30 @@ def test_bn_sa_tail_matches_oracle(train, relu, momentum, affine, hw, tiling):
         assert rel_err(bn_f.running_mean, bn_64.running_mean) <= 1e-6
         assert rel_err(bn_f.running_var, bn_64.running_var) <= 1e-6
         assert bn_f.num_batches_tracked.item() == (step + 1 if train else 0)
+
+
+@pytest.mark.parametrize("n", [20, 35])
+def test_bn_sa_tail_batch_larger_than_a_sample_block(n):
+    """Training BatchNorm merges per-sample statistics in blocks of samples (the Triton
+    kernel's BLOCK_N = 16, the C++ kernels' 32): batches of more than one block, the last
+    partial, in fp32 against the fp64 oracle (output, gradients, running statistics)."""
+    gen = torch.Generator().manual_seed(case_seed("batch", n))
+    bn64, sa64 = bn_sa_pair(16, 2, gen)
+    bn, sa = copy.deepcopy(bn64).float(), copy.deepcopy(sa64).float()
+    bn.train(), bn64.train()
+    # samples of different scales and means: each block of samples has its own statistics
+    scale = torch.linspace(0.5, 3, n).reshape(n, 1, 1, 1)
+    x = ((torch.randn(n, 16, 3, 4, generator=gen) + scale) * scale).to(DEVICE)
+    sc = torch.randn(x.shape, generator=gen).to(DEVICE)
+    g = torch.randn(x.shape, generator=gen).to(DEVICE)
+    y, gf = run_tail(bn, sa, x, sc, True, g, True)
+    y64, g64 = run_tail(bn64, sa64, x.double(), sc.double(), True, g, False)
+    assert rel_err(y, y64) <= 1e-5
+    keep = y64.abs() > 1e-4  # a ReLU whose input is within rounding of 0 may flip
+    assert rel_err(gf[0][keep], g64[0][keep]) <= 1e-5
+    assert rel_err(torch.cat([a.flatten() for a in gf[2:]]), torch.cat([b.flatten() for b in g64[2:]])) <= 1e-5
+    assert rel_err(bn.running_mean, bn64.running_mean) <= 1e-6
+    assert rel_err(bn.running_var, bn64.running_var) <= 1e-6
 
 
 @pytest.mark.parametrize("where", [0, 7], ids=["first", "middle"])
@@ -261,6 +285,8 @@ def test_bad_op_arguments_are_refused_before_a_launch():
         op(None, p[:5] + [torch.zeros(4, device=DEVICE)], 4)
     with pytest.raises(ValueError, match="shortcut must have x's shape"):
         op(x[:1], p, 4)
+    with pytest.raises(ValueError, match="shortcut must have x's shape .* and dtype"):
+        op(x.double(), p, 4)
     with pytest.raises(ValueError, match=r"bn_mean must hold one value per channel \(24\)"):
         op(None, p, 4, torch.zeros(23, device=DEVICE), torch.ones(24, device=DEVICE))
     out, pm, pv, _, _ = op(None, p, 4)

@@ -95,3 +95,24 @@ def test_a_damaged_library_is_built_again(tmp_path):
     assert cpu_ext._import_built(tmp_path, name) is None
     assert not (tmp_path / cpu_ext._BUILT).exists()
     assert cpu_ext._import_built(tmp_path, name) is None  # no marker: not even tried
+
+
+def test_disable_ext_zero_or_empty_keeps_the_extension():
+    """SANET_DISABLE_EXT=0 (or empty) does not disable it; any other value does."""
+    import subprocess
+
+    status = cpu_ext.cpu_ext_status()
+    if not status["loaded"]:
+        pytest.skip("fused CPU kernel unavailable")
+    env = dict(os.environ, SANET_EXT_DIR=str(Path(status["path"]).parent),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("SANET_REQUIRE_EXT", None)
+    code = ("import os\nfrom sanet.ops import cpu_ext\n"
+            "for v in ('0', '', '1', '0'):\n"
+            "    os.environ['SANET_DISABLE_EXT'] = v\n"
+            "    cpu_ext.load_cpu_ext.cache_clear()\n"
+            "    print(repr(v), cpu_ext.load_cpu_ext() is not None, cpu_ext._status['error'])\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["'0' True None", "'' True None", "'1' False disabled by SANET_DISABLE_EXT",
+                                       "'0' True None"], out.stdout

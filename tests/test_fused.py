@@ -52,8 +52,18 @@ def make_input(shape, layout, gen):
     return x
 
 
+@pytest.fixture
+def threads():
+    """Two threads whatever OMP_NUM_THREADS says: the kernels then split their work into
+    parallel chunks, most of which start mid-tensor (one thread would run one chunk from 0)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shape,groups,layout", CASES)
-def test_fused_matches_reference_fp32(shape, groups, layout):
+def test_fused_matches_reference_fp32(shape, groups, layout, threads):
     gen = torch.Generator().manual_seed(case_seed(shape, groups, layout))
     sa = sanet.ShuffleAttention(shape[1], groups, impl="fused")
     randomize(sa, gen)
@@ -244,6 +254,34 @@ def test_drop_path_falls_back_in_training_only():
     assert rel(copy.deepcopy(model)(x), outs[0]) > 1e-3  # (a copy: its BatchNorm statistics move)
     model.eval(), ref.eval()
     assert rel(model(x), ref(x)) < 1e-10
+
+
+def test_block_with_another_activation_is_not_fused_as_relu():
+    """The fused tail ends in ReLU: a block built with another activation (act_layer="silu")
+    runs its own, as the same model with the reference SA (which never fuses) does."""
+    gen = torch.Generator().manual_seed(8)
+    model, ref = fused_and_unfused_models(5, gen, act_layer="silu")
+    assert type(model.layer1[0].act3) is nn.SiLU
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=gen)
+    for train in (True, False):
+        model.train(train), ref.train(train)
+        assert rel(model(x), ref(x)) < 1e-10
+
+
+@pytest.mark.parametrize("block", ["bottleneck", "basic"])
+def test_forward_hook_on_the_block_activation_runs_once_per_forward(block):
+    """The fused tail would skip the block's final activation module, and its hooks with it."""
+    if block == "bottleneck":
+        net = timm.create_model("sa_resnet_test", num_classes=5).eval()
+        act, x = net.layer1[0].act3, torch.randn(1, 3, 32, 32)
+    else:
+        net = sanet.SABasicBlock(64, 64).eval()
+        act, x = net.act2, torch.randn(2, 64, 6, 6)
+    seen = []
+    act.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    for _ in range(2):
+        net(x)
+    assert len(seen) == 2
 
 
 def test_compile_fullgraph_matches_eager():

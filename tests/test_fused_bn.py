@@ -14,7 +14,7 @@ from torch import nn
 import sanet
 from sanet.ops import bn_shuffle_attention
 
-from fused_utils import bn_sa_pair, grads, rel, require_cpu_ext, run_bn_sa
+from fused_utils import bn_sa_pair, grads, randomize, rel, require_cpu_ext, run_bn_sa
 
 require_cpu_ext()
 
@@ -23,7 +23,8 @@ require_cpu_ext()
 # per plane) the per-channel walk: both are checked.
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("momentum,affine,hw", [(0.1, True, (6, 7)), (None, True, (6, 7)),
+# momentum=0.0 freezes the running statistics (not None's cumulative average).
+@pytest.mark.parametrize("momentum,affine,hw", [(0.1, True, (6, 7)), (None, True, (6, 7)), (0.0, True, (6, 7)),
                                                 (0.1, False, (6, 7)), (0.1, True, (33, 35))])
 def test_bn_sa_fusion_fp64_exact(train, relu, momentum, affine, hw):
     gen = torch.Generator().manual_seed(2)
@@ -142,3 +143,69 @@ def test_bn_shuffle_attention_is_bn_then_sa_where_the_op_does_not_fit():
     sa.gn.register_forward_hook(lambda *args: seen.append(1))
     bn_shuffle_attention(x, bn, sa)
     assert seen == [1]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_without_running_statistics_is_bn_then_sa(train, relu):
+    """BatchNorm2d(track_running_stats=False) normalises with the batch's statistics in eval
+    too and has no buffers to update: the op does the same."""
+    gen = torch.Generator().manual_seed(31)
+    bn = nn.BatchNorm2d(32, track_running_stats=False).double().train(train)
+    sa = sanet.ShuffleAttention(32, 4).double()
+    randomize(bn, gen)
+    randomize(sa, gen)
+    ref_bn, ref_sa = copy.deepcopy(bn), copy.deepcopy(sa)
+    ref_sa.impl = "reference"
+    x = torch.randn(3, 32, 5, 6, generator=gen, dtype=torch.float64) * 2 + 0.5
+    sc = torch.randn(3, 32, 5, 6, generator=gen, dtype=torch.float64)
+    (y, g), (y_ref, g_ref) = run_bn_sa(bn, sa, ref_bn, ref_sa, x, sc, relu, gen)
+    assert rel(y, y_ref) < 1e-12
+    for a, b in zip(g, g_ref):
+        assert rel(a, b) < 1e-10
+    assert bn.running_mean is None and bn.running_var is None and bn.num_batches_tracked is None
+
+
+def test_one_value_per_channel_in_training_is_refused_like_bn():
+    bn, sa = nn.BatchNorm2d(16).train(), sanet.ShuffleAttention(16, 2)
+    before = copy.deepcopy(bn)
+    x = torch.randn(1, 16, 1, 1)
+    msg = "Expected more than 1 value per channel when training"
+    with pytest.raises(ValueError, match=msg):
+        sa(copy.deepcopy(bn)(x))
+    with pytest.raises(ValueError, match=msg):
+        bn_shuffle_attention(x, bn, sa)
+    # refused before any update (nn.BatchNorm2d counts the refused batch in num_batches_tracked)
+    for (name, a), b in zip(bn.named_buffers(), before.buffers()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("bn_dtype", [torch.float64, torch.bfloat16])
+def test_bn_of_another_dtype_gives_bn_s_error(bn_dtype):
+    """bn(x) refuses a BatchNorm whose dtype is neither x's nor fp32 on half input; so does
+    the op, with bn(x)'s error (it promised the same function), not a result."""
+    bn, sa = nn.BatchNorm2d(16).to(bn_dtype), sanet.ShuffleAttention(16, 2)
+    x = torch.randn(2, 16, 4, 4)
+    with pytest.raises(Exception) as want:
+        sa(copy.deepcopy(bn)(x))
+    for train in (True, False):
+        with pytest.raises(want.type):
+            bn_shuffle_attention(x, bn.train(train), sa, relu=True)
+
+
+def test_bn_sa_without_a_kernel_runs_the_modules(monkeypatch):
+    """No fused kernel (no compiler): the modules one by one, not the op's 'unavailable'."""
+    import sanet.ops.fused as fused_mod
+    from sanet.ops import sa_op as sa_op_mod
+
+    monkeypatch.setattr(fused_mod, "_cpu_ext_ok", lambda: False)
+    monkeypatch.setattr(sa_op_mod, "load_cpu_ext", lambda: None)
+    gen = torch.Generator().manual_seed(32)
+    bn, sa, ref_bn, ref_sa = bn_sa_pair(16, 2, gen, torch.float32)
+    x = torch.randn(2, 16, 4, 4, generator=gen)
+    sc = torch.randn(2, 16, 4, 4, generator=gen)
+    for train in (True, False):
+        bn.train(train), ref_bn.train(train)
+        y = bn_shuffle_attention(x, bn, sa, sc, relu=True)
+        torch.testing.assert_close(y, torch.relu(ref_sa(ref_bn(x)) + sc), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=1e-6, atol=1e-7)

@@ -36,7 +36,8 @@ def test_gn_forward_hooks_run_and_their_output_counts(impl):
     assert seen == [("pre", (16, 4, 5, 7)), ("post", (16, 4, 5, 7))] * 2  # module, then ref
 
 
-@pytest.mark.parametrize("shape", [(2, 32, 11), (1, 32, 2, 3, 5), (0, 32, 3, 3)], ids=["1d", "3d", "empty"])
+@pytest.mark.parametrize("shape", [(2, 32, 11), (1, 32, 2, 3, 5), (0, 32, 3, 3), (4, 32, 1, 1), (2, 32, 1)],
+                         ids=["1d", "3d", "empty", "1x1", "1d-1"])  # one-pixel planes: gn is called too
 def test_gn_hook_other_ranks(shape):
     module = randomize_sa_(ShuffleAttention(32, 4))
     seen = []
@@ -48,6 +49,34 @@ def test_gn_hook_other_ranks(shape):
     if x.numel():  # the test's reference can't view an empty batch
         torch.testing.assert_close(y, authors_sa_nd(x, p, 4), rtol=1e-5, atol=1e-6)
     assert seen == [(shape[0] * 4, 4) + shape[2:]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gn_backward_pre_hook_runs_once_per_backward(impl):
+    """A full backward pre-hook on gn (module backward hooks count as hooks: gn is called)."""
+    require_fused(impl)
+    module = randomize_sa_(ShuffleAttention(32, 4, impl=impl))
+    calls = []
+    module.gn.register_full_backward_pre_hook(lambda m, grad_out: calls.append(grad_out[0].shape))
+    x = torch.randn(2, 32, 5, 7, requires_grad=True)
+    for _ in range(2):
+        module(x).square().sum().backward()
+    assert calls == [(8, 4, 5, 7)] * 2
+
+
+def test_gn_hook_with_bf16_parameters_and_fp32_input():
+    """A bf16 layer on fp32 input (test_layer.py's test_low_precision_parameters_with_fp32_input)
+    with a hook on gn: gn gets input of its own dtype, as without the hook; same result."""
+    module = randomize_sa_(ShuffleAttention(16, 2)).bfloat16()
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        plain = module(x)
+        seen = []
+        module.gn.register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+        hooked = module(x)
+    assert seen == [torch.bfloat16]
+    assert hooked.dtype == plain.dtype == torch.float32
+    assert rel_err(hooked, plain) <= 4e-3  # gn's output rounded to bf16 (8 bits) in the hooked path
 
 
 def test_gn_hook_and_planes_without_pixels():
