@@ -293,6 +293,8 @@ def test_bad_op_arguments_are_refused_before_a_launch():
     assert out.shape == x.shape
     with pytest.raises(ValueError, match="grad must have x's shape"):
         torch.ops.sanet.sa_backward(x[:1], x, None, pm, pv, *p, 4, 1e-5, None, None, None, None, False, 1e-5)
+    with pytest.raises(ValueError, match="grad must have x's shape .* and dtype"):
+        torch.ops.sanet.sa_backward(x.double(), x, None, pm, pv, *p, 4, 1e-5, None, None, None, None, False, 1e-5)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -119,7 +119,7 @@ def test_construction_error_names_valid_groups(channels, groups, valid):
 
 @pytest.mark.parametrize("channels,groups,needle", [
     (7, 1, "odd"), (0, 1, "positive"), (-4, 1, "positive"), (16, 0, "positive"),
-    (16, 2.0, "positive int"), (True, 1, "positive int"),
+    (16, 2.0, "positive int"), (True, 1, "positive int"), (7, 0, "7 channels is odd"),
 ])
 def test_construction_error_bad_values(channels, groups, needle):
     with pytest.raises(ValueError, match=needle) as info:

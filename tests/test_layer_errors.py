@@ -242,9 +242,11 @@ def test_parameters_on_another_device_auto_gives_pytorchs_device_error(moved):
     with pytest.raises(RuntimeError, match="device") as info:
         m(torch.randn(2, 16, 3, 3))
     assert "not allocated" not in str(info.value)
+    assert not isinstance(info.value, sanet.SanetError)  # PyTorch's own error, not the fused op's check
 
 
-@pytest.mark.parametrize("moved,name", [("all", "cweight"), ("gn.weight", "gn_weight"), ("sbias", "sbias")])
+@pytest.mark.parametrize("moved,name", [("all", "cweight"), ("gn.weight", "gn_weight"), ("sbias", "sbias"),
+                                        ("cbias", "cbias"), ("gn.bias", "gn_bias")])
 def test_parameters_on_another_device_fused_names_tensor_and_devices(moved, name):
     require_fused("fused")
     from sanet.ops import fused_sa_supported, shuffle_attention_fused
@@ -253,7 +255,7 @@ def test_parameters_on_another_device_fused_names_tensor_and_devices(moved, name
     if moved == "all":
         m.to("meta")
     else:
-        owner, attr = (m.gn, "weight") if moved == "gn.weight" else (m, moved)
+        owner, attr = (m.gn, moved[3:]) if moved.startswith("gn.") else (m, moved)
         setattr(owner, attr, nn.Parameter(getattr(owner, attr).detach().to("meta")))
     x = torch.randn(2, 16, 3, 3)
     expect = rf"{name} is on meta but the input x is on cpu; .*module\.to\('cpu'\) or x\.to\('meta'\)"

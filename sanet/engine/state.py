@@ -89,6 +89,10 @@ def load_resume_checkpoint(out: Path, model_name: str, class_names: list) -> Dic
             raise FileNotFoundError(f"--resume: {path} not found: the run in {out} stopped before its first "
                                     "checkpoint (it holds log.csv only), so there is nothing to continue; "
                                     "start afresh with --overwrite instead of --resume")
+        if (out / "best.pt").exists():  # last.pt removed by hand: a plain start refuses this folder too
+            raise FileNotFoundError(f"--resume: {path} not found, but {out} holds best.pt: a resume continues "
+                                    "from last.pt only; start afresh with --overwrite (best.pt moves aside), "
+                                    "or fine-tune from it with --pretrained-file and another --output")
         raise FileNotFoundError(f"--resume: {path} not found (no completed epoch to continue from; "
                                 "start without --resume)")
     try:
