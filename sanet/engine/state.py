@@ -91,7 +91,7 @@ def load_resume_checkpoint(out: Path, model_name: str, class_names: list) -> Dic
                                     "start afresh with --overwrite instead of --resume")
         if (out / "best.pt").exists():  # last.pt removed by hand: a plain start refuses this folder too
             raise FileNotFoundError(f"--resume: {path} not found, but {out} holds best.pt: a resume continues "
-                                    "from last.pt only; start afresh with --overwrite (best.pt moves aside), "
+                                    "from last.pt only; start afresh with --overwrite (it replaces best.pt), "
                                     "or fine-tune from it with --pretrained-file and another --output")
         raise FileNotFoundError(f"--resume: {path} not found (no completed epoch to continue from; "
                                 "start without --resume)")
