@@ -38,6 +38,13 @@ def train_argv(data: Path, out: Path, *extra: str, epochs: int = 1, batch: int =
             "--no-progress", *extra]
 
 
+def parse_train_args(*argv: str, model: str = "sa_resnet_test"):
+    """``sanet train``'s parsed options for ``argv``, with placeholder data and output folders."""
+    from sanet.cli import build_parser
+
+    return build_parser().parse_args(["train", "--model", model, "--data", "d", "--output", "o", *argv])
+
+
 def run_cli(capsys, argv: List[str]) -> Tuple[int, str, str]:
     """``sanet ARGV`` in this process: (exit code, stdout, stderr)."""
     from sanet.cli import main

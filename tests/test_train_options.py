@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+from engine_utils import parse_train_args
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _args(*argv: str):
-    from sanet.cli import build_parser
-
-    return build_parser().parse_args(["train", "--model", "sa_resnet_test", "--data", "d", "--output", "o",
-                                      *argv])
 
 
 def _check(*argv: str):
     from sanet.engine.config import validate_train_args
 
-    args = _args(*argv)
+    args = parse_train_args(*argv)
     validate_train_args(args)
     return args
 
@@ -59,13 +54,13 @@ def test_resume_and_overwrite_together_are_refused():
     (["x="], {"x": ""}),
 ])
 def test_model_kwargs_are_split_at_the_first_equals_and_read_as_literals(items, expected):
-    assert _args("--model-kwargs", *items).model_kwargs == expected
+    assert parse_train_args("--model-kwargs", *items).model_kwargs == expected
 
 
 @pytest.mark.parametrize("item", ["=5", "sa_groups"])
 def test_model_kwargs_without_a_key_are_usage_errors(capsys, item):
     with pytest.raises(SystemExit) as info:
-        _args("--model-kwargs", item)
+        parse_train_args("--model-kwargs", item)
     assert info.value.code == 2
     assert f"--model-kwargs: {item!r} is not K=V (e.g. sa_groups=32)" in capsys.readouterr().err
 
@@ -74,7 +69,7 @@ def test_model_kwargs_without_a_key_are_usage_errors(capsys, item):
 @pytest.mark.parametrize("value", ["", "  "])
 def test_an_empty_path_is_a_usage_error_not_the_current_folder(capsys, option, value):
     with pytest.raises(SystemExit) as info:
-        _args(option, value)
+        parse_train_args(option, value)
     assert info.value.code == 2
     assert "empty path (an unset shell variable?); give a folder" in capsys.readouterr().err
 

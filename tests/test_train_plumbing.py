@@ -8,14 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from engine_utils import parse_train_args
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _args(*argv: str):
-    from sanet.cli import build_parser
-
-    return build_parser().parse_args(["train", "--model", "sa_resnet_test", "--data", "d", "--output", "o",
-                                      *argv])
 
 
 def _state(*argv: str, model: nn.Module = None, updates_per_epoch: int = 10):
@@ -23,7 +18,7 @@ def _state(*argv: str, model: nn.Module = None, updates_per_epoch: int = 10):
     from sanet.engine.distributed import DistContext
     from sanet.engine.trainer import _build_state
 
-    args = _args(*argv)
+    args = parse_train_args(*argv)
     model = model if model is not None else nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     return args, _build_state(args, model, DistContext(), 3, updates_per_epoch)
 

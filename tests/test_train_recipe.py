@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine_utils import load_ckpt, run_cli, train_argv
+from engine_utils import load_ckpt, parse_train_args, run_cli, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,18 +210,12 @@ def test_atomic_write_syncs_file_and_folder_then_replaces(tmp_path, monkeypatch)
 
 
 # --------------------------------------------------------------------------- the defaults
-def _parsed(*argv: str):
-    from sanet.cli import build_parser
-
-    return build_parser().parse_args(["train", "--model", "sa_resnet50", "--data", "d", "--output", "o", *argv])
-
-
 def test_defaults_are_the_authors_recipe():
     """SA-NET.md section 3 (the PyTorch ImageNet script): SGD momentum 0.9, lr 0.1 per 256
     images, weight decay 1e-4 on every parameter, / 10 every 30 epochs, 90 epochs."""
     from sanet.engine.optim import build_optimizer, build_scheduler, resolve_lr
 
-    args = _parsed()
+    args = parse_train_args(model="sa_resnet50")
     assert (args.opt, args.momentum, args.weight_decay, args.epochs, args.sched) == ("momentum", 0.9, 1e-4, 90, "step")
     assert not args.no_wd_norm and args.lr is None
     lr = resolve_lr(args.lr, args.lr_base, args.lr_base_size, 256)

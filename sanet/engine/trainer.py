@@ -236,8 +236,8 @@ def _resume(args, ckpt: Dict[str, Any], state: TrainState, ctx: DistContext, upd
         # --epochs may change on resume (to train longer), but a cosine curve is drawn over all
         # epochs: rebuilt for the new count, it is at another height at the same epoch.
         _warn(ctx, f"--epochs {saved['epochs']} -> {args.epochs}: the {args.sched} schedule is now drawn "
-                  f"over {args.epochs} epochs, so the learning rate jumps at epoch {int(ckpt['epoch']) + 1} to where "
-                  f"that schedule has it (the step schedule is the same for any --epochs)")
+                   f"over {args.epochs} epochs, so the learning rate jumps at epoch {int(ckpt['epoch']) + 1} to where "
+                   f"that schedule has it (the step schedule is the same for any --epochs)")
 
 
 def _epoch_line(row: Dict[str, Any], epochs: int, is_best: bool, eta_s: float) -> str:
@@ -367,7 +367,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                           "interrupted before writing best.pt)")
             if start_epoch >= args.epochs:
                 _warn(ctx, f"{out / 'last.pt'} has {start_epoch} epoch(s) done and --epochs is "
-                          f"{args.epochs}: nothing to train (raise --epochs to continue)")
+                           f"{args.epochs}: nothing to train (raise --epochs to continue)")
         _wrap(state, args, ctx)
         _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
                   f"{ctx.world_size} process(es) on {ctx.device.type}, global batch "

@@ -272,8 +272,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, Tensor
     if ema is not None:
         # timm's own load_checkpoint(use_ema=True) would take the EMA's: say which we took.
         warn_user(f"the checkpoint also holds EMA weights ('{ema}'); loaded the model's weights. "
-                      f"To use the EMA's, extract them: sanet convert FILE OUT.safetensors --model "
-                      f"{(getattr(model, 'pretrained_cfg', None) or {}).get('architecture', 'M')} --ema")
+                  f"To use the EMA's, extract them: sanet convert FILE OUT.safetensors --model "
+                  f"{(getattr(model, 'pretrained_cfg', None) or {}).get('architecture', 'M')} --ema")
     state_dict = weights_of(state_dict)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     exempt: List[str] = []

@@ -120,8 +120,8 @@ def _warn_groups_unused(variant: str, groups: int, kwargs: Dict[str, Any]) -> No
     if all(c % (2 * groups) for c in widths):
         used = ", ".join(str(fit_sa_groups(c, groups)) for c in widths)
         warn_user(f"{variant}: sa_groups={groups} fits none of its SA layers ({', '.join(map(str, widths))} "
-                      f"channels); each uses the largest valid G not above it: {used}. Valid G for all of them: "
-                      f"{sorted(set.intersection(*(set(valid_sa_groups(c)) for c in widths)))}")
+                  f"channels); each uses the largest valid G not above it: {used}. Valid G for all of them: "
+                  f"{sorted(set.intersection(*(set(valid_sa_groups(c)) for c in widths)))}")
 
 
 def _create_sa_resnet(variant: str, pretrained: bool = False, *, fit_groups: bool = False,
