@@ -65,6 +65,13 @@ def test_model_kwargs_without_a_key_are_usage_errors(capsys, item):
     assert f"--model-kwargs: {item!r} is not K=V (e.g. sa_groups=32)" in capsys.readouterr().err
 
 
+def test_a_model_kwarg_given_twice_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_train_args("--model-kwargs", "sa_groups=32", "drop_rate=0.1", "sa_groups=16")
+    assert info.value.code == 2
+    assert "--model-kwargs: sa_groups is given twice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", ["--output", "--data", "--pretrained-file"])
 @pytest.mark.parametrize("value", ["", "  "])
 def test_an_empty_path_is_a_usage_error_not_the_current_folder(capsys, option, value):

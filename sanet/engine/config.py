@@ -45,6 +45,8 @@ class ModelKwargs(argparse.Action):
             key, sep, value = item.partition("=")
             if not sep or not key:
                 parser.error(f"{option_string}: {item!r} is not K=V (e.g. sa_groups=32)")
+            if key in kwargs:  # a typo more often than an intent: which one was meant?
+                parser.error(f"{option_string}: {key} is given twice; give each keyword once")
             try:
                 kwargs[key] = ast.literal_eval(value)
             except (ValueError, SyntaxError):

@@ -82,9 +82,9 @@ class SafeImageFolder(ImageFolder):
     @staticmethod
     def make_dataset(directory: str, class_to_idx: Dict[str, int], extensions=None, is_valid_file=None,
                      allow_empty: bool = False) -> List[Tuple[str, int]]:
-        """torchvision's, walking each folder once: it follows links to folders (as torchvision
-        does), but a link back to a folder already walked (``cat/loop -> .``) is not walked
-        again. torchvision's walk took the folder's images once per level until the path grew
+        """torchvision's, walking each folder once and skipping hidden folders: it follows
+        links to folders (as torchvision does), but a link back to a folder already walked
+        (``cat/loop -> .``) is not walked again. torchvision's walk took the folder's images once per level until the path grew
         too long: 2 images were counted 42 times."""
         if extensions is not None or is_valid_file is None:
             raise ValueError("SafeImageFolder selects files with is_valid_file only")
@@ -96,7 +96,9 @@ class SafeImageFolder(ImageFolder):
             seen, walked = set(), []
             for root, dirs, files in os.walk(target_dir, followlinks=True, onerror=_unlistable):
                 seen.add(os.path.realpath(root))
-                dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen]
+                # hidden folders (thumbnail caches such as .thumbnails) hold no samples, as hidden files don't
+                dirs[:] = [d for d in dirs if not d.startswith(".")
+                           and os.path.realpath(os.path.join(root, d)) not in seen]
                 walked.append((root, files))
             for root, files in sorted(walked):
                 for fname in sorted(files):
@@ -221,7 +223,9 @@ def _is_class_folder(entry) -> bool:
 def _classes_without_images(root: Path) -> List[str]:
     """Class folders of ``root`` (hidden ones aside) with no image file at any depth (ImageFolder's rule)."""
     def has_image(folder: Path) -> bool:
-        return any(f.is_file() and is_image_file(f.name) for f in folder.rglob("*"))
+        return any(f.is_file() and is_image_file(f.name)
+                   and not any(p.startswith(".") for p in f.relative_to(folder).parts[:-1])
+                   for f in folder.rglob("*"))
 
     return [d.name for d in sorted(root.iterdir()) if _is_class_folder(d) and not has_image(d)]
 

@@ -72,11 +72,25 @@ def _registered_arch(checkpoint: Any, path: Path) -> Optional[str]:
     return arch if isinstance(arch, str) and timm.is_model(arch) else None
 
 
-def _ema_refusal(path: Path) -> str:
-    """Why --ema doesn't apply to a weights file that is not a sanet train checkpoint."""
+def _same_arch(model_name: str, recorded: Optional[str], path: Path, hint: str = "") -> None:
+    """A file that names its architecture (pretrained tags aside) must name ``model_name``'s."""
+    from timm.models import get_arch_name
+
+    if isinstance(recorded, str) and get_arch_name(model_name) != get_arch_name(recorded):
+        raise ValueError(f"--model {model_name}: {path} says it holds {recorded} weights; pass --model "
+                         f"{recorded}{hint}")
+
+
+def _safetensors_weights(path: Path) -> Optional[str]:
+    """Whose weights ``sanet convert`` wrote to a file (``"ema"`` or ``"model"``; None: not said)."""
     from sanet.checkpoint import safetensors_metadata
 
-    weights = safetensors_metadata(path).get("weights")
+    return safetensors_metadata(path).get("weights")
+
+
+def _ema_refusal(path: Path) -> str:
+    """Why --ema doesn't apply to a weights file that is not a sanet train checkpoint."""
+    weights = _safetensors_weights(path)
     if weights == "ema":
         return f"--ema: {path} already holds its run's EMA weights (converted with --ema); drop --ema"
     if weights == "model":
@@ -106,6 +120,10 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     from sanet.models.checkpoint_filter import ema_key_of
 
     raw = load_checkpoint_file(pretrained_file)
+    recorded = _registered_arch(raw, pretrained_file)
+    if recorded is None and isinstance(raw, dict) and isinstance(raw.get("args"), dict):
+        recorded = raw["args"].get("model")  # a sanet train checkpoint
+    _same_arch(name, recorded, pretrained_file)
     state_dict = state_dict_from(raw, pretrained_file)
     ema_key = ema_key_of(raw)
     if ema_key is not None and os.environ.get("RANK", "0") == "0":  # (a --model-ema run's best.pt is the EMA's best)
@@ -226,6 +244,10 @@ def _checked_settings(source: Path, data_args: Dict[str, Any], model_kwargs: Any
 
     if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
         raise bad(f"model_kwargs are not a dict of names ({type(model_kwargs).__name__})")
+    if type(model_kwargs.get("in_chans")) is int and model_kwargs["in_chans"] == 3:
+        # a run trained with --model-kwargs in_chans=3 (to convert a 1-channel file's first
+        # conv): its weights take RGB, as the file's own first conv says; nothing to pass
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k != "in_chans"}
     refused = sorted(k for k in model_kwargs if k in _REFUSED_FILE_KWARGS) + [
         f"pretrained_cfg_overlay {k}" for k in overlay_weight_sources(model_kwargs)]
     if refused:
@@ -261,7 +283,7 @@ class LoadedModel:
     name: str
     class_names: Optional[List[str]]
     data_args: Dict[str, Any] = field(default_factory=dict)  # img_size/crop_pct/... of training
-    ema: bool = False  # the file's EMA weights were loaded (--ema)
+    ema: bool = False  # EMA weights were loaded (--ema, or a file converted with --ema)
     unused_ema: Optional[str] = None  # the key of EMA weights the file holds besides those loaded
 
 
@@ -302,12 +324,9 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
     else:
         if use_ema and ema_key is None:
             raise ValueError(_ema_refusal(source))
-        from timm.models import get_arch_name
-
         recorded = _registered_arch(raw, source)
-        if model_name and recorded and get_arch_name(model_name) != get_arch_name(recorded):
-            raise ValueError(f"--model {model_name}: {source} says it holds {recorded} weights; pass --model "
-                             f"{recorded} (or leave --model out)")
+        if model_name:
+            _same_arch(model_name, recorded, source, " (or leave --model out)")
         name = model_name or recorded
         if name is None:
             raise ValueError("--pretrained-file needs --model: the file names no registered architecture "
@@ -331,7 +350,9 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
     _check_rgb_stem(state_dict, model, name, source)
     model.load_state_dict(check_state_dict(state_dict, model, source=str(checkpoint or pretrained_file)))
     model.eval()
-    return LoadedModel(model, name, class_names, data_args, ema=use_ema,
+    # a file converted with --ema holds a run's EMA weights as its only weights
+    converted_ema = not is_run and _safetensors_weights(source) == "ema"
+    return LoadedModel(model, name, class_names, data_args, ema=use_ema or converted_ema,
                        unused_ema=None if use_ema else ema_key)
 
 

@@ -21,8 +21,8 @@ from typing import Callable, Iterator, List
 
 from ..checkpoint import remove_stale_temps
 
-__all__ = ["RUN_FILES", "REPLACED_DIR", "LOCK_FILE", "check_output", "check_not_busy", "claim_output",
-           "prepare_output", "overwrite_guard", "restore_replaced"]
+__all__ = ["RUN_FILES", "REPLACED_DIR", "LOCK_FILE", "check_output", "check_output_outside_data",
+           "check_not_busy", "claim_output", "prepare_output", "overwrite_guard", "restore_replaced"]
 
 #: What a run writes into OUT (all of it goes when --overwrite starts afresh).
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "curves.png", "tb")
@@ -61,6 +61,18 @@ def check_output(out: Path, *, resume: bool, overwrite: bool, writable: bool = T
     if writable and not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--output {out}: {existing} is not writable (read-only or not yours); "
                          "choose another --output")
+
+
+def check_output_outside_data(out: Path, data: Path) -> None:
+    """The run's folder may not be inside ``data/train`` or ``data/val``: it would become a
+    class folder there, and its curves.png a training or validation image."""
+    where = out.resolve()
+    for split in ("train", "val"):
+        folder = (data / split).resolve()
+        if where == folder or folder in where.parents:
+            raise ValueError(f"--output {out} is inside {data / split}: the run's files (curves.png) would be "
+                             f"read as images of a class there; choose a folder outside {data / 'train'} "
+                             f"and {data / 'val'}")
 
 
 def check_not_busy(out: Path) -> None:

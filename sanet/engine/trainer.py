@@ -28,7 +28,7 @@ from .logs import RunLogger, load_plotting, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model, to_channels_last
 from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
-from .run_dir import check_not_busy, check_output, claim_output
+from .run_dir import check_not_busy, check_output, check_output_outside_data, claim_output
 from .state import load_resume_checkpoint, optional_state, restore_best_checkpoint, save_training_checkpoint, \
     seed_epoch, seed_everything
 
@@ -115,9 +115,14 @@ def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext,
     first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     in_chans = getattr(model.get_submodule(first_conv), "in_channels", 3) if isinstance(first_conv, str) else 3
     if in_chans != 3:
+        if pretrained_file is not None and "in_chans" not in (args.model_kwargs or {}):
+            # the stem came from the file's first conv: timm's adapt_input_conv converts it
+            fix = (f"{pretrained_file}'s first conv takes {in_chans} channels; add --model-kwargs in_chans=3 "
+                   "to convert it for RGB")
+        else:
+            fix = "build it with 3 input channels (drop in_chans from --model-kwargs)"
         raise ValueError(f"{args.model} takes {in_chans}-channel input, but sanet train loads every image "
-                         "as RGB (grayscale ones converted): build it with 3 input channels (drop "
-                         "in_chans from --model-kwargs)")
+                         f"as RGB (grayscale ones converted): {fix}")
     if args.sync_bn and ctx.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
@@ -329,6 +334,7 @@ def _check_val_loss_finite(row: Dict[str, Any], out: Path, epoch: int) -> None:
 
 def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.output)
+    check_output_outside_data(out, Path(args.data))
     check_output(out, resume=args.resume, overwrite=args.overwrite, writable=ctx.is_main)  # rank 0 writes
     if ctx.is_main:
         check_not_busy(out)
