@@ -97,7 +97,9 @@ def test_hidden_folders_inside_class_folders_are_not_read(tmp_path):
 def test_fine_tuning_from_a_file_of_another_architecture_names_it(capsys, tmp_path, data, trained_run):
     """As eval and convert do: one line naming the file's model, not 160 mismatched keys."""
     converted = tmp_path / "w.safetensors"
-    assert run_cli(capsys, ["convert", str(trained_run / "last.pt"), str(converted), "--model", "sa_resnet_test"])[0] == 0
+    code, _, err = run_cli(capsys, ["convert", str(trained_run / "last.pt"), str(converted), "--model",
+                                    "sa_resnet_test"])
+    assert code == 0, err
     for weights in (trained_run / "last.pt", converted):
         code, _, err = run_cli(capsys, ["train", "--model", "sa_resnet18", "--data", str(data),
                                         "--output", str(tmp_path / "r"), "--pretrained-file", str(weights)])

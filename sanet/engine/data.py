@@ -84,8 +84,8 @@ class SafeImageFolder(ImageFolder):
                      allow_empty: bool = False) -> List[Tuple[str, int]]:
         """torchvision's, walking each folder once and skipping hidden folders: it follows
         links to folders (as torchvision does), but a link back to a folder already walked
-        (``cat/loop -> .``) is not walked again. torchvision's walk took the folder's images once per level until the path grew
-        too long: 2 images were counted 42 times."""
+        (``cat/loop -> .``) is not walked again. torchvision's walk took the folder's images
+        once per level until the path grew too long: 2 images were counted 42 times."""
         if extensions is not None or is_valid_file is None:
             raise ValueError("SafeImageFolder selects files with is_valid_file only")
         instances, found = [], set()
