@@ -222,7 +222,7 @@ def test_convert_ema_weights_evaluate_as_eval_ema(capsys, trained, tmp_path):
         expected = last_json(out)
         assert results[ema]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
         # which weights were evaluated: in the JSON, and a note when the EMA's were left out
-        assert expected["ema"] is ema and results[ema]["ema"] is False
+        assert expected["ema"] is ema and results[ema]["ema"] is ema  # the file says whose it holds
         assert ("also holds EMA weights ('model_ema'); these are the model's weights; --ema uses" in err) is not ema
     assert results[True]["loss"] != results[False]["loss"]
     code, _, err = run_cli(capsys, ["convert", str(trained[1] / "last.pt"), str(tmp_path / "x.safetensors"),

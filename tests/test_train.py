@@ -325,12 +325,15 @@ def test_pretrained_file_fine_tunes_with_new_classifier(capsys, tmp_path, data):
     code, _, err = run_cli(capsys, train_argv(two, tmp_path / "ft2", "--pretrained-file", str(tmp_path / "bad.pt")))
     assert code == 2 and "layer4.0.sa.cweight" in err and "missing" in err
     assert f"--pretrained-file {tmp_path / 'bad.pt'}" in err
-    # the same for a plain timm model (no SA checkpoint filter): one line naming the file
-    argv = train_argv(two, tmp_path / "ft3", "--pretrained-file", str(src / "last.pt"))
-    argv[argv.index("sa_resnet_test")] = "resnet10t"
-    code, _, err = run_cli(capsys, argv)
-    assert code == 2 and f"--pretrained-file {src / 'last.pt'}: checkpoint does not match resnet10t" in err
-    assert len(err.strip().splitlines()) == 1, err
+    # the same for a plain timm model (no SA checkpoint filter): one line naming the file, or
+    # the model the file names
+    for weights, words in ((tmp_path / "bad.pt", f"--pretrained-file {tmp_path / 'bad.pt'}: checkpoint does "
+                            "not match resnet10t"), (src / "last.pt", "says it holds sa_resnet_test weights")):
+        argv = train_argv(two, tmp_path / "ft3", "--pretrained-file", str(weights))
+        argv[argv.index("sa_resnet_test")] = "resnet10t"
+        code, _, err = run_cli(capsys, argv)
+        assert code == 2 and words in err, err
+        assert len(err.strip().splitlines()) == 1, err
 
 
 class _NanGrad(torch.autograd.Function):
