@@ -61,12 +61,15 @@ def _check_rgb_stem(state_dict: Dict[str, torch.Tensor], model: nn.Module, model
 
 def _registered_arch(checkpoint: Any, path: Path) -> Optional[str]:
     """The architecture a weights file records, if it is a model timm knows: ``arch`` in the
-    authors' layout, ``model`` in the metadata of a ``sanet convert`` safetensors file."""
+    authors' layout, ``args['model']`` in a ``sanet train`` checkpoint, ``model`` in the
+    metadata of a ``sanet convert`` safetensors file."""
     import timm
 
     from sanet.checkpoint import safetensors_metadata
 
     arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+    if arch is None and isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict):
+        arch = checkpoint["args"].get("model")
     if arch is None:
         arch = safetensors_metadata(path).get("model")
     return arch if isinstance(arch, str) and timm.is_model(arch) else None
@@ -120,10 +123,7 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     from sanet.models.checkpoint_filter import ema_key_of
 
     raw = load_checkpoint_file(pretrained_file)
-    recorded = _registered_arch(raw, pretrained_file)
-    if recorded is None and isinstance(raw, dict) and isinstance(raw.get("args"), dict):
-        recorded = raw["args"].get("model")  # a sanet train checkpoint
-    _same_arch(name, recorded, pretrained_file)
+    _same_arch(name, _registered_arch(raw, pretrained_file), pretrained_file)
     state_dict = state_dict_from(raw, pretrained_file)
     ema_key = ema_key_of(raw)
     if ema_key is not None and os.environ.get("RANK", "0") == "0":  # (a --model-ema run's best.pt is the EMA's best)
