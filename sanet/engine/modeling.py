@@ -239,8 +239,9 @@ def _checked_settings(source: Path, data_args: Dict[str, Any], model_kwargs: Any
     from .config import INTERPOLATIONS
 
     def bad(what: str) -> SanetError:
-        return SanetError(f"{source}: its saved {what}; the file is damaged or not from sanet (pass "
-                          "--model and --img-size/--crop-pct yourself, or convert the checkpoint again)")
+        # no flag overrides these: they come with the weights, so the only cure is a sound file
+        return SanetError(f"{source}: its saved {what}; the file is damaged or was not written by sanet "
+                          "(write it again from the training run: sanet convert last.pt OUT.safetensors)")
 
     if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
         raise bad(f"model_kwargs are not a dict of names ({type(model_kwargs).__name__})")
