@@ -73,6 +73,23 @@ def test_torch_export_records_pytorch_ops():
         torch.testing.assert_close(ep.module()(inp), model(inp), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("spatial", ["one Dim for both", "height only"])
+def test_torch_export_dynamic_height_and_width(spatial):
+    """SA behind a strided conv (a height of (h - 1) // 4 + 1, as in any backbone): the
+    per-channel form once merged H and W into one dim and split it back, which put guards on
+    the symbolic sizes that torch.export could not prove ("Constraints violated")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, stride=4, padding=1),
+                                sanet.ShuffleAttention(32, 4)).eval()
+    size = torch.export.Dim("size", min=16, max=256)
+    dims = {2: size, 3: size} if spatial == "one Dim for both" else {2: size}
+    x = torch.randn(2, 3, 16, 16)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: None, **dims},))
+    other = torch.randn(2, 3, 37, 37 if spatial == "one Dim for both" else 16)
+    for inp in (x, other):
+        torch.testing.assert_close(ep.module()(inp), model(inp), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dynamo,folding,opset,fresh", [
     (True, True, None, False), (False, True, None, False), (False, False, None, False), (False, True, 11, False),
     (True, True, None, True), (False, False, None, True)],

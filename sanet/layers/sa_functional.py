@@ -12,8 +12,9 @@ Two formulations of the same function (SA-NET.md sections 1 and 5):
   followed by the fixed shuffle permutation. It is the path used where a graph must hold
   PyTorch ops (TorchScript, ``torch.fx``, ``jit.trace``, export) and under ``torch.func``.
 
-Both accept (N, C, L), (N, C, H, W) and (N, C, D, H, W): spatial dims are flattened, which
-changes nothing because every statistic is over all spatial positions. Both check their
+Both accept (N, C, L), (N, C, H, W) and (N, C, D, H, W): every statistic is over all spatial
+positions (the reference flattens the spatial dims; the per-channel form reduces over them and
+keeps x's shape, so that torch.export handles dynamic heights and widths). Both check their
 arguments (rank, dtype, G, parameter sizes) with the module's errors, except in TorchScript
 and while ``jit.trace`` records. Half-precision input
 is computed in fp32 (statistics and gates) and returned in the input dtype.
@@ -21,7 +22,7 @@ is computed in fp32 (statistics and gates) and returned in the input dtype.
 from __future__ import annotations
 
 import numbers
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -141,19 +142,41 @@ def _plane_group_norm(x: Tensor, c: int, weight: Tensor, bias: Tensor, eps: floa
     return torch.group_norm(x, c, weight, bias, eps)
 
 
-def _plane_var_mean(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Population variance and mean over the last dim; 0 and 0 for empty planes (or an
-    empty batch, where var_mean warns about degrees of freedom)."""
-    if not torch.jit.is_tracing() and x.numel() == 0:
-        mean = x.sum(dim=-1)
-        return torch.zeros_like(mean), mean
-    return torch.var_mean(x, dim=-1, correction=0)
-
-
 # torch.fx can't trace their branches on sizes; record each call as one graph node instead.
 torch.fx.wrap("_plane_mean")
 torch.fx.wrap("_plane_group_norm")
-torch.fx.wrap("_plane_var_mean")
+
+
+# The per-channel form's statistics over all spatial dims of (N, C, *spatial), without
+# flattening them (see _shuffle_attention_torch), and (N, C) values shaped to broadcast
+# against such an x.
+def _spatial_dims(x: Tensor) -> List[int]:
+    return [d for d in range(2, x.dim())]
+
+
+def _spatial_mean(x: Tensor) -> Tensor:
+    """(N, C) means over the spatial dims; 0 for empty planes (or an empty batch)."""
+    if not torch.jit.is_tracing() and x.numel() == 0:
+        return x.sum(dim=_spatial_dims(x))
+    return x.mean(dim=_spatial_dims(x))
+
+
+def _spatial_var_mean(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(N, C) population variances and means over the spatial dims; 0 and 0 for empty planes."""
+    if not torch.jit.is_tracing() and x.numel() == 0:
+        mean = x.sum(dim=_spatial_dims(x))
+        return torch.zeros_like(mean), mean
+    return torch.var_mean(x, dim=_spatial_dims(x), correction=0)
+
+
+def _per_plane(t: Tensor, x: Tensor) -> Tensor:
+    """(N, C) values viewed as (N, C, 1, ...) to broadcast against x."""
+    return t.reshape([t.shape[0], t.shape[1]] + [1 for _ in range(x.dim() - 2)])
+
+
+torch.fx.wrap("_spatial_mean")
+torch.fx.wrap("_spatial_var_mean")
+torch.fx.wrap("_per_plane")
 
 
 def shuffle_attention_reference(
@@ -273,22 +296,28 @@ def _shuffle_attention_torch(
     # Unchecked: ShuffleAttention calls this after its own checks (they run on every call).
     n, c_total = x.shape[0], x.shape[1]
     c = c_total // (2 * groups)
-    # (N*G, branch, c, M): at most 4-D, so exported graphs suit converters that stop at 4-D.
-    xf = x.to(_compute_dtype(x)).flatten(2)  # (N, C, M); explicit sizes: -1 is ambiguous for N = 0
-    m = xf.shape[2]
-    xc = xf.reshape(n * groups, 2, c, m)
+    # x keeps its shape: the statistics reduce over the spatial dims, the per-plane
+    # coefficients broadcast against them and the shuffle is a channel gather. (Merging H and W
+    # into one dim and splitting it back put guards on symbolic sizes that torch.export can't
+    # prove, so a height and width of one Dim, or one dynamic side, failed to export.) No
+    # tensor above 4-D for 4-D input, for converters that stop at 4-D.
+    xc = x.to(_compute_dtype(x))
     # The mean from its own reduction: var_mean's is NaN for a plane holding an inf, where the
     # channel branch's pooled value is inf (and its gate saturates, as in the reference).
-    var = _plane_var_mean(xc)[0]
-    mean = _plane_mean(xc)
-    a, b = sa_coefficients(mean.squeeze(-1), var, cweight, cbias, sweight, sbias, gn_weight, gn_bias, eps)
+    var = _spatial_var_mean(xc)[0]  # (N, C)
+    mean = _spatial_mean(xc)  # (N, C)
+    a, b = sa_coefficients(mean.reshape(n * groups, 2, c), var.reshape(n * groups, 2, c),
+                           cweight, cbias, sweight, sbias, gn_weight, gn_bias, eps)
     # The channel branch's slope is 0 by construction (its gate depends on the mean only): its
     # deviations are not used, so that an inf pixel gives no 0 * inf = NaN across its plane.
-    spatial = torch.arange(2, device=xc.device).reshape(1, 2, 1, 1) == 1  # (1, branch, 1, 1)
-    dev = xc - mean
+    branch = torch.arange(2, device=xc.device).reshape(1, 2, 1).expand(n * groups, 2, c)
+    spatial = _per_plane(branch.reshape(n, c_total) == 1, xc)
+    dev = xc - _per_plane(mean, xc)
     # Second pass: the fp32 mean is off by a rounding, which the spatial slope (up to
     # 1/sqrt(eps) on a constant plane) would spread over the whole plane; its own mean removes it.
-    dev = torch.where(spatial, dev - _plane_mean(dev), 0.0)
-    y = xc * torch.sigmoid(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), dev))
-    # Channel order g*C/G + branch*c + j, then the 2-group shuffle.
-    return channel_shuffle(y.reshape(n, c_total, m), 2).reshape(x.shape).to(x.dtype)
+    dev = torch.where(spatial, dev - _per_plane(_spatial_mean(dev), xc), 0.0)
+    gate = torch.addcmul(_per_plane(b.reshape(n, c_total), xc), _per_plane(a.reshape(n, c_total), xc), dev)
+    y = xc * torch.sigmoid(gate)
+    # Channel order g*C/G + branch*c + j, then the 2-group shuffle: out[:, 2k + i] = y[:, i*C/2 + k].
+    perm = torch.arange(c_total, device=xc.device).reshape(2, c_total // 2).t().reshape(c_total)
+    return y.index_select(1, perm).to(x.dtype)
