@@ -78,7 +78,7 @@ def check_state_dict(
         if not counters:
             return state_dict
         return {**state_dict, **{k: torch.zeros((), dtype=expected[k].dtype) for k in counters}}
-    arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
     lines = [f"{source} does not match {arch}:"]
     if missing:
         lines.append(f"  missing keys ({len(missing)}): {_fmt(missing)}")
@@ -134,7 +134,7 @@ def _hint(state_dict: Dict[str, Tensor], model: nn.Module, missing: List[str], u
                      "(sanet convert: --num-classes 0)")
         left_missing.clear()
     if head and left_unexpected and left_unexpected <= head:
-        n = int(file_head.shape[0]) if isinstance(file_head, Tensor) and file_head.dim() == 2 else None
+        n = int(file_head.shape[0]) if isinstance(file_head, Tensor) and file_head.dim() in (2, 4) else None
         parts.append(f"the file has a classifier{f' of {n} classes' if n else ''}, the model none: build the "
                      f"model with num_classes={n if n else 'N'} (sanet convert: leave --num-classes out)"
                      + or_load("num_classes=0", "which drops the file's classifier"))
@@ -249,7 +249,7 @@ def cfg_from_weights(checkpoint: dict, classifier: Optional[str] = "fc", first_c
     cfg: Dict[str, Any] = {}
     head = state_dict.get(f"{classifier}.weight")
     conv = state_dict.get(f"{first_conv}.weight")
-    if isinstance(head, Tensor) and head.dim() == 2:
+    if isinstance(head, Tensor) and head.dim() in (2, 4):  # Linear, or a 1x1 conv (timm's dla)
         cfg["num_classes"] = int(head.shape[0])
     elif classifier and isinstance(conv, Tensor):
         # a backbone without classifier (a feature extractor's weights): a headless model by default
