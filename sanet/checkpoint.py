@@ -121,8 +121,26 @@ def remove_stale_temps(path: PathLike) -> List[Path]:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` that never leaves a half-written ``path``."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` that never leaves a half-written ``path``.
+
+    torch.save writes through a Python file object here: given a path, a full disk (or quota)
+    surfaces as RuntimeError "unexpected pos ..." with no errno; through Python's write, the
+    OSError (ENOSPC, EDQUOT, ...) is its context, and is what this raises."""
+    def write(tmp: str) -> None:
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except RuntimeError as exc:
+            cause = exc.__context__
+            if not isinstance(cause, OSError) or cause.errno is None:
+                raise
+            raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from None
+        except OSError as exc:  # the close's flush of what the buffer still held
+            if exc.errno is None:
+                raise
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from None
+
+    atomic_write(path, write)
 
 
 def save_safetensors(state_dict: Dict[str, Tensor], path: PathLike,

@@ -259,6 +259,10 @@ def open_train_val(data: Path, skip_bad: bool = False) -> Tuple[SafeImageFolder,
     if not data.is_dir():
         raise FileNotFoundError(f"--data folder not found: {data} (expected {data}/train and "
                                 f"{data}/val in ImageFolder layout)")
+    if data.name in ("train", "val") and not (data / "train").exists() \
+            and (data.parent / "train").is_dir() and (data.parent / "val").is_dir():
+        raise FileNotFoundError(f"--data {data} is the {data.name}/ split of a dataset; give the folder "
+                                f"that holds train/ and val/: --data {data.parent}")
     train = open_image_folder(data / "train", "training", skip_bad=skip_bad)
     if len(train.classes) < 2:  # the loss would be 0 and top-1 100% from the first step
         raise ValueError(f"{data / 'train'} holds one class folder ({train.classes[0]!r}): a classifier "

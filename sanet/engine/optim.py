@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from timm.data import Mixup
     from timm.scheduler.scheduler import Scheduler
 
-__all__ = ["resolve_lr", "sa_gate_param_names", "build_optimizer", "build_scheduler",
+__all__ = ["resolve_lr", "check_schedule_lrs", "sa_gate_param_names", "build_optimizer", "build_scheduler",
            "build_mixup", "build_train_loss"]
 
 
@@ -23,6 +23,18 @@ def resolve_lr(lr: Optional[float], lr_base: float, lr_base_size: int, global_ba
     if lr is not None:
         return float(lr)
     return lr_base * global_batch / lr_base_size
+
+
+def check_schedule_lrs(args, lr: float) -> None:
+    """A cosine floor (``--min-lr``) or a warmup start (``--warmup-lr``) above the learning rate
+    ``lr`` turns the schedule upside down: timm then raises the rate where it should lower it."""
+    how = "--lr" if args.lr is not None else f"--lr-base {args.lr_base:g} scaled to the global batch"
+    if args.sched == "cosine" and args.min_lr > lr:
+        raise ValueError(f"--min-lr {args.min_lr:g} is above the learning rate {lr:.4g} ({how}): the cosine "
+                         f"schedule would rise to {args.min_lr:g} instead of decaying; give a --min-lr below it")
+    if args.warmup_epochs > 0 and args.warmup_lr > lr:
+        raise ValueError(f"--warmup-lr {args.warmup_lr:g} is above the learning rate {lr:.4g} ({how}): warmup "
+                         "would start high and fall to it; give a --warmup-lr below it (the default is 1e-6)")
 
 
 def sa_gate_param_names(model: nn.Module) -> List[str]:

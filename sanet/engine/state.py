@@ -107,8 +107,15 @@ def load_resume_checkpoint(out: Path, model_name: str, class_names: list) -> Dic
     check_checkpoint_model(ckpt, model_name, str(path))
     saved = list(ckpt.get("class_names") or [])
     if saved != list(class_names):
-        raise ValueError(f"--resume: {path} was trained on {len(saved)} classes {saved[:5]}..., "
-                         f"but --data has {len(class_names)} classes {list(class_names)[:5]}...")
+        # name what differs: the first five of each often match (a renamed or added class)
+        only_ckpt = sorted(set(saved) - set(class_names))
+        only_data = sorted(set(class_names) - set(saved))
+        raise ValueError(f"--resume: {path} was trained on {len(saved)} classes {saved[:5]}"
+                         f"{'...' if len(saved) > 5 else ''}, but --data has {len(class_names)}: only in the "
+                         f"checkpoint: {only_ckpt[:10] or 'none'}; only in "
+                         f"--data: {only_data[:10] or 'none'} (labels are class-folder indices, so the "
+                         "class folders must be those of the run; a new class set is a new run: "
+                         f"--pretrained-file {path} with another --output)")
     return ckpt
 
 

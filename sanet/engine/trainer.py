@@ -27,7 +27,7 @@ from .evaluate import evaluate
 from .logs import RunLogger, load_plotting, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model, to_channels_last
-from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, resolve_lr
+from .optim import build_mixup, build_optimizer, build_scheduler, build_train_loss, check_schedule_lrs, resolve_lr
 from .run_dir import check_not_busy, check_output, check_output_outside_data, claim_output
 from .state import load_resume_checkpoint, optional_state, restore_best_checkpoint, save_training_checkpoint, \
     seed_epoch, seed_everything
@@ -334,6 +334,8 @@ def _check_val_loss_finite(row: Dict[str, Any], out: Path, epoch: int) -> None:
 
 def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.output)
+    check_schedule_lrs(args, resolve_lr(args.lr, args.lr_base, args.lr_base_size,
+                                        args.batch_size * ctx.world_size * args.accum_steps))
     check_output_outside_data(out, Path(args.data))
     check_output(out, resume=args.resume, overwrite=args.overwrite, writable=ctx.is_main)  # rank 0 writes
     if ctx.is_main:
