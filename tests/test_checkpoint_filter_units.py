@@ -11,17 +11,21 @@ from sanet.models import check_state_dict
 from sanet.models.checkpoint_filter import CheckpointMismatchError
 
 
-def test_long_key_lists_show_20_then_the_count_left():
+@pytest.mark.parametrize("count", [20, 25])
+def test_long_key_lists_show_20_then_the_count_left(count):
     model = timm.create_model("sa_resnet_test", device="meta")
     state = dict(model.state_dict())
-    dropped = [k for k in state if k.startswith("layer") and "num_batches_tracked" not in k][:25]
+    dropped = [k for k in state if k.startswith("layer") and "num_batches_tracked" not in k][:count]
     for k in dropped:
         del state[k]
     with pytest.raises(CheckpointMismatchError) as info:
         check_state_dict(state, model)
     line = next(line for line in str(info.value).splitlines() if "missing keys" in line)
-    assert line.startswith("  missing keys (25): ") and line.endswith(", ... (5 more)")
-    assert all(k in line for k in dropped[:20]) and dropped[20] not in line
+    if count == 20:  # exactly 20: all of them, no "(0 more)"
+        assert line == "  missing keys (20): " + ", ".join(dropped)
+    else:
+        assert line.startswith("  missing keys (25): ") and line.endswith(", ... (5 more)")
+        assert all(k in line for k in dropped[:20]) and dropped[20] not in line
 
 
 def test_missing_batchnorm_counters_are_returned_as_zero():
