@@ -142,3 +142,28 @@ def test_gn_hook_torchscript_and_fx():
     assert "gn" in {n.target for n in traced.graph.nodes if n.op == "call_module"}
     seen.clear()
     assert rel_err(traced(x), expect) <= FP32_TOL and seen == [1]
+
+
+@pytest.mark.parametrize("hooked", ["gn", "global"])
+def test_one_value_per_group_with_hooks_says_why(hooked):
+    """With hooks SA calls nn.GroupNorm, which refuses one value per group with a message about
+    "training" that names neither SA nor the hook; SA's says both. Without hooks it computes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sanet import SanetError
+
+    module = ShuffleAttention(64, 1)
+    x = torch.randn(1, 64, 1, 1)
+    expected = module(x)  # no hooks: defined (test_layer.py checks the value)
+    if hooked == "gn":
+        module.gn.register_forward_hook(lambda m, i, o: None)
+        context = torch.no_grad()
+    else:
+        context = FlopCounterMode(display=False)  # sets global module hooks
+    with context, pytest.raises(SanetError, match=r"input \[1, 64, 1, 1\] gives GroupNorm one value per group.*"
+                                r"gn has hooks.*Remove the hooks"):
+        module(x)
+    assert torch.isfinite(expected).all()
+    x2 = torch.randn(2, 64, 1, 1)  # two samples: GroupNorm takes it, hooks and all
+    with context:
+        assert module(x2).shape == x2.shape

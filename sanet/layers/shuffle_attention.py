@@ -153,7 +153,7 @@ class ShuffleAttention(nn.Module):
         run (activation capture, ``torch.nn.utils.prune`` recomputing ``gn.weight``).
 
         Like the authors' code (and unlike the functional forms), it inherits ``nn.GroupNorm``'s
-        refusal of one value per group (one sample, G = 1, 1x1 planes).
+        refusal of one value per group (one sample, G = 1, 1x1 planes), with our message.
         """
         channels = x.shape[1]
         xc = x.to(_compute_dtype(x))
@@ -166,6 +166,14 @@ class ShuffleAttention(nn.Module):
         x0 = x0.flatten(2)
         s = x0.mean(dim=-1, keepdim=True)
         x0 = x0 * torch.sigmoid(self.cweight.reshape(1, -1, 1) * s + self.cbias.reshape(1, -1, 1))
+        if not isinstance(x, torch.fx.Proxy) and xg.shape[0] * x1.shape[2:].numel() == 1:
+            # nn.GroupNorm's own message ("... per channel when training") names neither SA
+            # nor why the module is called at all
+            raise SanetError(
+                f"ShuffleAttention: input {list(x.shape)} gives GroupNorm one value per group (batch 1, "
+                "groups=1, one position), which nn.GroupNorm refuses; SA calls it as a module only because "
+                "gn has hooks (or a global module hook is set, e.g. by FlopCounterMode). Remove the hooks "
+                "(SA computes this case without them), or give more than one sample or position")
         # 3. Spatial branch through the module, on the authors' (N*G, c, H, W) view. The input
         # gets the module's dtype: CPU group_norm refuses fp32 input with fp16 parameters.
         xs = self.gn(x1.to(self.gn.weight.dtype)).to(xc.dtype).flatten(2)
