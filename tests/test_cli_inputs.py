@@ -26,6 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     (["--scale", "0.1", "inf"], "--scale must be a finite number"),
     (["--color-jitter", "-1"], "--color-jitter must be 0 (off) or more"),
     (["--aa", "foo"], "--aa 'foo' is not a policy timm knows"),
+    (["--aa", "rand-mX"], "section 'mX' is not one timm's rand policy reads"),  # timm skipped it
+    (["--aa", "rand-m9-q3"], "section 'q3' is not one timm's rand policy reads"),  # timm: assert only
+    (["--aa", "augmix-m5-z2"], "section 'z2' is not one timm's augmix policy reads"),
     (["--crop-pct", "100"], "crop_pct 100 (--crop-pct, else the training run's or the model's) with image "
                             "size 16 resizes images to 0 pixels"),
 ])

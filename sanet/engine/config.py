@@ -287,8 +287,20 @@ def _check_optimizer(opt: str) -> None:
 def _check_aa_policy(policy: str) -> None:
     """timm parses --aa only when it builds the transform (after the data and model are
     loaded), with an AssertionError or KeyError: build a small one now for a clear message."""
+    import re
+
     from timm.data import create_transform
 
+    # timm skips a section without a number ("rand-mX") and asserts on an unknown key (gone
+    # under python -O): the sections of its two parsed grammars, checked here instead
+    keys = {"rand": ("mstd", "mmax", "inc", "m", "n", "p"), "augmix": ("mstd", "m", "w", "d", "a", "b")}
+    kind, *sections = policy.split("-")
+    for section in sections if kind in keys else []:
+        if not (kind == "rand" and section.startswith("t")) and \
+                not re.fullmatch(rf"({'|'.join(keys[kind])})\d[\d.]*", section):
+            raise ValueError(f"--aa {policy!r}: section {section!r} is not one timm's {kind} policy reads (a "
+                             f"key of {', '.join(keys[kind])} followed by a number"
+                             f"{', or t<transforms>' if kind == 'rand' else ''}); e.g. rand-m9-mstd0.5-inc1")
     try:
         create_transform(32, is_training=True, auto_augment=policy)
     except Exception as exc:
