@@ -77,13 +77,24 @@ def test_fine_tuning_notes_the_ema_weights_on_rank_0_only(tmp_path, capsys, monk
     from sanet.engine.modeling import create_train_model
 
     path = tmp_path / "model_best.pth.tar"
-    _timm_train_checkpoint(path)
+    source, _ = _timm_train_checkpoint(path)
     monkeypatch.setenv("RANK", "1")
     create_train_model("sa_resnet_test", 7, pretrained_file=path)
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
     create_train_model("sa_resnet_test", 7, pretrained_file=path)
-    assert "also holds EMA weights ('state_dict_ema'); fine-tuning starts from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "also holds EMA weights ('state_dict_ema'); fine-tuning starts from" in err
+    # and what happens to the classifier (the file's has 7 classes)
+    assert f"fine-tuning from {path}: its classifier of 7 classes is kept" in err, err
+    model = create_train_model("sa_resnet_test", 3, pretrained_file=path)
+    err = capsys.readouterr().err
+    assert "a new classifier for --data's 3 classes replaces its 7-class one" in err, err
+    assert model.fc.out_features == 3
+    headless = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}, headless)
+    create_train_model("sa_resnet_test", 3, pretrained_file=headless)
+    assert "replaces none (the file has no classifier)" in capsys.readouterr().err
 
 
 @pytest.mark.skipif("test_resnet.r160_in1k" not in timm.list_pretrained("test_resnet*"),

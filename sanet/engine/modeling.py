@@ -141,7 +141,7 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     if file_classes is not None:
         overlay["num_classes"] = file_classes  # timm keeps the classifier only if this matches
     try:
-        return _create(name, model_kwargs, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        model = _create(name, model_kwargs, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"--pretrained-file {pretrained_file}: {exc}") from None
     except RuntimeError as exc:
@@ -153,6 +153,13 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
         raise CheckpointMismatchError(
             f"--pretrained-file {pretrained_file}: checkpoint does not match {name} "
             f"({detail[:400]}{'...' if len(detail) > 400 else ''})") from None
+    if os.environ.get("RANK", "0") == "0":  # what happens to the head is easy to miss: say it (once loaded)
+        head = (f"its classifier of {file_classes} classes is kept (output i is --data's i-th class folder "
+                "in sorted order)" if file_classes == num_classes else
+                f"a new classifier for --data's {num_classes} classes replaces "
+                f"{f'its {file_classes}-class one' if file_classes else 'none (the file has no classifier)'}")
+        print(f"sanet train: note: fine-tuning from {pretrained_file}: {head}", file=sys.stderr)
+    return model
 
 
 def _create(name: str, model_kwargs: Optional[Dict[str, Any]], **kwargs: Any) -> nn.Module:
