@@ -71,3 +71,26 @@ def subprocess_env(threads: int = 1) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def straight_and_resumed_runs(capsys, monkeypatch, data: Path, root: Path, *flags: str, epochs: int = 2,
+                              before_resume=lambda: None) -> Tuple[Path, Path]:
+    """The same run twice: straight through (``root/straight``), and stopped by Ctrl-C right
+    after its first checkpoint, then ``--resume``d (``root/split``); ``before_resume`` runs
+    between the two halves."""
+    import sanet.engine.trainer as trainer
+
+    straight, split = root / "straight", root / "split"
+    assert run_cli(capsys, train_argv(data, straight, *flags, epochs=epochs))[0] == 0
+    real_save = trainer.save_training_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "save_training_checkpoint", save_then_die)
+        assert run_cli(capsys, train_argv(data, split, *flags, epochs=epochs))[0] == 130
+    before_resume()
+    assert run_cli(capsys, train_argv(data, split, *flags, "--resume", epochs=epochs))[0] == 0
+    return straight, split

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine_utils import load_ckpt, parse_train_args, run_cli, train_argv
+from engine_utils import load_ckpt, parse_train_args, run_cli, straight_and_resumed_runs, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,21 +64,8 @@ def test_accumulation_scales_the_lr_and_keeps_the_schedule_in_updates(capsys, tm
 
 # --------------------------------------------------------------------------- EMA
 def test_ema_resume_with_accumulation_equals_uninterrupted(capsys, tmp_path, data, monkeypatch):
-    import sanet.engine.trainer as trainer
-
     common = ("--deterministic", "--model-ema", "--model-ema-decay", "0.9", "--accum-steps", "2")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_cli(capsys, train_argv(data, straight, *common, epochs=2))[0] == 0
-    real_save = trainer.save_training_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "save_training_checkpoint", save_then_die)
-    assert run_cli(capsys, train_argv(data, split, *common, epochs=2))[0] == 130
-    monkeypatch.setattr(trainer, "save_training_checkpoint", real_save)
-    assert run_cli(capsys, train_argv(data, split, *common, "--resume", epochs=2))[0] == 0
+    straight, split = straight_and_resumed_runs(capsys, monkeypatch, data, tmp_path, *common)
     a, b = load_ckpt(straight / "last.pt"), load_ckpt(split / "last.pt")
     for key in ("model", "model_ema"):
         assert a[key].keys() == b[key].keys()
