@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import json
@@ -48,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
             # unknown subcommand) may name the subcommand among the arguments
             command = self.prog.split(" ", 1)[1] if " " in self.prog else next(
                 (a for a in _Parser.argv if a in COMMANDS), None)
-            print(json.dumps({"error": message, "command": command}), flush=True)
+            _print_error_object({"error": message, "command": command})
         super().error(message)
 
 
@@ -181,7 +182,22 @@ def _interrupted(args: argparse.Namespace, exc: BaseException) -> str:
 def _json_error(args: argparse.Namespace, message: str, **extra: str) -> None:
     """With --json, a machine reading stdout gets one JSON object on failure too (rank 0's)."""
     if getattr(args, "json", False) and os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"error": message, "command": args.command, **extra}), flush=True)
+        _print_error_object({"error": message, "command": args.command, **extra})
+
+
+def _print_error_object(obj: dict) -> None:
+    """The --json error object on stdout. A stdout that can't take it (a reader that closed the
+    pipe, a full disk: often the very error being reported) loses only this object: the error
+    is on stderr too, and the exit status stays the error's, with no traceback."""
+    try:
+        print(json.dumps(obj), flush=True)
+    except OSError:
+        # What the write left in the buffer would fail again at exit ("Exception ignored"):
+        # it goes to /dev/null instead.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def _in_torchrun() -> bool:
