@@ -69,6 +69,17 @@ def _seed() -> Iterator[None]:
     yield
 
 
+@pytest.fixture
+def sigint_default() -> Iterator[None]:
+    """Python's own SIGINT handler, which sanet's main() wraps: a shell's background job (``make
+    test &``, nohup) starts with SIGINT ignored, and a test's Ctrl-C would then do nothing."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="session")
 def fused_available() -> bool:
     return fused_kernel_available()

@@ -239,7 +239,8 @@ def test_ctrl_c_between_the_first_log_and_checkpoint_says_overwrite(tmp_path):
         load_resume_checkpoint(tmp_path, "sa_resnet_test", ["a", "b"])
 
 
-def test_an_error_after_ctrl_c_is_reported_as_the_interruption(capsys, monkeypatch, data, tmp_path):
+def test_an_error_after_ctrl_c_is_reported_as_the_interruption(capsys, monkeypatch, data, tmp_path,
+                                                               sigint_default):
     """Ctrl-C while DataLoader workers start: Python drops the KeyboardInterrupt there, the
     workers die of the signal and the loader raises RuntimeError. That is the interruption."""
     import os
