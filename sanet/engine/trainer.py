@@ -253,13 +253,19 @@ def _epoch_line(row: Dict[str, Any], epochs: int, is_best: bool, eta_s: float) -
             f"ETA {datetime.timedelta(seconds=round(eta_s))}{'  *best' if is_best else ''}")
 
 
+def _resolve_lr(args: argparse.Namespace, ctx: DistContext) -> float:
+    """The global batch (all processes, accumulation included) and the lr scaled to it, into ``args``."""
+    args.global_batch = args.batch_size * ctx.world_size * args.accum_steps
+    args.lr_resolved = resolve_lr(args.lr, args.lr_base, args.lr_base_size, args.global_batch)
+    return args.lr_resolved
+
+
 def _build_state(args: argparse.Namespace, model, ctx: DistContext, num_classes: int,
                  updates_per_epoch: int) -> TrainState:
     """Optimizer, schedule, loss, mixup, AMP scaler and EMA for ``model`` (timm's)."""
     from timm.utils import ModelEmaV3
 
-    args.global_batch = args.batch_size * ctx.world_size * args.accum_steps
-    args.lr_resolved = resolve_lr(args.lr, args.lr_base, args.lr_base_size, args.global_batch)
+    _resolve_lr(args, ctx)
     optimizer = build_optimizer(model, args.opt, lr=args.lr_resolved, weight_decay=args.weight_decay,
                                 momentum=args.momentum, no_wd_norm=args.no_wd_norm)
     mixup = build_mixup(mixup=args.mixup, cutmix=args.cutmix, prob=args.mixup_prob,
@@ -334,8 +340,7 @@ def _check_val_loss_finite(row: Dict[str, Any], out: Path, epoch: int) -> None:
 
 def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.output)
-    check_schedule_lrs(args, resolve_lr(args.lr, args.lr_base, args.lr_base_size,
-                                        args.batch_size * ctx.world_size * args.accum_steps))
+    check_schedule_lrs(args, _resolve_lr(args, ctx))
     check_output_outside_data(out, Path(args.data))
     check_output(out, resume=args.resume, overwrite=args.overwrite, writable=ctx.is_main)  # rank 0 writes
     if ctx.is_main:

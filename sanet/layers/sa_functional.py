@@ -126,13 +126,6 @@ torch.fx.wrap("_compute_dtype")
 # gradients: these helpers give 0 statistics there (no NaN, nothing to normalise) and keep
 # the parameters in the graph. (jit.trace records one branch whatever the test: it records
 # the general one, without a TracerWarning for the size test.)
-def _plane_mean(x: Tensor) -> Tensor:
-    """Mean over the last dim (kept); 0 for empty planes (or an empty batch)."""
-    if not torch.jit.is_tracing() and x.numel() == 0:
-        return x.sum(dim=-1, keepdim=True)
-    return x.mean(dim=-1, keepdim=True)
-
-
 def _plane_group_norm(x: Tensor, c: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """GroupNorm(c, c) of (N', c, M) planes; the affine alone (empty) for empty input."""
     if not torch.jit.is_tracing() and x.numel() == 0:
@@ -142,14 +135,9 @@ def _plane_group_norm(x: Tensor, c: int, weight: Tensor, bias: Tensor, eps: floa
     return torch.group_norm(x, c, weight, bias, eps)
 
 
-# torch.fx can't trace their branches on sizes; record each call as one graph node instead.
-torch.fx.wrap("_plane_mean")
-torch.fx.wrap("_plane_group_norm")
-
-
-# The per-channel form's statistics over all spatial dims of (N, C, *spatial), without
-# flattening them (see _shuffle_attention_torch), and (N, C) values shaped to broadcast
-# against such an x.
+# Statistics over all spatial dims of (N, C, *spatial) (or of the reference's (N*G, c, M)
+# planes), without flattening them (see _shuffle_attention_torch), and (N, C) values shaped
+# to broadcast against such an x.
 def _spatial_dims(x: Tensor) -> List[int]:
     return [d for d in range(2, x.dim())]
 
@@ -174,6 +162,8 @@ def _per_plane(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape([t.shape[0], t.shape[1]] + [1 for _ in range(x.dim() - 2)])
 
 
+# torch.fx can't trace their branches on sizes; record each call as one graph node instead.
+torch.fx.wrap("_plane_group_norm")
 torch.fx.wrap("_spatial_mean")
 torch.fx.wrap("_spatial_var_mean")
 torch.fx.wrap("_per_plane")
@@ -221,7 +211,7 @@ def _shuffle_attention_reference(
     xg = xf.reshape(n * groups, c_total // groups, m)
     x0, x1 = xg.chunk(2, dim=1)
     # 2. Channel branch: global average pool, per-channel affine, sigmoid gate.
-    s = _plane_mean(x0)
+    s = _spatial_mean(x0).unsqueeze(-1)  # (N*G, c, 1)
     x0 = x0 * torch.sigmoid(cweight.reshape(1, c, 1) * s + cbias.reshape(1, c, 1))
     # 3. Spatial branch: GroupNorm(c, c) (one channel per group), affine, sigmoid gate.
     gn = _plane_group_norm(x1, c, gn_weight.to(xc.dtype), gn_bias.to(xc.dtype), eps)
