@@ -4,6 +4,7 @@ error stays the result (its message on stderr, exit status 2), with no traceback
 failed write of the JSON object, and no second failure at the interpreter's exit flush."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -86,3 +87,29 @@ def test_the_command_to_dev_full_says_the_error_without_a_traceback():
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
     assert proc.stderr.strip().startswith("sanet info: error: unknown model 'no_such_model'")
+
+
+@needs_dev_full
+@pytest.mark.parametrize("argv", [["models"], ["models", "--json"]], ids=["table", "json"])
+def test_a_full_disk_under_stdout_is_said_to_be_stdouts(monkeypatch, capsys, argv):
+    """``sanet models > file`` on a full disk: the error names standard output (the bare
+    "[Errno 28] No space left on device" did not say which file)."""
+    stream = _dev_full()
+    try:
+        monkeypatch.setattr(sys, "stdout", stream)
+        assert _exit_code(argv) == 2
+        monkeypatch.undo()
+        assert "sanet models: error: [Errno 28] No space left on device: 'standard output'" in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+def test_a_closed_pipe_under_stdout_stays_no_error():
+    """``sanet models | head -0``: the reader is gone before the table; not an error."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w") as stdout:
+        proc = _sanet(["models"], stdout)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

@@ -38,6 +38,18 @@ def test_predict_json_uses_checkpoint_class_names(capsys, trained):
         assert all(t["label"] == ["a", "b", "c"][t["index"]] for t in top)
 
 
+def test_topk_above_the_class_count_shows_all_classes_and_says_so(capsys, trained):
+    data, run = trained
+    code, out, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), "--topk", "5", "--json",
+                                      str(data / "val" / "a" / "000.png")])
+    assert code == 0
+    assert sorted(t["label"] for t in last_json(out)["predictions"][0]["top"]) == ["a", "b", "c"]
+    assert "--topk 5 is more than the model's 3 classes; showing all 3" in err
+    code, _, err = run_cli(capsys, ["predict", "--checkpoint", str(run / "last.pt"), "--topk", "3",
+                                    str(data / "val" / "a" / "000.png")])
+    assert code == 0 and "--topk" not in err
+
+
 def test_predict_agrees_with_eval(capsys, trained):
     """Predict's top-1 on every val image reproduces eval's top-1."""
     data, run = trained

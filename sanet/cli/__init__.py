@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
+from .pipes import stdout_named_in_errors
+
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: subcommand -> module (in this package). Order is the order of ``sanet --help``.
@@ -88,7 +90,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             # --json object (or, for train, the hint on how to go on).
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return int(args._run(args) or 0)
+        with stdout_named_in_errors():
+            code = int(args._run(args) or 0)
+            # here, not at the interpreter's exit: a failed write (full disk) is then this
+            # command's error, said clearly, rather than "Exception ignored" and status 120
+            sys.stdout.flush()
+            return code
     except KeyboardInterrupt as exc:
         return _report_interrupt(args, exc)
     except _Terminated as exc:

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Iterator, TextIO
 
-__all__ = ["pipe_safe_console"]
+__all__ = ["pipe_safe_console", "stdout_named_in_errors"]
 
 
 class _PipeSafe:
@@ -60,3 +60,42 @@ def pipe_safe_console() -> Iterator[None]:
         yield
     finally:
         sys.stdout, sys.stderr = saved
+
+
+class _NamedStdout:
+    """``sys.stdout`` whose write errors name it: a full disk under ``sanet ... > file`` is
+    otherwise a bare "[Errno 28] No space left on device" that doesn't say which file.
+    A closed pipe's BrokenPipeError passes unchanged (the callers treat it as no error)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self._stream, method)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise OSError(exc.errno, exc.strerror, "standard output") from exc
+
+    def write(self, text: str) -> int:
+        return self._call("write", text)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def stdout_named_in_errors() -> Iterator[None]:
+    """``sys.stdout`` as :class:`_NamedStdout` for the block."""
+    saved = sys.stdout
+    sys.stdout = _NamedStdout(saved)
+    try:
+        yield
+    finally:
+        sys.stdout = saved

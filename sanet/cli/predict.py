@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.model, checkpoint=args.checkpoint, pretrained_file=args.pretrained_file,
                                 use_ema=args.ema)
     note_unused_ema(loaded, "sanet predict", args.checkpoint or args.pretrained_file)
+    num_classes = getattr(loaded.model, "num_classes", None)
+    if isinstance(num_classes, int) and args.topk > num_classes:  # said, so fewer lines are no surprise
+        print(f"sanet predict: --topk {args.topk} is more than the model's {num_classes} classes; showing all "
+              f"{num_classes}", file=sys.stderr)
     transform = eval_transform(loaded.model, loaded.data_args, args.img_size, args.crop_pct)
     device = resolve_device(args.device)
     model = loaded.model.to(device)
