@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,11 +51,16 @@ def write_digits_imagefolder(root: Path, seed: int = 0, val_fraction: float = 0.
     train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed,
                                           stratify=digits.target)
     for split, indices in (("train", train_idx), ("val", val_idx)):
+        # each split appears whole or not at all: main() takes an existing val/ as complete data
+        partial = root / f".{split}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run stopped while writing
         for i in indices:
-            folder = root / split / str(digits.target[i])
+            folder = partial / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
             pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
             Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).save(folder / f"{i:04d}.png")
+        shutil.rmtree(root / split, ignore_errors=True)
+        os.replace(partial, root / split)
     return {"train": len(train_idx), "val": len(val_idx), "classes": len(digits.target_names)}
 
 
