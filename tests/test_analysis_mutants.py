@@ -296,25 +296,10 @@ def test_layer_text_shows_the_clone_median_and_mebibytes():
 
 # ---------------------------------------------------------------- run()'s records and header
 
-@pytest.fixture
-def fake_model_bench(monkeypatch):
-    def fake(specs, **kwargs):
-        return {"batch_size": kwargs["batch_size"], "img_size": kwargs["img_size"], "amp": None,
-                "times": _fake_times([f"{label}/{what}" for label in specs for what in ("inference", "train_step")]),
-                "memory": {label: dict.fromkeys(("saved_bytes", "saved_activation_bytes", "saved_tensors",
-                                                 "peak_train_step_bytes"), 1) for label in specs}}
-
-    monkeypatch.setattr(bench_mod, "model_bench", fake)
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = ("--skip-layers", "--model", "sa_resnet_test", "--baseline", "resnet18", "--batch-size", "2",
         "--img-size", "32")
 
-
-def test_json_names_the_baseline_and_a_pretrained_tag_is_an_sa_model(capsys, fake_model_bench):
+def test_json_names_the_baseline_and_a_pretrained_tag_is_an_sa_model(capsys, fake_bench):
     code, out, err = run_cli(capsys, "bench", "--json", *TINY)
     assert code == 0, err
     res = json.loads(out)
@@ -324,7 +309,7 @@ def test_json_names_the_baseline_and_a_pretrained_tag_is_an_sa_model(capsys, fak
                                                batch_size=2, img_size=32))
 
 
-def test_progress_bars_are_off_with_json(capsys, fake_model_bench, monkeypatch):
+def test_progress_bars_are_off_with_json(capsys, fake_bench, monkeypatch):
     import tqdm
 
     disabled = []
@@ -345,7 +330,7 @@ def test_progress_bars_are_off_with_json(capsys, fake_model_bench, monkeypatch):
     assert disabled == [True, None]  # None: tqdm decides (draws on a terminal only)
 
 
-def test_text_header_names_the_cpu_and_torch_threads(capsys, fake_model_bench, monkeypatch):
+def test_text_header_names_the_cpu_and_torch_threads(capsys, fake_bench, monkeypatch):
     info = {"cpu_model": "Fancy CPU", "processor": "x86_64", "cpu_count": 64, "threads": 3,
             "cpu_capability": "AVX2", "torch": "9", "device": "cpu"}
     monkeypatch.setattr(bench_mod, "machine_info", lambda device: dict(info))

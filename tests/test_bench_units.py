@@ -77,31 +77,6 @@ def test_without_a_reference_row_the_speed_ups_are_dashes():
 
 # ---------------------------------------------------------------- what run() hands model_bench
 
-class FakeModelBench:
-    """Stands in for model_bench: records its rows and options, returns a result of ones."""
-
-    def __init__(self):
-        self.specs, self.kwargs, self.threads = None, None, None
-
-    def __call__(self, specs, **kwargs):
-        self.specs, self.kwargs, self.threads = specs, kwargs, torch.get_num_threads()
-        one = {"samples_ms": [1.0], "median_ms": 1.0}
-        return {"batch_size": kwargs["batch_size"], "img_size": kwargs["img_size"],
-                "amp": None if kwargs["amp"] is None else str(kwargs["amp"]),
-                "times": {f"{label}/{what}": one for label in specs for what in ("inference", "train_step")},
-                "memory": {label: dict.fromkeys(("saved_bytes", "saved_activation_bytes", "saved_tensors",
-                                                 "peak_train_step_bytes"), 1) for label in specs}}
-
-
-@pytest.fixture
-def fake_bench(monkeypatch):
-    fake = FakeModelBench()
-    monkeypatch.setattr(bench_mod, "model_bench", fake)
-    before = torch.get_num_threads()
-    yield fake
-    torch.set_num_threads(before)
-
-
 TINY = ("--skip-layers", "--model", "sa_resnet_test", "--baseline", "resnet18", "--batch-size", "2",
         "--img-size", "32")
 
