@@ -240,6 +240,25 @@ def _head(path: Path, n: int = 16) -> bytes:
         return f.read(n)
 
 
+#: First bytes of files a weights option is given by mistake (an image to classify, the
+#: model card sanet convert writes beside the weights).
+_IMAGE_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"),
+                (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _what_it_looks_like(head: bytes) -> Optional[str]:
+    """What a file that is no checkpoint is, when its first bytes say (else None)."""
+    for magic, kind in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return f"a {kind} image, not weights"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WEBP image, not weights"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return ("a JSON file (if it is the model card OUT.json that sanet convert writes, the weights "
+                "are OUT.safetensors beside it)")
+    return None
+
+
 def _starts_like_torch_save(path: Path) -> bool:
     """A zip archive (torch.save's format since 1.6) or a binary pickle (legacy format: the
     PROTO opcode first). Anything else fails to unpickle because it is not a checkpoint."""
@@ -291,8 +310,8 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
         if not _starts_like_torch_save(path):
             raise SanetError(
                 f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a binary "
-                f"pickle; this file starts with {_head(path)!r}: a web page or an interrupted "
-                "download?)"
+                f"pickle; this file starts with {_head(path)!r}: "
+                f"{_what_it_looks_like(_head(path)) or 'a web page or an interrupted download?'})"
             ) from None
         if "Unsupported operand" in str(exc):  # an opcode of pickle protocol 3+ it doesn't implement
             raise SanetError(
@@ -312,9 +331,11 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
     except (EOFError, IndexError, KeyError, ValueError, RuntimeError, OSError) as exc:
         # Truncated or foreign files fail inside the unpickler or the zip reader (which, for
         # some cut lengths, seeks before the start: OSError "Invalid argument").
+        kind = None if _starts_like_torch_save(path) else _what_it_looks_like(_head(path))
         raise SanetError(
             f"{path}: not a PyTorch checkpoint, or a damaged one ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'unexpected end of data'})"
+            + (f"; the file is {kind}" if kind else "")
         ) from None
 
 

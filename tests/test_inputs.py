@@ -297,7 +297,7 @@ def test_overlay_sets_data_settings_but_not_weights(capsys, tmp_path, data):
                                                   f"pretrained_cfg_overlay={{'{source}': 'x'}}"))
         assert code == 2 and f"not where weights come from ({source}): use --pretrained-file" in err
     code, _, err = run_cli(capsys, train_argv(data, tmp_path / "r2", "--model-kwargs", "pretrained_cfg_overlay=5"))
-    assert code == 2 and "(pretrained_cfg_overlay)" in err
+    assert code == 2 and "pretrained_cfg_overlay must be a dict literal" in err and "got 5" in err
     # fine-tuning keeps the overlay too (it is merged under the file's weights)
     assert run_cli(capsys, train_argv(data, tmp_path / "ft", "--model-kwargs", overlay, "--pretrained-file",
                                       str(tmp_path / "r" / "last.pt")))[0] == 0

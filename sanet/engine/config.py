@@ -250,6 +250,11 @@ def validate_train_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--model-kwargs may not set {key}: {_OWNED_MODEL_KWARGS[key]}")
     from .modeling import overlay_weight_sources
 
+    overlay = (args.model_kwargs or {}).get("pretrained_cfg_overlay")
+    if overlay is not None and not isinstance(overlay, dict):
+        raise ValueError(f"--model-kwargs pretrained_cfg_overlay must be a dict literal, e.g. "
+                         f"\"pretrained_cfg_overlay={{'mean': (0.5, 0.5, 0.5)}}\" (quoted for the shell), "
+                         f"got {overlay!r}")
     sources = overlay_weight_sources(args.model_kwargs or {})
     if sources:
         raise ValueError(f"--model-kwargs pretrained_cfg_overlay may set data settings (mean, std, crop_pct, ...), "
