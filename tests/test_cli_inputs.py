@@ -156,8 +156,19 @@ def test_abbreviated_options_are_refused(capsys):
     with pytest.raises(SystemExit) as info:
         run_cli(capsys, ["models", "--jso"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "sanet models: error: unrecognized arguments: --jso" in err
+    assert info.value.code == 2 and "sanet models: error: unrecognized arguments: --jso (did you mean --json?)" in err
     assert err.startswith("usage: sanet models [-h]")  # the subcommand's usage, which lists its options
+
+
+@pytest.mark.parametrize("argv, tail", [
+    (["--epoch", "2"], "--epoch 2 (did you mean --epochs?)"),
+    (["--lrr=0.1", "--epoch", "2"], "--lrr=0.1 --epoch 2 (did you mean --lr for --lrr, --epochs for --epoch?)"),
+    (["--colour", "x"], "--colour x"),  # nothing close: no guess
+    (["stray"], "stray")])
+def test_a_mistyped_option_gets_the_closest_one(capsys, argv, tail):
+    with pytest.raises(SystemExit):
+        run_cli(capsys, ["train", "--model", "m", "--data", "d", "--output", "o", *argv])
+    assert capsys.readouterr().err.rstrip().endswith(f"sanet train: error: unrecognized arguments: {tail}")
 
 
 def test_memory_error_is_out_of_memory_not_a_bad_image(tmp_path, monkeypatch):

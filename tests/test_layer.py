@@ -424,8 +424,28 @@ def test_fused_rejects_half_on_cpu_with_a_clear_error():
     """impl='fused' means the kernel or an error; the CPU kernel is fp32/fp64 ('auto' falls back)."""
     require_fused("fused")
     m = ShuffleAttention(16, 2, impl="fused")
-    with pytest.raises(RuntimeError, match=r"no fused kernel for cpu torch.bfloat16 .*impl='auto'"):
+    with pytest.raises(RuntimeError, match=r"no fused kernel for cpu torch.bfloat16 input \(the CPU kernels take "
+                                           r"float32 and float64\); use impl='auto'"):
         m(torch.randn(1, 16, 3, 3, dtype=torch.bfloat16))
+
+
+def test_fused_without_the_extension_says_why_it_is_not_loaded():
+    """SANET_DISABLE_EXT=1 (or a failed build): the error names the reason, not only "needs
+    the C++ extension"."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch, sanet\n"
+            "try:\n"
+            "    sanet.ShuffleAttention(16, 2, impl='fused')(torch.randn(1, 16, 3, 3))\n"
+            "except sanet.SanetError as e:\n"
+            "    print(e)\n")
+    env = dict(os.environ, SANET_DISABLE_EXT="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "no fused kernel for cpu torch.float32 input: the C++ extension is not loaded (disabled by " \
+           "SANET_DISABLE_EXT); use impl='auto'" in out
 
 
 # --------------------------------------------------------------------------- script, fx, compile

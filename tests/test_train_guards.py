@@ -69,7 +69,9 @@ def test_bad_model_kwargs_are_user_errors(capsys, tmp_path, data):
         assert not (tmp_path / "d").exists()  # refused before the output is made
     for kwarg in ("norm_layer='bogus'", "act_layer='nope'"):  # timm looks the name up: a KeyError
         code, _, err = run_cli(capsys, train_argv(data, tmp_path / "e", "--model-kwargs", kwarg))
-        assert code == 2 and "does not accept them (unknown name" in err, err
+        assert code == 2 and "does not accept it (unknown name" in err, err
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "f", "--model-kwargs", "sa_groups=8", "bogus=1"))
+    assert code == 2 and "sa_groups=8 bogus=1: sa_resnet_test does not accept one of them" in err and "bogus" in err
     with pytest.raises(SystemExit) as info:  # a usage error, as argparse reports them
         run_cli(capsys, train_argv(data, tmp_path / "c", "--model-kwargs", "sa_groups", "--json"))
     out, err = capsys.readouterr()

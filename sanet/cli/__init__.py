@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import importlib
 import json
@@ -73,12 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _did_you_mean(parser: argparse.ArgumentParser, unknown: List[str]) -> str:
+    """" (did you mean --epochs?)" for a mistyped long option such as --epoch (argparse
+    names only what it did not recognise); "" when no option is close."""
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    flags = [token.split("=", 1)[0] for token in unknown if token.startswith("--")]
+    hints = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+        if close:
+            hints.append(close[0] if len(flags) == 1 else f"{close[0]} for {flag}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would print the top-level usage, without the subcommand's options
-        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        sub = parser.subcommands[args.command]
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(sub, unknown)}")
     _SIGINT["received"] = False
     previous = {}
     if threading.current_thread() is threading.main_thread():

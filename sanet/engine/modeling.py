@@ -178,7 +178,7 @@ def _create(name: str, model_kwargs: Optional[Dict[str, Any]], **kwargs: Any) ->
 def _kwargs_error(name: str, model_kwargs: Dict[str, Any], exc: Exception) -> ValueError:
     why = f"unknown name {exc}" if isinstance(exc, KeyError) else str(exc)
     return ValueError(f"--model-kwargs {' '.join(f'{k}={v!r}' for k, v in model_kwargs.items())}: "
-                      f"{name} does not accept them ({why})")
+                      f"{name} does not accept {'it' if len(model_kwargs) == 1 else 'one of them'} ({why})")
 
 
 def check_checkpoint_model(ckpt: Dict[str, Any], model_name: Optional[str], source: str) -> str:

@@ -11,6 +11,7 @@ from ..errors import SanetError
 from ..ops import fused_sa_supported, has_hooks, needs_pytorch_ops
 from ..ops.arg_checks import check_eps
 from ..ops.fused import _shuffle_attention_fused  # unchecked: forward checks x, __init__ checked G
+from ..ops.fused import no_fused_kernel_reason
 from .groups import check_sa_groups, fit_sa_groups
 from .sa_functional import (  # the unchecked forms: forward checks x once, __init__ checked G
     _compute_dtype,
@@ -138,11 +139,8 @@ class ShuffleAttention(nn.Module):
             # Parameters on another device than x: the reference, for PyTorch's device error.
             impl = "fused" if fused_sa_supported(x, *params) else "reference"
         elif impl == "fused" and not fused_sa_supported(x):
-            raise SanetError(
-                f"ShuffleAttention(impl='fused'): no fused kernel for {x.device.type} "
-                f"{x.dtype} input (CPU needs the C++ extension and fp32/fp64, CUDA needs "
-                "Triton); use impl='auto' to fall back to PyTorch ops"
-            )
+            raise SanetError(f"ShuffleAttention(impl='fused'): {no_fused_kernel_reason(x)}; use "
+                             "impl='auto' to fall back to PyTorch ops")
         if impl == "fused":  # returns x's layout itself
             return _shuffle_attention_fused(x, *params, self.groups, gn.eps)
         return _keep_layout(x, _IMPL_FNS[impl](x, *params, self.groups, gn.eps))

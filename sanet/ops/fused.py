@@ -55,6 +55,23 @@ def fused_sa_supported(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     return ok
 
 
+def no_fused_kernel_reason(x: Tensor) -> str:
+    """Why :func:`fused_sa_supported` says no for ``x``: for the error of an explicit
+    ``impl="fused"``, which has no fallback."""
+    what = f"no fused kernel for {x.device.type} {x.dtype} input"
+    if x.device.type == "cpu":
+        if x.dtype not in _CPU_DTYPES:
+            return f"{what} (the CPU kernels take float32 and float64)"
+        from .cpu_ext import cpu_ext_status
+
+        return f"{what}: the C++ extension is not loaded ({cpu_ext_status()['error']})"
+    if x.device.type == "cuda":
+        if x.dtype not in _CUDA_DTYPES:
+            return f"{what} (the CUDA kernels take float32, float16 and bfloat16)"
+        return f"{what}: Triton is not available"
+    return f"{what} (fused kernels exist for CPU and CUDA)"
+
+
 def needs_pytorch_ops() -> bool:
     """Whether SA must run as PyTorch ops instead of the fused op, because
 
@@ -118,8 +135,7 @@ def shuffle_attention_fused(
     if needs_pytorch_ops():
         return _shuffle_attention_torch(x, *params, groups, eps)
     if not fused_sa_supported(x):
-        raise SanetError(f"shuffle_attention_fused: no fused kernel for {x.device.type} {x.dtype} input (CPU "
-                         "needs the C++ extension and fp32/fp64, CUDA needs Triton); use "
+        raise SanetError(f"shuffle_attention_fused: {no_fused_kernel_reason(x)}; use "
                          "sanet.shuffle_attention_torch, or ShuffleAttention(impl='auto'), which falls back")
     return _shuffle_attention_fused(x, *params, groups, eps)
 
