@@ -245,3 +245,27 @@ def test_the_transform_takes_size_interpolation_crop_and_normalisation_from_the_
     out = build_transform(cfg, is_training=is_training)(Image.new("RGB", (30, 30)))  # black: -mean / std
     assert out.shape == (3, 20, 20)
     torch.testing.assert_close(out[:, 0, 0], torch.tensor([-0.1 / 0.4, -0.2 / 0.5, -0.3 / 0.6]))
+
+
+def test_more_workers_than_cpus_is_said_once_naming_the_option(capsys, monkeypatch):
+    """PyTorch warned twice per loader (built, then iterated) without naming --workers."""
+    import os
+    import warnings
+
+    import sanet.engine.data as data_mod
+    from sanet.engine.distributed import DistContext
+
+    monkeypatch.setattr(data_mod, "_WORKERS_NOTED", {"said": False})
+    cpus = len(os.sched_getaffinity(0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        within = data_mod.build_eval_loader(_RandomSamples(), 2, workers=cpus, ctx=DistContext())
+        assert capsys.readouterr().err == ""
+        for _ in range(2):  # the trainer's two loaders
+            loader = data_mod.build_eval_loader(_RandomSamples(), 2, workers=cpus + 1, ctx=DistContext())
+            assert len(list(loader)) == 2
+        assert len(list(within)) == 2
+    err = capsys.readouterr().err
+    assert err == (f"warning: --workers {cpus + 1} is more than the {cpus} CPU(s) this process may use: loading "
+                   f"images may get slower, not faster (--workers {cpus} or fewer)\n")
+    assert not [w for w in seen if "DataLoader will create" in str(w.message)]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import unicodedata
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -313,6 +315,24 @@ def _train_sampler(dataset, ctx: DistContext, seed: int) -> DistributedSampler:
                               shuffle=True, seed=seed * 1_000_003, drop_last=False)
 
 
+_WORKERS_NOTED = {"said": False}
+
+
+def _data_loader(dataset, ctx: DistContext, *, num_workers: int, **kwargs: Any) -> DataLoader:
+    """``DataLoader``, with PyTorch's warning about more workers than CPUs said once (by the
+    main process, on stderr as the trainer's warnings), naming the option: PyTorch gives it
+    when a loader is built and again when it is iterated, in words that don't name --workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if num_workers > cpus:
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        if ctx.is_main and not _WORKERS_NOTED["said"]:
+            _WORKERS_NOTED["said"] = True
+            print(f"warning: --workers {num_workers} is more than the {cpus} CPU(s) this process may use: "
+                  f"loading images may get slower, not faster (--workers {cpus} or fewer)",
+                  file=sys.stderr, flush=True)
+    return DataLoader(dataset, num_workers=num_workers, **kwargs)
+
+
 def build_train_loader(dataset, batch_size: int, *, workers: int, ctx: DistContext,
                        seed: int) -> DataLoader:
     """Shuffled, sharded train loader dropping the last partial batch (BatchNorm needs > 1)."""
@@ -327,8 +347,8 @@ def build_train_loader(dataset, batch_size: int, *, workers: int, ctx: DistConte
             f"batch size {batch_size} per process x {ctx.world_size} process(es) = {total} "
             f"exceeds the {len(dataset)} training images ({per_rank} per process): no full "
             f"batch. Use --batch-size {max(1, per_rank)} or less, or add images")
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=_train_sampler(dataset, ctx, seed),
+    return _data_loader(
+        dataset, ctx, batch_size=batch_size, sampler=_train_sampler(dataset, ctx, seed),
         num_workers=workers, drop_last=True, collate_fn=collate_skip,
         pin_memory=ctx.device.type == "cuda", generator=torch.Generator(),
         persistent_workers=False)
@@ -351,5 +371,5 @@ def build_eval_loader(dataset, batch_size: int, *, workers: int, ctx: DistContex
     same count, which would count those images twice in the metrics.
     """
     indices = list(range(ctx.rank, len(dataset), ctx.world_size))
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
+    return _data_loader(dataset, ctx, batch_size=batch_size, sampler=indices, num_workers=workers,
                       collate_fn=collate_skip, pin_memory=ctx.device.type == "cuda")
