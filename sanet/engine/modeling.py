@@ -132,6 +132,7 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     try:
         kwargs = with_sa_groups_of(state_dict, name, kwargs)  # fine-tune the G it was trained with
     except TypeError as exc:
+        _refuse_drop_path(name, kwargs, model_kwargs, exc)
         if not model_kwargs:
             raise
         raise _kwargs_error(name, model_kwargs, exc) from None
@@ -170,9 +171,20 @@ def _create(name: str, model_kwargs: Optional[Dict[str, Any]], **kwargs: Any) ->
     try:
         return timm.create_model(name, **kwargs)
     except (TypeError, KeyError) as exc:  # KeyError: timm's lookup of a layer name (norm_layer=...)
+        _refuse_drop_path(name, kwargs, model_kwargs, exc)
         if not model_kwargs:
             raise
         raise _kwargs_error(name, model_kwargs, exc) from None
+
+
+def _refuse_drop_path(name: str, kwargs: Dict[str, Any], model_kwargs: Optional[Dict[str, Any]],
+                      exc: Exception) -> None:
+    """--drop-path (drop_path_rate) for a model whose blocks take none (e.g. timm's DLA, VGG)."""
+    rate = kwargs.get("drop_path_rate")
+    if rate and "drop_path_rate" not in (model_kwargs or {}) and isinstance(exc, TypeError) \
+            and "drop_path_rate" in str(exc):
+        raise ValueError(f"--drop-path {rate:g}: {name} has no stochastic depth (it takes no drop_path_rate); "
+                         "leave --drop-path out") from None
 
 
 def _kwargs_error(name: str, model_kwargs: Dict[str, Any], exc: Exception) -> ValueError:
@@ -257,7 +269,8 @@ def _checked_settings(source: Path, data_args: Dict[str, Any], model_kwargs: Any
         # conv): its weights take RGB, as the file's own first conv says; nothing to pass
         model_kwargs = {k: v for k, v in model_kwargs.items() if k != "in_chans"}
     refused = sorted(k for k in model_kwargs if k in _REFUSED_FILE_KWARGS) + [
-        f"pretrained_cfg_overlay {k}" for k in overlay_weight_sources(model_kwargs)]
+        f"pretrained_cfg_overlay {k}" if k != "pretrained_cfg_overlay" else
+        "a pretrained_cfg_overlay that is not a dict" for k in overlay_weight_sources(model_kwargs)]
     if refused:
         raise bad(f"model_kwargs set {', '.join(refused)}, which a weights file may not (they would load "
                   "other weights or contradict the file's own)")
