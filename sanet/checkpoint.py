@@ -308,10 +308,11 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
             return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _starts_like_torch_save(path):
+            head = _head(path)
             raise SanetError(
                 f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a binary "
-                f"pickle; this file starts with {_head(path)!r}: "
-                f"{_what_it_looks_like(_head(path)) or 'a web page or an interrupted download?'})"
+                f"pickle; this file starts with {head!r}: "
+                f"{_what_it_looks_like(head) or 'a web page or an interrupted download?'})"
             ) from None
         if "Unsupported operand" in str(exc):  # an opcode of pickle protocol 3+ it doesn't implement
             raise SanetError(

@@ -55,6 +55,19 @@ def run_cli(capsys, argv: List[str]) -> Tuple[int, str, str]:
     return code, out, err
 
 
+def run_cli_args(capsys, *argv: str) -> Tuple[int, str, str]:
+    """``sanet ARGV`` in this process, a usage error (argparse's SystemExit) included:
+    (exit code, stdout, stderr)."""
+    from sanet.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 

@@ -21,19 +21,10 @@ from torch import nn
 import sanet.analysis.bench as bench_mod
 from sanet.analysis.memory import PeakMemoryTracker, saved_tensor_bytes
 from sanet.cli import bench as cli_bench
-from sanet.cli import main
+from engine_utils import run_cli_args as run_cli
 from sanet.layers import ShuffleAttention
 
 MIB = 2 ** 20
-
-
-def run_cli(capsys, *argv: str):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _fake_times(fns):

@@ -10,18 +10,9 @@ import torch
 from torch import nn
 
 import sanet.analysis.bench as bench_mod
-from sanet.cli import main
+from engine_utils import run_cli_args as run_cli
 from sanet.cli import bench as cli_bench
 from sanet.ops import fused_sa_supported
-
-
-def run_cli(capsys, *argv: str):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---------------------------------------------------------------- checks before any timing
