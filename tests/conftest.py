@@ -51,6 +51,17 @@ def case_seed(*case) -> int:
     return zlib.crc32(repr(case).encode())
 
 
+@pytest.fixture
+def no_cpu_kernel(monkeypatch):
+    """A CPU without the C++ extension (a failed build, SANET_DISABLE_EXT): no fused kernel
+    for any dtype, in the bench command and in the layers alike."""
+    import sanet.ops.fused as fused_mod
+    from sanet.ops import fused_sa_supported
+
+    monkeypatch.setattr(fused_mod, "_cpu_ext_ok", lambda: False)
+    assert not fused_sa_supported(torch.zeros(1, 2, 1, dtype=torch.bfloat16))
+
+
 def fused_kernel_available() -> bool:
     from sanet.ops import fused_sa_supported
 

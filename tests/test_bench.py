@@ -19,7 +19,6 @@ from sanet.analysis import bench as bench_mod
 from sanet.analysis.bench import layer_bench, make_sa_layers, paired_ratio, time_interleaved
 from sanet.cli import main
 from sanet.cli.bench import _model_text
-from sanet.ops import fused_sa_supported
 
 from conftest import fused_kernel_available
 
@@ -167,9 +166,7 @@ def test_git_commit_never_fails(monkeypatch):
 
 # ---------------------------------------------------------------- no fused row where none runs
 
-@pytest.mark.skipif(fused_sa_supported(torch.zeros(1, 2, 1, dtype=torch.bfloat16)),
-                    reason="a CPU bf16 fused kernel exists: the row is the fused one")
-def test_cpu_bf16_drops_the_fused_model_row_and_says_why(capsys):
+def test_cpu_bf16_drops_the_fused_model_row_and_says_why(capsys, no_cpu_kernel):
     code, out, err = run_cli(capsys, "bench", "--json", "--dtype", "bf16", "--skip-layers", *TINY_MODELS)
     assert code == 0
     res = json.loads(out)
@@ -183,9 +180,7 @@ def test_cpu_bf16_drops_the_fused_model_row_and_says_why(capsys):
     assert "layers timed" not in err  # --skip-layers: no note about layers
 
 
-@pytest.mark.skipif(fused_sa_supported(torch.zeros(1, 2, 1, dtype=torch.bfloat16)),
-                    reason="a CPU bf16 fused kernel exists")
-def test_only_the_fused_impl_where_none_runs_is_refused(capsys):
+def test_only_the_fused_impl_where_none_runs_is_refused(capsys, no_cpu_kernel):
     # it timed x.clone() alone and exited 0
     code, _, err = run_cli(capsys, "bench", "--dtype", "bf16", "--impls", "fused", "--shapes", "2x8x4x4",
                            "--rounds", "1", "--skip-models")

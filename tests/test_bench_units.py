@@ -12,7 +12,6 @@ from torch import nn
 import sanet.analysis.bench as bench_mod
 from engine_utils import run_cli_args as run_cli
 from sanet.cli import bench as cli_bench
-from sanet.ops import fused_sa_supported
 
 
 # ---------------------------------------------------------------- checks before any timing
@@ -152,9 +151,7 @@ def test_model_bench_records_autocast_and_the_saved_tensor_count(monkeypatch):
     assert bench_mod.model_bench({"m": {"model": "squares"}}, batch_size=2, img_size=4, rounds=1)["amp"] is None
 
 
-@pytest.mark.skipif(fused_sa_supported(torch.zeros(1, 2, 1, dtype=torch.bfloat16)),
-                    reason="a CPU bf16 fused kernel exists: nothing is left out")
-def test_layers_without_a_fused_kernel_say_which_impls_were_timed(capsys):
+def test_layers_without_a_fused_kernel_say_which_impls_were_timed(capsys, no_cpu_kernel):
     code, out, err = run_cli(capsys, "bench", "--json", "--dtype", "bf16", "--skip-models", "--shapes", "2x8x4x4",
                              "--rounds", "1")
     assert code == 0, err

@@ -215,18 +215,44 @@ def test_dispatch_modes_see_the_fused_op():
     assert tracker.peak >= 2 * x.numel() * x.element_size()  # the output and grad x at least
 
 
-def test_half_precision_falls_back_on_cpu():
-    gen = torch.Generator().manual_seed(9)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_half_precision_on_cpu_is_the_fp32_kernel_rounded_once(monkeypatch, dtype, layout):
+    """fp16/bf16 input (what CPU autocast gives SA) runs the C++ kernel on an fp32 copy: the
+    output and the input's gradient are the fp32 results for the same values rounded once, the
+    parameters' gradients are the fp32 ones exactly, and it is as close to the fp32 oracle as
+    one rounding allows. Before, 'auto' ran the authors' formulation in half precision."""
+    require_cpu_ext()
+    from sanet.ops import sa_op
+
+    seen = []
+    real = sa_op._cpu_ext()
+    monkeypatch.setattr(sa_op, "_cpu_ext", lambda: seen.append(1) or real)
+    gen = torch.Generator().manual_seed(case_seed(str(dtype), layout))
     sa = sanet.ShuffleAttention(64, 8)
     randomize(sa, gen)
-    x = torch.randn(2, 64, 5, 5, generator=gen).bfloat16()
-    assert not fused_sa_supported(x)
-    y = sa(x)
-    assert y.dtype == torch.bfloat16
-    want = authors_sa_nd(x.float(), dict(sa.named_parameters()), 8)  # fp32 on the same bf16 input
-    assert rel(y.float(), want) < 8e-3  # bf16 keeps 8 bits: ~4e-3 per rounding
-    with pytest.raises(RuntimeError, match="no fused kernel"):
-        sanet.ShuffleAttention(64, 8, impl="fused")(x.bfloat16())
+    x = torch.randn(2, 64, 5, 7, generator=gen).to(dtype)
+    g = torch.randn(2, 64, 5, 7, generator=gen).to(dtype)
+    if layout == "channels_last":
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    assert fused_sa_supported(x)
+    def run(x, g):
+        x = x.detach().requires_grad_(True)
+        y = sa(x)
+        return (y, *torch.autograd.grad(y, [x, *sa.parameters()], g))
+
+    y, gx, *gp = run(x, g)
+    assert seen, "the C++ kernel did not run"
+    assert y.dtype == dtype and gx.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    y32, gx32, *gp32 = run(x.float(), g.float())
+    assert torch.equal(y, y32.to(dtype)) and torch.equal(gx, gx32.to(dtype))
+    for a, b in zip(gp, gp32):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    want = authors_sa_nd(x.float(), dict(sa.named_parameters()), 8)  # fp32 on the same half input
+    assert rel(y.float(), want) < {torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # one rounding
+    with torch.no_grad():  # the kernel alone, without autograd: the same values
+        assert torch.equal(sa(x), y.detach())
 
 
 def test_drop_path_falls_back_in_training_only():
@@ -423,8 +449,8 @@ def test_functional_fused_op_under_torch_func_and_forward_ad():
 def test_functional_fused_op_without_a_kernel_for_the_dtype_says_so():
     sa = sanet.ShuffleAttention(8, 2)
     params = [sa.cweight, sa.cbias, sa.sweight, sa.sbias, sa.gn.weight, sa.gn.bias]
-    with pytest.raises(sanet.SanetError, match=r"no fused kernel for cpu torch.float16 input .*shuffle_attention_torch"):
-        shuffle_attention_fused(torch.ones(2, 8, 3, 3, dtype=torch.float16), *params, 2)
+    with pytest.raises(sanet.SanetError, match=r"no fused kernel for meta torch.float32 input .*shuffle_attention_torch"):
+        shuffle_attention_fused(torch.ones(2, 8, 3, 3, device="meta"), *(p.to("meta") for p in params), 2)
     with pytest.raises(TypeError, match="floating-point input"):  # no kernel could take it: the input's fault
         shuffle_attention_fused(torch.ones(2, 8, 3, 3, dtype=torch.int64), *params, 2)
 

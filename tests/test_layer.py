@@ -420,13 +420,13 @@ def test_autocast_fp32_input_stays_fp32(impl):
     assert rel_err(out, ref(x)) <= FP32_TOL
 
 
-def test_fused_rejects_half_on_cpu_with_a_clear_error():
-    """impl='fused' means the kernel or an error; the CPU kernel is fp32/fp64 ('auto' falls back)."""
-    require_fused("fused")
-    m = ShuffleAttention(16, 2, impl="fused")
-    with pytest.raises(RuntimeError, match=r"no fused kernel for cpu torch.bfloat16 input \(the CPU kernels take "
-                                           r"float32 and float64\); use impl='auto'"):
-        m(torch.randn(1, 16, 3, 3, dtype=torch.bfloat16))
+def test_fused_without_a_kernel_for_the_device_says_so():
+    """impl='fused' means the kernel or an error ('auto' falls back): kernels exist for CPU
+    (every float dtype) and CUDA, not for e.g. the meta device."""
+    m = ShuffleAttention(16, 2, impl="fused").to("meta")
+    with pytest.raises(RuntimeError, match=r"no fused kernel for meta torch.float32 input \(fused kernels exist "
+                                           r"for CPU and CUDA\); use impl='auto'"):
+        m(torch.randn(1, 16, 3, 3, device="meta"))
 
 
 def test_fused_without_the_extension_says_why_it_is_not_loaded():

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sanet.engine.data import build_eval_loader, open_image_folder
     from sanet.engine.distributed import check_same_images, cleanup_distributed, init_distributed
-    from sanet.engine.evaluate import evaluate
+    from sanet.engine.evaluate import evaluate, slow_amp_note
     from sanet.engine.modeling import load_for_inference
     from sanet.engine.predict import eval_transform, target_map_for
 
@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     target_map = target_map_for(dataset.classes, loaded.class_names, loaded.model.num_classes)
     ctx = init_distributed(args.device)
     try:
+        note = slow_amp_note(ctx.device, args.amp)
+        if note and ctx.is_main:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
         check_same_images(ctx, {"evaluation": dataset})
         model = loaded.model.to(ctx.device)
         if args.channels_last:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .data import UnreadableImageError, clean_worker_error
 from .distributed import DistContext, all_reduce_sum
 
-__all__ = ["evaluate", "autocast_for"]
+__all__ = ["evaluate", "autocast_for", "slow_amp_note"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -23,6 +23,17 @@ def autocast_for(device: torch.device, amp: Optional[str]):
     if not amp or amp == "none":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+
+
+def slow_amp_note(device: torch.device, amp: Optional[str]) -> Optional[str]:
+    """A warning for ``--amp fp16`` on a CPU, else None. It runs, but PyTorch's CPU float16
+    kernels are slow: sa_resnet50 took 10x the fp32 training step and 22x its inference
+    (``benchmarks/amp_cpu.py``, docs/benchmarks.md), where bf16 took 0.54x and 0.71x."""
+    if amp != "fp16" or device.type != "cpu":
+        return None
+    return ("--amp fp16 on the CPU is slow (PyTorch's CPU float16 kernels: sa_resnet50 measured 10x the fp32 "
+            "training step and 22x its inference, see docs/benchmarks.md); --amp bf16 is the CPU's mixed "
+            "precision")
 
 
 @torch.no_grad()

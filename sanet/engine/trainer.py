@@ -23,7 +23,7 @@ import torch
 from .config import RUN_CONTROL_KEYS, plain_args, to_plain, validate_train_args
 from .data import build_eval_loader, build_train_loader, build_transform, open_train_val, reseed_loader
 from .distributed import DistContext, broadcast_buffers, check_same_images, cleanup_distributed, init_distributed
-from .evaluate import evaluate
+from .evaluate import evaluate, slow_amp_note
 from .logs import RunLogger, load_plotting, plot_curves
 from .loop import NonFiniteLossError, TrainState, train_one_epoch
 from .modeling import create_train_model, to_channels_last
@@ -382,6 +382,8 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                 _warn(ctx, f"{out / 'last.pt'} has {start_epoch} epoch(s) done and --epochs is "
                            f"{args.epochs}: nothing to train (raise --epochs to continue)")
         _wrap(state, args, ctx)
+        if note := slow_amp_note(ctx.device, args.amp):
+            _warn(ctx, note)
         _say(ctx, f"{args.model}: {len(train_ds)} train / {len(val_ds)} val images, {len(class_names)} classes; "
                   f"{ctx.world_size} process(es) on {ctx.device.type}, global batch "
                   f"{args.global_batch}, lr {args.lr_resolved:.4g}, "

@@ -9,7 +9,7 @@ the attention layer from ``attn_layer``) and change two things:
   where the kernel supports it (:func:`sanet.ops.bn_shuffle_attention`): one pass over the
   activation instead of five, and backward keeps the conv output BatchNorm keeps anyway
   instead of BatchNorm's output too. Elsewhere (TorchScript, torch.fx, jit.trace, torch.export,
-  ONNX export, half precision on CPU, other norm or activation layers, stochastic depth in
+  ONNX export, other norm or activation layers, stochastic depth in
   training) it runs the same ops one by one.
 """
 from __future__ import annotations

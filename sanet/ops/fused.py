@@ -20,7 +20,8 @@ __all__ = [
     "has_hooks",
 ]
 
-_CPU_DTYPES = (torch.float32, torch.float64)
+# fp16/bf16 on the CPU: the fp32 kernel on an fp32 copy (sa_op._cpu_forward).
+_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -61,7 +62,7 @@ def no_fused_kernel_reason(x: Tensor) -> str:
     what = f"no fused kernel for {x.device.type} {x.dtype} input"
     if x.device.type == "cpu":
         if x.dtype not in _CPU_DTYPES:
-            return f"{what} (the CPU kernels take float32 and float64)"
+            return f"{what} (the CPU kernels take float32, float64, float16 and bfloat16)"
         from .cpu_ext import cpu_ext_status
 
         return f"{what}: the C++ extension is not loaded ({cpu_ext_status()['error']})"
