@@ -115,6 +115,23 @@ def test_model_under_bf16_autocast_fuses_bn_and_sa(monkeypatch):
             assert int(b) == 1, name
 
 
+def test_torch_compile_records_the_op_for_half_input(monkeypatch):
+    """Under torch.compile (fullgraph) the custom op takes bf16 input too (the compiled graph
+    calls the C++ kernel): the same output and input gradient as eager."""
+    dtypes = []
+    fwd, bwd, update = sa_op.KERNELS["cpu"]
+    monkeypatch.setitem(sa_op.KERNELS, "cpu", (lambda x, *a: dtypes.append(x.dtype) or fwd(x, *a), bwd, update))
+    sa = sanet.ShuffleAttention(64, 8)
+    x = torch.randn(2, 64, 9, 9).bfloat16().requires_grad_(True)
+    g = torch.randn(2, 64, 9, 9).bfloat16()
+    torch._dynamo.reset()
+    y = torch.compile(sa, fullgraph=True)(x)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    y_eager = sa(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_eager)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_eager, x, g)[0])
+
+
 @pytest.mark.slow
 def test_gpu_suites_half_precision_cases_on_the_cpp_kernels():
     """tests/test_cuda.py and test_cuda_precision.py on the CPU (SANET_TEST_DEVICE=cpu): their
