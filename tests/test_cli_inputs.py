@@ -163,7 +163,9 @@ def test_abbreviated_options_are_refused(capsys):
 @pytest.mark.parametrize("argv, tail", [
     (["--epoch", "2"], "--epoch 2 (did you mean --epochs?)"),
     (["--lrr=0.1", "--epoch", "2"], "--lrr=0.1 --epoch 2 (did you mean --lr for --lrr, --epochs for --epoch?)"),
+    (["-epochs", "2"], "-epochs 2 (did you mean --epochs?)"),  # one dash, as some tools spell long options
     (["--colour", "x"], "--colour x"),  # nothing close: no guess
+    (["-q"], "-q"),  # a short option: no guess from one letter
     (["stray"], "stray")])
 def test_a_mistyped_option_gets_the_closest_one(capsys, argv, tail):
     with pytest.raises(SystemExit):

@@ -75,13 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _did_you_mean(parser: argparse.ArgumentParser, unknown: List[str]) -> str:
-    """" (did you mean --epochs?)" for a mistyped long option such as --epoch (argparse
-    names only what it did not recognise); "" when no option is close."""
+    """" (did you mean --epochs?)" for a mistyped long option such as --epoch, or one given
+    with a single dash (-epochs) (argparse names only what it did not recognise); "" when no
+    option is close."""
     options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
-    flags = [token.split("=", 1)[0] for token in unknown if token.startswith("--")]
+    flags = [token.split("=", 1)[0] for token in unknown
+             if token.startswith("--") or (token.startswith("-") and len(token) > 2 and token[1].isalpha())]
     hints = []
     for flag in flags:
-        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(flag if flag.startswith("--") else "-" + flag, options, n=1, cutoff=0.75)
         if close:
             hints.append(close[0] if len(flags) == 1 else f"{close[0]} for {flag}")
     return f" (did you mean {', '.join(hints)}?)" if hints else ""
