@@ -208,8 +208,9 @@ def test_extension_is_built_from_a_copy_in_its_cache_dir():
 def test_extension_builds_and_is_exact_for_avx2(tmp_path):
     """Machines without AVX-512 get the AVX2 build (ATen picks the ISA at run time): build it
     here too, in a fresh cache, and run the kernel tests that probe its own code (the
-    vector sigmoid and sums) against the reference and fp64: NaN, saturated gates, large
-    means, the fp32 cases of every layout."""
+    vector sigmoid and sums, the 16-bit loads and stores) against the reference and fp64:
+    NaN, saturated gates, large means, the fp32 cases of every layout, fp16/bf16 bitwise
+    against the fp32 kernel rounded once."""
     import torch
 
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
@@ -220,11 +221,12 @@ def test_extension_builds_and_is_exact_for_avx2(tmp_path):
     proc = subprocess.run([sys.executable, "-c", isa], capture_output=True, text=True, env=env, timeout=600)
     assert proc.stdout.split() == ["True", "AVX2"], proc.stderr[-3000:]
     here = Path(__file__).parent
-    tests = [str(here / "test_fused.py"), str(here / "test_fused_precision.py")]
+    tests = [str(here / "test_fused.py"), str(here / "test_fused_precision.py"), str(here / "test_cpu_half.py")]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k",
          "nan_reaches or inf_in or identity_planes or outlier_plane or saturated or large_mean or large_planes "
-         "or matches_reference_fp32 or bn_sa_fusion"],
+         "or matches_reference_fp32 or bn_sa_fusion or half_precision_on_cpu "
+         "or (native_half and (3x3 or 5x13 or 56x56)) or channels_last_half"],
         capture_output=True, text=True, env=env, timeout=900, cwd=here)
     assert proc.returncode == 0 and " passed" in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
 

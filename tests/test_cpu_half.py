@@ -1,5 +1,6 @@
-"""fp16/bf16 on the CPU: the C++ kernels run on an fp32 copy of half-precision input (what CPU
-autocast gives SA), round once, and autograd keeps the half-precision input, not the copy.
+"""fp16/bf16 on the CPU: the C++ kernels read half-precision input (what CPU autocast gives SA)
+as it is, compute in fp32 and round once: bitwise what the fp32 kernels give on the upcast
+tensors, rounded (the fp32-copy path this replaced); autograd keeps the half-precision input.
 The GPU suite's half-precision cases (``tests/test_cuda.py``, ``tests/test_cuda_precision.py``
 with ``SANET_TEST_DEVICE=cpu``) run on these kernels; the single-layer exactness checks are in
 ``test_fused.py::test_half_precision_on_cpu_is_the_fp32_kernel_rounded_once``."""
@@ -9,6 +10,7 @@ import copy
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,156 @@ pytestmark = [pytest.mark.usefixtures("one_thread")]
 @pytest.fixture(autouse=True)
 def _needs_the_kernel():
     require_cpu_ext()
+
+
+def _copy_path(ext):
+    """The fp32-copy path the native half kernels replaced: the fp32 kernels on upcast tensors,
+    the full-size results rounded once to the half type."""
+    def f32(t):
+        return None if t is None else t.float()
+
+    def forward(x, sc, *args):
+        out, *stats = ext.sa_forward(x.float(), f32(sc), *args)
+        return (out.to(x.dtype), *stats)
+
+    def backward(g, x, out, *args):
+        gx, gpre, *rest = ext.sa_backward(g.float(), x.float(), f32(out), *args)
+        return (gx.to(x.dtype), None if gpre is None else gpre.to(x.dtype), *rest)
+    return forward, backward
+
+
+# (shape, groups): tiny, small (two-pass training BatchNorm), odd with vector tails, 56x56
+# (training BatchNorm walks channels there, dL/dz in a per-thread buffer), one output past
+# the streaming-store threshold (8 MiB) with odd planes (unaligned stream heads).
+_SHAPES = [((2, 64, 3, 3), 8), ((3, 64, 7, 7), 8), ((2, 32, 5, 13), 4), ((2, 32, 56, 56), 4),
+           ((5, 96, 97, 101), 8)]
+_TAILS = {  # (BatchNorm: None / "train" / "eval", shortcut, ReLU)
+    "sa": (None, False, False), "bn-eval-tail": ("eval", True, True), "bn-train-tail": ("train", True, True),
+    "bn-train": ("train", False, False), "bn-eval-relu": ("eval", False, True)}
+
+
+def _assert_within_one_ulp(a, b):
+    """a equals b but for a few elements one ulp (of a's type) away."""
+    differ = a != b
+    assert torch.equal(torch.nextafter(b[differ], a[differ]), a[differ])
+    assert differ.sum() <= max(2, a.numel() // 1000), int(differ.sum())
+
+
+_BF16, _FP16 = torch.bfloat16, torch.float16
+# Every dtype and tail on the small shapes; the large (streaming) one for three of them.
+_CASES = [(name, shape, groups, dtype, tail)
+          for name, (shape, groups) in zip(["3x3", "7x7", "5x13", "56x56"], _SHAPES[:4])
+          for dtype in (_BF16, _FP16) for tail in _TAILS]
+_CASES += [("stream", *_SHAPES[4], dtype, tail) for dtype, tail in ((_BF16, "bn-train-tail"),
+                                                                   (_FP16, "bn-eval-tail"), (_BF16, "sa"))]
+
+
+@pytest.mark.parametrize("name, shape, groups, dtype, tail", _CASES,
+                         ids=[f"{c[0]}-{'bf16' if c[3] == _BF16 else 'fp16'}-{c[4]}" for c in _CASES])
+def test_native_half_kernels_equal_the_fp32_kernels_rounded_once(name, shape, groups, dtype, tail):
+    """Every output of both kernels against the fp32-copy path, bitwise: out, grad x, the
+    gradient before the ReLU (the shortcut's) in the half type; per-plane and batch statistics
+    (the running statistics' update), the six SA parameters' and BatchNorm's gradients as
+    they are. The kernels do the same float math on the same values and round once.
+
+    One exception: with a shortcut, out is z * s + shortcut, which GCC (-ffp-contract=fast)
+    fuses into one FMA in some of its loops and not in others, so in a few elements out
+    differs by one rounding of z * s in float, and by one half-type ulp where that flips the
+    final rounding. The fp32 kernel itself does so between its streaming loop and its other
+    one (an 8 MiB output and a smaller one differ in ~1e-7 of their values)."""
+    ext = sa_op._cpu_ext()
+    fwd_ref, bwd_ref = _copy_path(ext)
+    bn_mode, has_sc, relu = _TAILS[tail]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, tail, shape)).encode()))
+    C, cc = shape[1], shape[1] // (2 * groups)
+    params = [torch.randn(cc, generator=gen) for _ in range(6)]
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
+    sc = torch.randn(shape, generator=gen).to(dtype) if has_sc else None
+    g = torch.randn(shape, generator=gen).to(dtype)
+    bw, bb = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    bm, bv = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5
+    train = bn_mode == "train"
+    bn = (bw, bb, None, None) if train else (bw, bb, bm, bv) if bn_mode else (None,) * 4
+    args = (*params, groups, 1e-5, *bn, train, 1e-5, relu)
+    got, want = sa_op._cpu_forward(x, sc, *args), fwd_ref(x, sc, *args)
+    assert got[0].dtype == dtype
+    for name, a, b in zip(["out", "plane mean", "plane var", "batch mean", "batch var"], got, want):
+        if name == "out" and has_sc:
+            _assert_within_one_ulp(a, b)
+        else:
+            assert torch.equal(a, b), name
+    out, pmean, pvar, bmean, bvar = got
+    stats = (bmean, bvar) if train else (bm, bv) if bn_mode else (None, None)
+    bargs = (pmean, pvar, *params, groups, 1e-5, bw if bn_mode else None, bb if bn_mode else None,
+             *stats, train, 1e-5)
+    got = sa_op._cpu_backward(g, x, out if relu else None, *bargs)
+    want = bwd_ref(g, x, out if relu else None, *bargs)
+    assert got[0].dtype == dtype and got[2].dtype == torch.float32
+    for name, a, b in zip(["grad x", "grad before ReLU", "SA params", "bn weight", "bn bias"], got, want):
+        if b is None:
+            assert a.numel() == 0, name
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_bn_sa_tail_on_channels_last_half_input_is_the_fp32_modules_rounded(dtype, train):
+    """The block tail through autograd, channels_last half input, fp32 modules (as under AMP):
+    output and input gradients are the fp32 run's on the upcast input rounded once, every
+    parameter gradient and running statistic the fp32 run's exactly. (No ReLU: its mask from
+    the fp32 output could differ where a tiny value rounds to 0 in fp16.)"""
+    from sanet.ops import bn_shuffle_attention
+
+    from fused_utils import bn_sa_pair
+
+    gen = torch.Generator().manual_seed(20 + train)
+    bn, sa, _, _ = bn_sa_pair(64, 8, gen, torch.float32)
+    bn.train(train)
+    bn32, sa32 = copy.deepcopy(bn), copy.deepcopy(sa)
+    cl = torch.channels_last
+    x, sc, g = ((torch.randn(3, 64, 9, 11, generator=gen) * s + 0.5).to(dtype).to(memory_format=cl)
+                for s in (2, 1, 1))
+
+    def run(bn, sa, x, sc):
+        x, sc = x.detach().requires_grad_(True), sc.detach().requires_grad_(True)
+        y = bn_shuffle_attention(x, bn, sa, sc)
+        return y, torch.autograd.grad(y, [x, sc, *sa.parameters(), *bn.parameters()], g.to(y.dtype))
+
+    y, grads = run(bn, sa, x, sc)
+    y32, grads32 = run(bn32, sa32, x.float(), sc.float())
+    assert y.dtype == dtype and y.is_contiguous(memory_format=cl)
+    assert torch.equal(y, y32.to(dtype))
+    for a, b in zip(grads[:2], grads32[:2]):
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+    for (name, _), a, b in zip([*sa.named_parameters(), *bn.named_parameters()], grads[2:], grads32[2:]):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn, name), getattr(bn32, name)), name
+
+
+def test_half_input_goes_to_the_kernel_without_a_copy(monkeypatch):
+    """_cpu_forward/_cpu_backward hand the half-precision tensors to the kernels as they are."""
+    real = sa_op._cpu_ext()
+    seen = []
+
+    class Spy:
+        def sa_forward(self, x, sc, *args):
+            seen.append((x.dtype, sc.dtype, x.data_ptr()))
+            return real.sa_forward(x, sc, *args)
+
+        def sa_backward(self, g, x, out, *args):
+            seen.append((g.dtype, out.dtype, x.data_ptr()))
+            return real.sa_backward(g, x, out, *args)
+
+    monkeypatch.setattr(sa_op, "_cpu_ext", Spy)
+    sa = sanet.ShuffleAttention(64, 8)
+    x = torch.randn(2, 64, 7, 7).bfloat16().requires_grad_(True)
+    sc = torch.randn(2, 64, 7, 7).bfloat16()
+    y, *_ = sa_op.sa_op(x, sc, *sa.parameters(), 8, sa.gn.eps, None, None, None, None, False, 1e-5, True)
+    y.sum().backward()
+    bf = torch.bfloat16
+    assert seen == [(bf, bf, x.data_ptr()), (bf, bf, x.data_ptr())]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

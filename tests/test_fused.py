@@ -218,7 +218,7 @@ def test_dispatch_modes_see_the_fused_op():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_half_precision_on_cpu_is_the_fp32_kernel_rounded_once(monkeypatch, dtype, layout):
-    """fp16/bf16 input (what CPU autocast gives SA) runs the C++ kernel on an fp32 copy: the
+    """fp16/bf16 input (what CPU autocast gives SA) runs the C++ kernel, in fp32 inside: the
     output and the input's gradient are the fp32 results for the same values rounded once, the
     parameters' gradients are the fp32 ones exactly, and it is as close to the fp32 oracle as
     one rounding allows. Before, 'auto' ran the authors' formulation in half precision."""

@@ -27,13 +27,13 @@ def autocast_for(device: torch.device, amp: Optional[str]):
 
 def slow_amp_note(device: torch.device, amp: Optional[str]) -> Optional[str]:
     """A warning for ``--amp fp16`` on a CPU, else None. It runs, but PyTorch's CPU float16
-    kernels are slow: sa_resnet50 took 10x the fp32 training step and 22x its inference
-    (``benchmarks/amp_cpu.py``, docs/benchmarks.md), where bf16 took 0.54x and 0.71x."""
+    kernels are slow: sa_resnet50 took 10-11x the fp32 training step and 21-22x its inference
+    (``benchmarks/amp_cpu.py``, docs/benchmarks.md), where bf16 took 0.54x and 0.61x."""
     if amp != "fp16" or device.type != "cpu":
         return None
-    return ("--amp fp16 on the CPU is slow (PyTorch's CPU float16 kernels: sa_resnet50 measured 10x the fp32 "
-            "training step and 22x its inference, see docs/benchmarks.md); --amp bf16 is the CPU's mixed "
-            "precision")
+    return ("--amp fp16 on the CPU is slow (PyTorch's CPU float16 kernels: sa_resnet50 measured about 10x the "
+            "fp32 training step and over 20x its inference, see docs/benchmarks.md); --amp bf16 is the CPU's "
+            "mixed precision")
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ torch.fx.wrap("check_sa_input")
 torch.fx.wrap("_compute_dtype")
 
 #: ``impl`` choices: "auto" picks the fused kernel where one exists for the input (CPU
-#: via the C++ extension, half precision on an fp32 copy; CUDA via Triton) and the authors' formulation elsewhere
+#: via the C++ extension, half precision computed in fp32; CUDA via Triton) and the authors' formulation elsewhere
 #: (measured faster, and lighter on memory, than the per-channel form in PyTorch ops), and
 #: "torch" where a graph must hold PyTorch ops (tracing, export, fx) or torch.func runs.
 SA_IMPLS = ("auto", "fused", "torch", "reference")

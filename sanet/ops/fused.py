@@ -20,7 +20,7 @@ __all__ = [
     "has_hooks",
 ]
 
-# fp16/bf16 on the CPU: the fp32 kernel on an fp32 copy (sa_op._cpu_forward).
+# fp16/bf16 on the CPU: read as they are, computed in fp32, rounded once (csrc/sa_io.h).
 _CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)

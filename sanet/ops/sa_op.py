@@ -57,34 +57,19 @@ def _cpu_ext():
     return ext
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.float()
-
-
-# fp16/bf16 input (CPU autocast gives SA the convolution's bf16 output) runs the fp32 kernels
-# on an fp32 copy and rounds the results once, as the Triton kernels compute half input in
-# fp32. The copies are transient: autograd keeps the half-precision x. (sa_resnet50 under
-# bf16 autocast, CPU: training step 1.32x resnet50's against 1.50x for the authors'
-# formulation, the fallback before; saved bytes 1.005x against 1.88x. docs/benchmarks.md)
+# fp16/bf16 input (CPU autocast gives SA the convolution's bf16 output) goes to the kernels as
+# it is: they read it into float lanes, compute as the fp32 kernels do and round the outputs
+# once (sa_io.h), as the Triton kernels compute half input in fp32. (Before, fp32 copies of
+# x, shortcut, grad and out around the fp32 kernels cost a bf16 layer more than the kernel:
+# docs/benchmarks.md.) Autograd keeps the half-precision x.
 def _cpu_forward(x: Tensor, shortcut: Optional[Tensor], *args) -> _Out:
-    if x.dtype in _HALF:
-        out, *stats = _cpu_ext().sa_forward(x.float(), _f32(shortcut), *args)
-        return (out.to(x.dtype), *stats)
     return tuple(_cpu_ext().sa_forward(x, shortcut, *args))
 
 
 def _cpu_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], *args) -> _Out:
-    half = x.dtype if x.dtype in _HALF else None
-    if half is not None:
-        grad, x, out = grad.float(), x.float(), _f32(out)
     gx, gpre, gparams, dw, db = _cpu_ext().sa_backward(grad, x, out, *args)
     if gpre is None:  # the kernel returns an undefined tensor without ReLU
         gpre = gx.new_empty((0,))
-    if half is not None:
-        gx, gpre = gx.to(half), gpre.to(half)
     return gx, gpre, gparams, dw, db
 
 

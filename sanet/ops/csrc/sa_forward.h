@@ -6,34 +6,35 @@
 
 namespace {
 
-// out = z * sigmoid(u) (+ shortcut) (ReLU) for one plane.
-template <typename T, bool Stream>
-void gate_plane(const T* x, T* out, const T* sc, int64_t M, const Gate& g, bool relu) {
+// out = z * sigmoid(u) (+ shortcut) (ReLU) for one plane, computed in compute_t<S>.
+template <typename S, bool Stream>
+void gate_plane(const S* x, S* out, const S* sc, int64_t M, const Gate& g, bool relu) {
+  using T = compute_t<S>;
   using V = Vectorized<T>;
   const V zero(static_cast<T>(0));
   auto finish = [&](V y, int64_t i, int64_t n) {
-    if (sc) y = y + V::loadu(sc + i, n);
+    if (sc) y = y + vload(sc + i, n);
     return relu ? at::vec::maximum(y, zero) : y;
   };
   if (g.Az == 0.0) {  // channel branch, or sweight == 0: no exp per element
     const CentredZ<T> zs(g, ssigmoid(g.Bc));  // z * s
-    map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
-      const V xv = V::loadu(x + i, n);
+    map_plane<S, Stream>(out, M, [&](int64_t i, int64_t n) {
+      const V xv = vload(x + i, n);
       return finish(zs(xv, xv - zs.m), i, n);
     });
     return;
   }
   const SigmoidOfAffine<T> sigmoid(g.Ax(), g.Bc, g.mx);
   if (g.a == 1.0 && g.b == 0.0) {  // no BatchNorm in front: z = x
-    map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
-      const V xv = V::loadu(x + i, n);
+    map_plane<S, Stream>(out, M, [&](int64_t i, int64_t n) {
+      const V xv = vload(x + i, n);
       return finish(xv * sigmoid(xv), i, n);
     });
     return;
   }
   const CentredZ<T> z(g);
-  map_plane<T, Stream>(out, M, [&](int64_t i, int64_t n) {
-    const V xv = V::loadu(x + i, n), d = xv - z.m;
+  map_plane<S, Stream>(out, M, [&](int64_t i, int64_t n) {
+    const V xv = vload(x + i, n), d = xv - z.m;
     return finish(z(xv, d) * sigmoid.centred(d), i, n);
   });
 }
@@ -61,6 +62,8 @@ inline int64_t backward_batch_planes(int64_t M) {
 
 // Training BatchNorm walks a channel's N planes together when a plane is large enough for
 // the hardware prefetcher to stream it; smaller planes go in two passes in memory order.
+// (16-bit input decides as float does, by its compute type: its channel walk keeps dL/dz in a
+// float buffer per thread, which the two passes would need for the whole tensor.)
 template <typename T>
 inline bool walk_channels(int64_t M) { return M * int64_t(sizeof(T)) >= 8192; }
 
@@ -108,14 +111,15 @@ struct OutputOrderBatches {
   }
 };
 
-template <typename T>
+template <typename S>
 struct Fwd {
+  using T = compute_t<S>;
   const Layout L;
   const Params& P;
   const double eps;
-  const T* x;
-  const T* sc;
-  T* out;
+  const S* x;
+  const S* sc;
+  S* out;
   double* pm;
   double* pv;
   bool relu, stream;
@@ -123,17 +127,17 @@ struct Fwd {
   void gate(int64_t n, int64_t ch, const Gate& g) const {
     const int64_t k = n * L.C + ch;
     const int64_t dst = (n * L.C + L.out_channel(ch)) * L.M;
-    const T* s = sc ? sc + dst : nullptr;
+    const S* s = sc ? sc + dst : nullptr;
     if (stream)
-      gate_plane<T, true>(x + k * L.M, out + dst, s, L.M, g, relu);
+      gate_plane<S, true>(x + k * L.M, out + dst, s, L.M, g, relu);
     else
-      gate_plane<T, false>(x + k * L.M, out + dst, s, L.M, g, relu);
+      gate_plane<S, false>(x + k * L.M, out + dst, s, L.M, g, relu);
   }
 
   // Identity or given (running) statistics: every plane is independent.
   void planes(const Affine& bn, bool moments_done = false) const {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L.M));
-    const int64_t B = batch_planes<T>(L.M);
+    const int64_t B = batch_planes<S>(L.M);
     // Planes in output order: the writes form one sequential stream (the shuffle would
     // otherwise scatter them over every other plane) and the reads two.
     at::parallel_for(0, L.N * L.C, grain, [&](int64_t o0, int64_t o1) {
@@ -153,7 +157,7 @@ struct Fwd {
           g[i] = plane_gate(L, P, b.chs[i], a, off, pm[k], pv[k], eps);
         }
         for (int64_t i = 0; i < b.cnt; ++i) {
-          if (i < b.next_cnt) prefetch(x + (b.next_ns[i] * L.C + b.next_chs[i]) * L.M, L.M * sizeof(T));
+          if (i < b.next_cnt) prefetch(x + (b.next_ns[i] * L.C + b.next_chs[i]) * L.M, L.M * sizeof(S));
           gate(b.ns[i], b.chs[i], g[i]);
         }
       }
@@ -201,7 +205,7 @@ struct Fwd {
       for (int64_t ch = c0; ch < c1; ++ch) {
         for (int64_t n = 0; n < L.N; ++n) {
           const int64_t k = n * L.C + ch;
-          if (n + 1 < L.N) prefetch(x + (k + L.C) * L.M, L.M * sizeof(T));
+          if (n + 1 < L.N) prefetch(x + (k + L.C) * L.M, L.M * sizeof(S));
           plane_moments(x + k * L.M, L.M, pm[k], pv[k]);
         }
         merge_batch_stats(ch, bmean[ch], bvar[ch]);

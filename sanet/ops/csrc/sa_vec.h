@@ -3,7 +3,7 @@
 
 #pragma once
 
-#include <torch/extension.h>
+#include "sa_io.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -113,17 +113,6 @@ struct SigmoidOfAffine<float> {
 };
 #endif
 
-template <typename T>
-inline void stream_store(T* p, const Vectorized<T>& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, v); else _mm512_stream_pd(p, v);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, v); else _mm256_stream_pd(p, v);
-#else
-  v.store(p);
-#endif
-}
-
 inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
@@ -135,24 +124,24 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
 }
 
-// out[i] = f(i, n) over one plane in vector chunks (n = lanes valid). With Stream, the
-// head is peeled until out is vector-aligned, then stores bypass the cache.
-template <typename T, bool Stream, typename F>
-inline void map_plane(T* out, int64_t M, F&& f) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
+// out[i] = f(i, n) over one plane in vector chunks (n = lanes valid; f gives compute_t<S>
+// lanes). With Stream, the head is peeled until out is vector-aligned, then stores bypass the
+// cache.
+template <typename S, bool Stream, typename F>
+inline void map_plane(S* out, int64_t M, F&& f) {
+  constexpr int64_t W = Vectorized<compute_t<S>>::size();
   int64_t i = 0;
   if constexpr (Stream) {
-    const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) / sizeof(T)) % W;
+    const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) / sizeof(S)) % W;
     if (mis) {
       i = std::min<int64_t>(W - mis, M);
-      f(int64_t(0), i).store(out, i);
+      vstore(out, f(int64_t(0), i), i);
     }
-    for (; i + W <= M; i += W) stream_store<T>(out + i, f(i, W));
+    for (; i + W <= M; i += W) stream_store<S>(out + i, f(i, W));
   }
   for (; i < M; i += W) {
     const int64_t n = std::min<int64_t>(W, M - i);
-    f(i, n).store(out + i, n);
+    vstore(out + i, f(i, n), n);
   }
 }
 
@@ -205,22 +194,23 @@ struct PlaneSum {
 // lane, an inf there make the plane NaN). The second pass, which the variance needs anyway,
 // also sums x - m (m: the first pass's mean, rounded to T) and corrects the mean with it.
 // Without need_var (a channel-branch plane, which only pools) var is 0 and the first pass's
-// mean is kept.
-template <typename T>
-inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool need_var = true,
-                          T shift = T(0)) {
+// mean is kept. (16-bit S: the sums are in float, as the float kernel's on the same values.)
+template <typename S>
+inline void plane_moments(const S* p, int64_t M, double& mean, double& var, bool need_var = true,
+                          compute_t<S> shift = 0) {
+  using T = compute_t<S>;
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const V zero(static_cast<T>(0)), vs(shift);
   PlaneSum<T> a0, a1;
   int64_t i = 0;
   for (; i + 2 * W <= M; i += 2 * W) {
-    a0.add(V::loadu(p + i) - vs);
-    a1.add(V::loadu(p + i + W) - vs);
+    a0.add(vload(p + i) - vs);
+    a1.add(vload(p + i + W) - vs);
   }
   for (; i < M; i += W) {
     const int64_t n = std::min<int64_t>(W, M - i);
-    a0.add(V::set(zero, V::loadu(p + i, n) - vs, n));
+    a0.add(V::set(zero, vload(p + i, n) - vs, n));
   }
   mean = double(shift) + (a0.sum() + a1.sum()) / M;
   var = 0.0;
@@ -228,14 +218,14 @@ inline void plane_moments(const T* p, int64_t M, double& mean, double& var, bool
   const V vm(static_cast<T>(mean));
   PlaneSum<T> q0, q1, s0;
   for (i = 0; i + 2 * W <= M; i += 2 * W) {
-    const V d0 = V::loadu(p + i) - vm, d1 = V::loadu(p + i + W) - vm;
+    const V d0 = vload(p + i) - vm, d1 = vload(p + i + W) - vm;
     q0.fmadd(d0, d0);
     q1.fmadd(d1, d1);
     s0.add(d0 + d1);
   }
   for (; i < M; i += W) {
     const int64_t n = std::min<int64_t>(W, M - i);
-    const V d = V::set(zero, V::loadu(p + i, n) - vm, n);
+    const V d = V::set(zero, vload(p + i, n) - vm, n);
     q0.fmadd(d, d);
     s0.add(d);
   }

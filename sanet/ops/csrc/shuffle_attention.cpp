@@ -12,13 +12,16 @@
 // writes stream and small planes overlap their serial work. Training-mode BatchNorm, whose
 // statistics are per channel over the batch, walks one channel's N planes at a time when
 // planes are large (they stay in L2) and uses two passes in memory order when they are
-// small. Per-plane statistics and all reductions are in double (plane sums in the input
-// type first); element-wise math is vectorised in the input type. Large outputs are
-// written with streaming stores (no read-for-ownership).
+// small. Per-plane statistics and all reductions are in double (plane sums in the compute
+// type first); element-wise math is vectorised in the compute type: the input type for
+// float and double, float for fp16/bf16, which are read and written as they are and rounded
+// once on the way out (sa_io.h). Large outputs are written with streaming stores (no
+// read-for-ownership).
 //
-// The pieces, one file each: sa_vec.h (vector helpers, plane statistics), sa_plane.h (SA
-// geometry and the gate), sa_forward.h, sa_backward.h; this file checks the arguments and
-// dispatches. They form one translation unit, so the compiler inlines across them as before.
+// The pieces, one file each: sa_io.h (loads and stores per storage type), sa_vec.h (vector
+// helpers, plane statistics), sa_plane.h (SA geometry and the gate), sa_forward.h,
+// sa_backward.h; this file checks the arguments and dispatches. They form one translation
+// unit, so the compiler inlines across them as before.
 
 #include "sa_forward.h"
 #include "sa_backward.h"
@@ -63,14 +66,14 @@ std::vector<Tensor> sa_forward(const Tensor& x, const std::optional<Tensor>& sho
   auto pvar = at::empty({x.size(0), C}, dopt);
   auto bmean = at::empty({bn_train ? C : 0}, dopt);
   auto bvar = at::empty({bn_train ? C : 0}, dopt);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sa_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sa_forward", [&] {
     const Fwd<scalar_t> f{Layout(x, groups), P, eps, x.data_ptr<scalar_t>(),
                           has_sc ? shortcut->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                           pmean.data_ptr<double>(), pvar.data_ptr<double>(), relu,
                           out.nbytes() >= kStreamBytes};
     if (!bn_train)
       f.planes(bn);
-    else if (walk_channels<scalar_t>(plane_size(x)))
+    else if (walk_channels<compute_t<scalar_t>>(plane_size(x)))
       f.channels(bn, bn_eps, bmean.data_ptr<double>(), bvar.data_ptr<double>());
     else
       f.two_phase(bn, bn_eps, bmean.data_ptr<double>(), bvar.data_ptr<double>());
@@ -106,6 +109,19 @@ Tensor param_grads(const Tensor& s1, const Tensor& s2, const Params& P, int64_t 
   return gp;
 }
 
+// Training BatchNorm's dL/dz between the backward passes (see Bwd::gz): gx itself, or for
+// 16-bit gx a float tensor (in scratch) when it goes in two passes.
+template <typename S>
+compute_t<S>* dz_buffer(const Tensor& gx, bool two_phase, Tensor& scratch) {
+  if constexpr (!is_16bit<S>) {
+    return gx.data_ptr<S>();
+  } else {
+    if (!two_phase) return nullptr;  // the channel walk keeps it per thread
+    scratch = at::empty(gx.sizes(), gx.options().dtype(at::kFloat));
+    return scratch.data_ptr<float>();
+  }
+}
+
 // Returns grad x, the gradient before the ReLU (the shortcut's; undefined without ReLU),
 // the six gate parameters' gradients as one (6, c) tensor in float32 or a wider parameter dtype, and
 // BatchNorm's dweight, dbias in its weight's dtype (float32 without weight).
@@ -136,14 +152,17 @@ std::vector<Tensor> sa_backward(const Tensor& grad, const Tensor& x, const std::
   auto sgx = at::empty({has_bn ? N : 0, C}, dopt);
   auto dbn_w = at::empty({has_bn ? C : 0}, dopt);
   auto dbn_b = at::empty({has_bn ? C : 0}, dopt);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sa_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sa_backward", [&] {
+    const bool walk = bn_train && walk_channels<compute_t<scalar_t>>(plane_size(x));
+    Tensor gz_scratch;
+    auto* gz = dz_buffer<scalar_t>(gx, bn_train && !walk, gz_scratch);
     const Bwd<scalar_t> b{Layout(x, groups), P, eps, grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                           pmean.data_ptr<double>(), pvar.data_ptr<double>(),
                           has_out ? out->data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(),
                           has_out ? gpre.data_ptr<scalar_t>() : nullptr, s1.data_ptr<double>(),
                           s2.data_ptr<double>(), has_bn ? sg.data_ptr<double>() : nullptr,
-                          has_bn ? sgx.data_ptr<double>() : nullptr, gx.nbytes() >= kStreamBytes};
-    if (bn_train && walk_channels<scalar_t>(plane_size(x))) {
+                          has_bn ? sgx.data_ptr<double>() : nullptr, gz, gx.nbytes() >= kStreamBytes};
+    if (walk) {
       b.channels(bn, dbn_w.data_ptr<double>(), dbn_b.data_ptr<double>());
     } else if (bn_train) {
       b.two_phase(bn, dbn_w.data_ptr<double>(), dbn_b.data_ptr<double>());
