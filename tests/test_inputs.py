@@ -329,6 +329,7 @@ def test_non_finite_validation_loss_stops_before_a_checkpoint(capsys, tmp_path, 
         code, out, err = run_cli(capsys, train_argv(data, out_dir, "--json", *flags))
         assert code == 2 and words in err
         assert not (out_dir / "best.pt").exists() and not (out_dir / "last.pt").exists()
+        assert not (out_dir / "tb").exists()  # no events file with nothing in it
         json.loads(out)
 
 

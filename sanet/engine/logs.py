@@ -37,24 +37,36 @@ class RunLogger:
     """CSV + TensorBoard for one run (construct on rank 0 only)."""
 
     def __init__(self, out: Path, start_epoch: int) -> None:
+        # imported now: a missing tensorboard fails the run before it trains, not after epoch 1
         from torch.utils.tensorboard import SummaryWriter
 
+        self._summary_writer = SummaryWriter
         self.out = out
-        # purge_step drops events a killed run wrote for epochs that are being redone
-        self.tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=start_epoch + 1)
+        self.start_epoch = start_epoch
+        self.tb = None  # made at the first logged epoch (see _writer)
+
+    def _writer(self):
+        """The SummaryWriter, made on first use: a run that fails before its first epoch ends
+        leaves no events file with nothing in it (and no ``tb/`` folder in a new run)."""
+        if self.tb is None:
+            # purge_step drops events a killed run wrote for epochs that are being redone
+            self.tb = self._summary_writer(log_dir=str(self.out / "tb"), purge_step=self.start_epoch + 1)
+        return self.tb
 
     def log_epoch(self, history: List[Dict[str, Any]]) -> None:
         row = history[-1]
         step = int(row["epoch"])
+        tb = self._writer()
         for key, value in row.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 group = "train" if key.startswith(("train_", "lr")) else "val"
-                self.tb.add_scalar(f"{group}/{key}", value, step)
-        self.tb.flush()
+                tb.add_scalar(f"{group}/{key}", value, step)
+        tb.flush()
         write_csv(history, self.out / "log.csv")
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def load_plotting():
