@@ -13,7 +13,7 @@ from .layers import (
 
 from . import checkpoint  # sanet.checkpoint.load_weights etc. after a plain `import sanet`
 from .checkpoint import UnsafeCheckpointError, load_weights
-from .errors import SanetError
+from .errors import SanetError, SanetWarning
 from .models import SA_MODELS, CheckpointMismatchError, SABasicBlock, SABottleneck, checkpoint_filter_fn
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "SABottleneck",
     "SA_MODELS",
     "SanetError",
+    "SanetWarning",
     "ShuffleAttention",
     "UnsafeCheckpointError",
     "checkpoint_filter_fn",

@@ -12,12 +12,17 @@ import sys
 import warnings
 from typing import Type
 
-__all__ = ["SanetError", "is_out_of_memory", "warn_user"]
+__all__ = ["SanetError", "SanetWarning", "is_out_of_memory", "warn_user"]
 
 
 class SanetError(RuntimeError):
     """A failure the user can act on (bad file, missing kernel, wrong options); the message
     says what was wrong and what would work."""
+
+
+class SanetWarning(UserWarning):
+    """A warning the user can act on (``warn_user``'s). The ``sanet`` command prints it as
+    ``sanet CMD: warning: ...``: the line it would point at is the console script's."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -37,7 +42,7 @@ def _library_dirs() -> tuple:
     return tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules[__package__], timm, torch))
 
 
-def warn_user(message: str, category: Type[Warning] = UserWarning) -> None:
+def warn_user(message: str, category: Type[Warning] = SanetWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside sanet, timm and torch (what
     Python 3.12's ``skip_file_prefixes`` does): a warning raised deep in
     ``timm.create_model`` then names the user's line, not ours."""

@@ -216,7 +216,7 @@ def test_ctrl_c_under_json_prints_a_json_object(capsys, tmp_path, data, monkeypa
 
     monkeypatch.setattr(cli_eval, "run", interrupt)  # eval has nothing to resume: no hint
     code, _, err = run_cli(capsys, ["eval", "--checkpoint", "x.pt", "--data", str(data / "val")])
-    assert code == 130 and err.strip() == "interrupted"
+    assert code == 130 and err.strip() == "sanet eval: interrupted"
     assert json.loads(out) == {"error": json.loads(out)["error"], "command": "train"}
     assert json.loads(out)["error"].startswith("interrupted")
 
@@ -269,7 +269,7 @@ def test_an_error_after_ctrl_c_is_reported_as_the_interruption(capsys, monkeypat
 
     monkeypatch.setattr(cli_eval, "run", interrupted_then_failed)
     code, out, err = run_cli(capsys, ["eval", "--checkpoint", "x.pt", "--data", str(data / "val"), "--json"])
-    assert code == 130 and err.strip() == "interrupted" and json.loads(out)["error"] == "interrupted"
+    assert code == 130 and err.strip() == "sanet eval: interrupted" and json.loads(out)["error"] == "interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the command
 
     def failed(args):  # without Ctrl-C the same error is a bug: its traceback is kept
@@ -414,3 +414,33 @@ def test_large_images_load_without_pillows_bomb_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(Image.DecompressionBombError):
         load_rgb(path)
+
+
+def test_the_command_prints_our_warnings_as_one_named_line(capsys, monkeypatch, data, recwarn):
+    """A warning of ours (e.g. --model-kwargs sa_groups=48 fitting none of a model's SA layers)
+    would point at the console script's sys.exit(main()): the command names itself instead.
+    Other warnings keep Python's format, and -W error still turns ours into an error."""
+    import warnings
+
+    import sanet.cli.evaluate as cli_eval
+    from sanet import SanetWarning
+    from sanet.errors import warn_user
+
+    def warns(args):
+        warn_user("sa_groups=48 fits none of its SA layers")
+        warnings.warn("not ours", DeprecationWarning)
+        return 0
+
+    monkeypatch.setattr(cli_eval, "run", warns)
+    argv = ["eval", "--checkpoint", "x.pt", "--data", str(data / "val")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, _, err = run_cli(capsys, argv)
+    assert code == 0 and "sanet eval: warning: sa_groups=48 fits none of its SA layers\n" in err
+    assert "not ours" not in err and "SanetWarning" not in err
+    # passed on to the warning machinery as before (here pytest's record)
+    assert [str(w.message) for w in recwarn if w.category is DeprecationWarning] == ["not ours"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SanetWarning)
+        with pytest.raises(SanetWarning, match="sa_groups=48"):
+            run_cli(capsys, argv)

@@ -9,6 +9,8 @@ import pytest
 import timm
 import torch
 
+import sanet  # noqa: F401  (registers the SA models: a test run alone, with -k, needs it)
+
 from engine_utils import load_ckpt, make_imagefolder, run_cli, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,3 +117,21 @@ def test_an_output_inside_the_image_folders_is_refused(capsys, tmp_path, inside)
     assert not (root / "train" / "run").exists()
     beside = root / "runs" / "r"  # in the data folder, beside train/ and val/: not read
     assert run_cli(capsys, train_argv(root, beside))[0] == 0
+
+
+def test_fine_tuning_names_the_model_kwargs_the_file_was_trained_with(capsys, tmp_path, data):
+    """Fine-tuning builds the model from the command line's --model-kwargs (only the SA group
+    count is read off the weights): a run trained with norm_layer=groupnorm1 (the example of
+    --model-kwargs' help) failed as 'another architecture or depth' without saying why."""
+    run = tmp_path / "gn"
+    code, _, err = run_cli(capsys, train_argv(data, run, "--model-kwargs", "norm_layer=groupnorm1", "sa_groups=32"))
+    assert code == 0, err
+    converted = tmp_path / "gn.safetensors"
+    assert run_cli(capsys, ["convert", str(run / "last.pt"), str(converted), "--model", "sa_resnet_test"])[0] == 0
+    for source in (run / "last.pt", converted):
+        code, _, err = run_cli(capsys, train_argv(data, tmp_path / "ft", "--pretrained-file", str(source)))
+        assert code == 2 and "trained with --model-kwargs norm_layer='groupnorm1': " in err, err
+        assert "sa_groups" not in err.split("trained with")[1]  # read off the weights: not to repeat
+    code, _, err = run_cli(capsys, train_argv(data, tmp_path / "ft", "--pretrained-file", str(run / "last.pt"),
+                                              "--model-kwargs", "norm_layer=groupnorm1"))
+    assert code == 0, err

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -107,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             # --json object (or, for train, the hint on how to go on).
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with stdout_named_in_errors():
+        with stdout_named_in_errors(), _warnings_named(args.command):
             code = int(args._run(args) or 0)
             # here, not at the interpreter's exit: a failed write (full disk) is then this
             # command's error, said clearly, rather than "Exception ignored" and status 120
@@ -146,6 +147,28 @@ def main(argv: Optional[List[str]] = None) -> int:
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def _warnings_named(command: str):
+    """Our user-facing warnings (``SanetWarning``) as one line, ``sanet CMD: warning: ...``, like
+    the errors: Python's format would point at the console script's ``sys.exit(main())``.
+    Filters (``-W error``, ``PYTHONWARNINGS``) still apply; other warnings keep their format."""
+    from sanet.errors import SanetWarning
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SanetWarning):
+            print(f"sanet {command}: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 _SIGINT = {"received": False}  # set by _on_sigint during main()
 
 
@@ -180,7 +203,7 @@ def _report_terminated(args: argparse.Namespace, exc: BaseException) -> int:
 
 def _report_interrupt(args: argparse.Namespace, exc: BaseException) -> int:
     message = _interrupted(args, exc)
-    print(message, file=sys.stderr)
+    print(f"sanet {args.command}: {message}", file=sys.stderr)  # named, as every error and SIGTERM are
     _json_error(args, message)
     return 130
 

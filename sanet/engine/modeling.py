@@ -144,7 +144,8 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     try:
         model = _create(name, model_kwargs, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except CheckpointMismatchError as exc:
-        raise CheckpointMismatchError(f"--pretrained-file {pretrained_file}: {exc}") from None
+        raise CheckpointMismatchError(f"--pretrained-file {pretrained_file}: {exc}"
+                                      f"{_saved_kwargs_hint(raw, pretrained_file, model_kwargs)}") from None
     except RuntimeError as exc:
         # Models without our checkpoint filter (any other timm model): PyTorch's strict load
         # lists every key over many lines; keep its first, shortened, with the file named.
@@ -161,6 +162,35 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
                 f"{f'its {file_classes}-class one' if file_classes else 'none (the file has no classifier)'}")
         print(f"sanet train: note: fine-tuning from {pretrained_file}: {head}", file=sys.stderr)
     return model
+
+
+def _saved_kwargs_hint(raw: Any, source: Path, given: Optional[Dict[str, Any]]) -> str:
+    """For a fine-tuning file that does not match: the ``--model-kwargs`` its run was trained
+    with (a ``sanet train`` checkpoint's, or a file ``sanet convert`` made from one) that this
+    command does not repeat. Fine-tuning builds the model from the command line's kwargs (only
+    the SA group count is read off the weights), so e.g. ``norm_layer=groupnorm1`` must be
+    given again; without this the mismatch reads like a file of another architecture."""
+    saved: Any = None
+    try:
+        if isinstance(raw, dict) and isinstance(raw.get("args"), dict) and "class_names" in raw:
+            saved = raw["args"].get("model_kwargs")
+        else:
+            from sanet.checkpoint import converted_run_metadata
+
+            saved = converted_run_metadata(source).get("model_kwargs")
+    except Exception:  # a hint only: never mask the mismatch itself
+        return ""
+    if not isinstance(saved, dict):
+        return ""
+    given = given or {}
+    missing = {k: v for k, v in saved.items()
+               if k != "sa_groups" and not (k == "in_chans" and v == 3) and given.get(k) != v}
+    if not missing:
+        return ""
+    return (f"\n  ({source} was trained with --model-kwargs "
+            f"{' '.join(f'{k}={v!r}' for k, v in missing.items())}: fine-tuning takes the model's "
+            "kwargs from the command line (only the SA group count is read off the weights), so "
+            "pass them again)")
 
 
 def _create(name: str, model_kwargs: Optional[Dict[str, Any]], **kwargs: Any) -> nn.Module:
