@@ -209,3 +209,33 @@ def test_bn_sa_without_a_kernel_runs_the_modules(monkeypatch):
         y = bn_shuffle_attention(x, bn, sa, sc, relu=True)
         torch.testing.assert_close(y, torch.relu(ref_sa(ref_bn(x)) + sc), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=1e-6, atol=1e-7)
+
+
+def test_sync_batchnorm_blocks_never_take_the_fused_op(monkeypatch):
+    """``--sync-bn`` (``SyncBatchNorm.convert_sync_batchnorm`` under torchrun) must keep
+    SyncBatchNorm's statistics over all processes; the fused op would take this process's
+    batch only. So a block whose BatchNorm is a SyncBatchNorm calls the modules. (Without a
+    process group SyncBatchNorm is BatchNorm, so this runs on the CPU.)"""
+    import timm
+
+    import sanet.models.blocks as blocks
+
+    model = timm.create_model("sa_resnet_test", num_classes=3)
+    randomize(model, torch.Generator().manual_seed(5))
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in sync.modules())
+    calls = []
+    real = blocks._bn_shuffle_attention
+    monkeypatch.setattr(blocks, "_bn_shuffle_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    expected = model(x)
+    assert calls  # the same blocks with nn.BatchNorm2d take the fused op
+    calls.clear()
+    out = sync(x)
+    assert calls == []
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    sync_bns = [m for m in sync.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert len(bns) == len(sync_bns)
+    for a, b in zip(bns, sync_bns):  # running statistics updated once, alike
+        torch.testing.assert_close(b.running_var, a.running_var, rtol=1e-5, atol=1e-6)

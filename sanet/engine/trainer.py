@@ -124,7 +124,12 @@ def _build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext,
         raise ValueError(f"{args.model} takes {in_chans}-channel input, but sanet train loads every image "
                          f"as RGB (grayscale ones converted): {fix}")
     if args.sync_bn and ctx.distributed:
+        # SA blocks whose BatchNorm is a SyncBatchNorm run unfused: the fused op would take
+        # this process's batch statistics only (sanet.ops.fused._fusable)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn:
+        _warn(ctx, "--sync-bn has nothing to synchronise in a single process (start the run with torchrun "
+                   "across GPUs); BatchNorm stays as it is")
     model.to(ctx.device)
     if args.channels_last:
         to_channels_last(model)
