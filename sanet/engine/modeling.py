@@ -164,6 +164,11 @@ def create_train_model(name: str, num_classes: int, *, pretrained_file: Optional
     return model
 
 
+def _is_train_checkpoint(raw: Any) -> bool:
+    """Whether a loaded file is a ``sanet train`` checkpoint (weights, class names, args)."""
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "class_names" in raw
+
+
 def _saved_kwargs_hint(raw: Any, source: Path, given: Optional[Dict[str, Any]]) -> str:
     """For a fine-tuning file that does not match: the ``--model-kwargs`` its run was trained
     with (a ``sanet train`` checkpoint's, or a file ``sanet convert`` made from one) that this
@@ -172,8 +177,8 @@ def _saved_kwargs_hint(raw: Any, source: Path, given: Optional[Dict[str, Any]]) 
     given again; without this the mismatch reads like a file of another architecture."""
     saved: Any = None
     try:
-        if isinstance(raw, dict) and isinstance(raw.get("args"), dict) and "class_names" in raw:
-            saved = raw["args"].get("model_kwargs")
+        if _is_train_checkpoint(raw):
+            saved = raw["args"].get("model_kwargs") if isinstance(raw.get("args"), dict) else None
         else:
             from sanet.checkpoint import converted_run_metadata
 
@@ -352,7 +357,7 @@ def load_for_inference(model_name: Optional[str], *, checkpoint: Optional[Path] 
     raw = load_checkpoint_file(source)
     # a `sanet train` checkpoint passed as --pretrained-file is read as one: its classes and
     # the image size it was trained at come with it
-    is_run = isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "class_names" in raw
+    is_run = _is_train_checkpoint(raw)
     if checkpoint is not None and not is_run:
         raise ValueError(f"{checkpoint} is not a sanet train checkpoint (no 'model'/'class_names'); "
                          "use --pretrained-file for other weight files")
