@@ -11,7 +11,7 @@ from ..errors import SanetError
 from ..ops import fused_sa_supported, has_hooks, needs_pytorch_ops
 from ..ops.arg_checks import check_eps
 from ..ops.fused import _shuffle_attention_fused  # unchecked: forward checks x, __init__ checked G
-from ..ops.fused import no_fused_kernel_reason
+from ..ops.fused import eager_cpu_sa_inference, no_fused_kernel_reason
 from .groups import check_sa_groups, fit_sa_groups
 from .sa_functional import (  # the unchecked forms: forward checks x once, __init__ checked G
     _compute_dtype,
@@ -106,6 +106,10 @@ class ShuffleAttention(nn.Module):
         return f"{self.channels}, groups={self.groups}, impl={self.impl!r}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            y = self._plain_inference(x)  # the common case in few Python calls, or None
+            if y is not None:
+                return y
         check_sa_input(x, self.channels)
         if torch.jit.is_scripting():
             # TorchScript can't call the custom kernels; both paths are exact.
@@ -117,6 +121,10 @@ class ShuffleAttention(nn.Module):
                 x, self.cweight, self.cbias, self.sweight, self.sbias,
                 self.gn.weight, self.gn.bias, self.groups, self.gn.eps)
         return self._forward_dispatch(x)
+
+    @torch.jit.unused
+    def _plain_inference(self, x: Tensor) -> Optional[Tensor]:
+        return eager_cpu_sa_inference(x, self)
 
     @torch.jit.unused
     def _forward_dispatch(self, x: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch.nn.modules import module as _nn_module
 
 from ..errors import SanetError
 from .cpu_ext import load_cpu_ext
-from .sa_op import KERNELS, sa_op, torch_update_running_stats
+from .sa_op import KERNELS, _like, sa_op, torch_update_running_stats
 
 __all__ = [
     "shuffle_attention_fused",
@@ -105,6 +105,44 @@ def has_hooks(*modules: nn.Module) -> bool:
         return True
     return any(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
                for mod in modules)
+
+
+_forward_ad = torch.autograd.forward_ad
+_FUSED_IMPLS = ("auto", "fused")
+
+
+def eager_cpu_sa_inference(x: Tensor, sa: nn.Module) -> Optional[Tensor]:
+    """``sa(x)`` (``sa`` a ``ShuffleAttention``) from the fused CPU kernel, when nothing but
+    the kernel is needed: eager mode, autograd off, a plain CPU tensor of a kernel dtype with
+    1 to 3 spatial dims and ``sa.channels`` channels, impl "auto" or "fused", plain
+    parameters on the CPU, no hooks, and nothing recording or transforming (trace, export,
+    torch.func, forward AD, dispatch modes). None otherwise: the layer's general path then
+    decides, and raises its errors.
+
+    Why a path of its own: it asks the general path's questions in a few Python calls instead
+    of about thirty. With the caches cold, as they are after the convolution in front of SA,
+    those calls cost a visible part of a small layer's forward on a slow 2-core host
+    (docs/benchmarks.md, "The layer's call path")."""
+    # is_compiling first: torch.compile traces this as a constant and skips the rest. Tracing
+    # before the shape checks: jit.trace warns of a traced size compared with an int.
+    if (torch.compiler.is_compiling() or torch.is_grad_enabled() or type(x) is not Tensor or not x.is_cpu
+            or sa.impl not in _FUSED_IMPLS or torch._C._is_tracing() or x.dtype not in _CPU_DTYPES
+            or not 3 <= x.dim() <= 5 or x.shape[1] != sa.channels or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
+            or _forward_ad._current_level >= 0 or torch.compiler.is_exporting() or not _cpu_ext_ok()):
+        return None
+    # The dicts Module.__getattr__ reads (a parametrized or removed parameter is not in them).
+    p = sa._parameters
+    gn = sa._modules.get("gn")
+    if gn is None or has_hooks(gn):
+        return None
+    g = gn._parameters
+    params = (p.get("cweight"), p.get("cbias"), p.get("sweight"), p.get("sbias"), g.get("weight"), g.get("bias"))
+    for t in params:
+        if t is None or not t.is_cpu:
+            return None
+    out = KERNELS["cpu"][0](x.contiguous(), None, *params, sa.groups, gn.eps, None, None, None, None,
+                            False, 0.0, False)[0]
+    return _like(out, x)
 
 
 def _sa_params(sa: nn.Module):
