@@ -63,7 +63,7 @@ def _fns(shape: List[int], groups: int) -> Dict[str, Callable[[], object]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=["8x1024x14x14", "8x256x56x56"],
-                   help="layer input shapes NxCxHxW (default 8x1024x14x14 8x256x56x56)")
+                   help="layer input shapes NxCxHxW (or 1-D, 3-D; default 8x1024x14x14 8x256x56x56)")
     p.add_argument("--groups", type=_at_least_one, default=64, help="G (default 64)")
     p.add_argument("--rounds", type=_at_least_one, default=60, help="timing rounds (default 60)")
     p.add_argument("--threads", type=_at_least_one, default=None, help="torch threads (default: torch's)")
@@ -76,7 +76,15 @@ def main() -> int:
     try:
         shapes = [[int(v) for v in s.split("x")] for s in args.shapes]
     except ValueError:
-        p.error(f"--shapes: each must be NxCxHxW with integers, got {args.shapes}")
+        shapes = []
+    for shape in shapes:
+        if not 3 <= len(shape) <= 5 or min(shape) < 1:
+            p.error(f"--shapes: each must be NxCxL, NxCxHxW or NxCxDxHxW with positive integers, got {args.shapes}")
+        if shape[1] % (2 * args.groups):
+            p.error(f"--shapes: {shape[1]} channels don't divide into 2 x {args.groups} groups; valid --groups: "
+                    f"{sanet.valid_sa_groups(shape[1])}")
+    if not shapes:
+        p.error(f"--shapes: each must be NxCxL, NxCxHxW or NxCxDxHxW with positive integers, got {args.shapes}")
     layers = []
     try:
         for shape in shapes:

@@ -253,6 +253,25 @@ def test_attention_modules_script_leaves_out_the_fused_row_without_a_kernel(tmp_
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr
 
 
+def test_layer_call_path_script_times_each_path_and_checks_its_shapes():
+    if not fused_kernel_available():
+        pytest.skip("the script times the fused CPU kernel")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "benchmarks" / "layer_call_path.py")
+    done = subprocess.run([sys.executable, script, "--json", "--rounds", "2", "--threads", "1", "--shapes", "2x64x5x5",
+                           "--groups", "8"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (layer,) = json.loads(done.stdout)["layers"]
+    assert layer["shape"] == [2, 64, 5, 5]
+    assert set(layer["times"]) == {"short", "general", "kernel", "reference", "clone"}
+    assert all(r > 0 for r in layer["ratios"].values())
+    for argv, said in ((["--shapes", "2x64"], "NxCxHxW"), (["--shapes", "2x64xfive"], "NxCxHxW"),
+                       (["--shapes", "2x64x5x5", "--groups", "64"], "valid --groups: [1, 2, 4, 8, 16, 32]")):
+        done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 # ---------------------------------------------------------------- benchmarks/gpu_check.sh's exit status
 
 def _fake_python(tmp_path: Path, cuda: bool) -> Path:
