@@ -127,8 +127,9 @@ def eager_cpu_sa_inference(x: Tensor, sa: nn.Module) -> Optional[Tensor]:
     # before the shape checks: jit.trace warns of a traced size compared with an int.
     if (torch.compiler.is_compiling() or torch.is_grad_enabled() or type(x) is not Tensor or not x.is_cpu
             or sa.impl not in _FUSED_IMPLS or torch._C._is_tracing() or x.dtype not in _CPU_DTYPES
-            or not 3 <= x.dim() <= 5 or x.shape[1] != sa.channels or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
-            or _forward_ad._current_level >= 0 or torch.compiler.is_exporting() or not _cpu_ext_ok()):
+            or not 3 <= x.dim() <= 5 or x.shape[1] != sa.channels or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+            or torch.compiler.is_exporting() or not _cpu_ext_ok()):
         return None
     # The dicts Module.__getattr__ reads (a parametrized or removed parameter is not in them).
     p = sa._parameters
