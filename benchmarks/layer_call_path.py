@@ -17,7 +17,7 @@ import torch
 
 import sanet
 from sanet.analysis.bench import machine_info, paired_ratio, run_info, time_interleaved
-from sanet.cli.bench import _at_least_one
+from sanet.cli.bench import _at_least_one, _shape
 from sanet.cli.common import print_json
 from sanet.layers import shuffle_attention as sa_module
 from sanet.ops import load_cpu_ext, sa_op
@@ -62,7 +62,7 @@ def _fns(shape: List[int], groups: int) -> Dict[str, Callable[[], object]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["8x1024x14x14", "8x256x56x56"],
+    p.add_argument("--shapes", nargs="+", metavar="NxCxHxW", default=["8x1024x14x14", "8x256x56x56"],
                    help="layer input shapes NxCxHxW (or 1-D, 3-D; default 8x1024x14x14 8x256x56x56)")
     p.add_argument("--groups", type=_at_least_one, default=64, help="G (default 64)")
     p.add_argument("--rounds", type=_at_least_one, default=60, help="timing rounds (default 60)")
@@ -74,17 +74,13 @@ def main() -> int:
     if load_cpu_ext() is None:
         p.error("the fused CPU kernels are not available here (see `sanet ext`)")
     try:
-        shapes = [[int(v) for v in s.split("x")] for s in args.shapes]
-    except ValueError:
-        shapes = []
+        shapes = [_shape(s) for s in args.shapes]  # sanet bench's parser and errors
+    except ValueError as exc:
+        p.error(f"--shapes: {exc}")
     for shape in shapes:
-        if not 3 <= len(shape) <= 5 or min(shape) < 1:
-            p.error(f"--shapes: each must be NxCxL, NxCxHxW or NxCxDxHxW with positive integers, got {args.shapes}")
         if shape[1] % (2 * args.groups):
             p.error(f"--shapes: {shape[1]} channels don't divide into 2 x {args.groups} groups; valid --groups: "
                     f"{sanet.valid_sa_groups(shape[1])}")
-    if not shapes:
-        p.error(f"--shapes: each must be NxCxL, NxCxHxW or NxCxDxHxW with positive integers, got {args.shapes}")
     layers = []
     try:
         for shape in shapes:

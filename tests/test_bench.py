@@ -266,7 +266,7 @@ def test_layer_call_path_script_times_each_path_and_checks_its_shapes():
     assert layer["shape"] == [2, 64, 5, 5]
     assert set(layer["times"]) == {"short", "general", "kernel", "reference", "clone"}
     assert all(r > 0 for r in layer["ratios"].values())
-    for argv, said in ((["--shapes", "2x64"], "NxCxHxW"), (["--shapes", "2x64xfive"], "NxCxHxW"),
+    for argv, said in ((["--shapes", "2x64"], "3 to 5 positive dims"), (["--shapes", "2x64xfive"], "bad shape"),
                        (["--shapes", "2x64x5x5", "--groups", "64"], "valid --groups: [1, 2, 4, 8, 16, 32]")):
         done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120, env=env)
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
